@@ -1,0 +1,31 @@
+"""anyflow: a fast engine for AnyFlow any-step video diffusion (flow maps on Wan2.1, bidirectional and FAR).
+
+Importing this package is cheap and safe everywhere: it needs only torch, never initialises CUDA, and
+does not import Triton, diffusers or the compiled extension ``anyflow._C`` until a feature asks for them.
+
+Public entry points:
+
+* :func:`anyflow.enable` - accelerate a diffusers ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` or their
+  transformers in place; returns a handle with ``.disable()``.
+* :mod:`anyflow.ops` - the fused operations (time-pair conditioning, adaLN modulate, gated residual,
+  FAR attention, Euler shortcut update) with a backend registry (``"torch"``, ``"triton"``, ``"cuda"``).
+* :func:`anyflow.load_pipeline` - load a diffusers-format AnyFlow folder (upstream or legacy layout).
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "enable", "load_pipeline"]
+
+
+def enable(pipe_or_transformer, backend: str = "auto"):
+    """Accelerate a diffusers AnyFlow pipeline or transformer in place. See :func:`anyflow.integration.enable`."""
+    from .integration import enable as _enable
+
+    return _enable(pipe_or_transformer, backend=backend)
+
+
+def load_pipeline(path, **kwargs):
+    """Load a diffusers-format AnyFlow folder. See :func:`anyflow.models.loading.load_pipeline`."""
+    from .models.loading import load_pipeline as _load
+
+    return _load(path, **kwargs)

@@ -1,0 +1,212 @@
+"""``anyflow.enable``: accelerate diffusers AnyFlow pipelines and transformers in place.
+
+The instance keeps its parameters, state dict, config and every class attribute diffusers relies on
+(``_no_split_modules``, ``_keep_in_fp32_modules``, ``_repeated_blocks``, ...): its class is swapped for a
+subclass *of the same name and module* that overrides only ``forward`` (transformers) or ``__call__``
+plus a new ``stream`` (pipelines). ``handle.disable()`` swaps the original class back.
+
+FAR semantics: the mask-free KV-cache inference step attends to the real cached keys only, as the
+official NVlabs/AnyFlow code does. diffusers 0.42.1 pads q/k/v with zeros to a multiple of 128 in that
+step too, so its keys include zero vectors that dilute the softmax (3-5% relative error per chunk on
+a tiny model); an enabled ``AnyFlowFARPipeline`` therefore returns the official model's result, not
+diffusers 0.42.1's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .models import fused
+from .ops import registry
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+@dataclass
+class EnableHandle:
+    """What :func:`enable` changed; ``disable()`` restores it (idempotent)."""
+
+    backend: str
+    _swapped: list = field(default_factory=list)
+
+    def disable(self) -> None:
+        for obj, cls in reversed(self._swapped):
+            obj.__class__ = cls
+            obj.__dict__.pop("_anyflow_backend", None)
+        self._swapped.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.disable()
+
+
+def _subclass(cls: type, namespace: dict) -> type:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), dict(namespace, __module__=cls.__module__, __qualname__=cls.__qualname__))
+        sub._anyflow_original_class = cls
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def _swap(obj, namespace: dict, backend: str, handle: EnableHandle) -> None:
+    cls = type(obj)
+    if getattr(cls, "_anyflow_original_class", None) is not None:
+        obj._anyflow_backend = backend  # already enabled: just update the backend
+        return
+    handle._swapped.append((obj, cls))
+    obj.__class__ = _subclass(cls, namespace)
+    obj._anyflow_backend = backend
+
+
+# ----------------------------------------------------------------------------------------------
+# transformer forwards (same signatures as diffusers 0.42)
+# ----------------------------------------------------------------------------------------------
+def _lora_scaled(fn):
+    from diffusers.utils import apply_lora_scale
+
+    return apply_lora_scale("attention_kwargs")(fn)
+
+
+def _bidirectional_forward(
+    self,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    r_timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    attention_kwargs: Optional[dict] = None,
+    return_dict: bool = True,
+):
+    """``AnyFlowTransformer3DModel.forward`` through anyflow's op layer (same arguments and outputs)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    out = fused.bidirectional_forward(
+        self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
+        backend=self._anyflow_backend,
+    )
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def _far_forward(
+    self,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    r_timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    chunk_partition,
+    encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    clean_hidden_states: Optional[torch.Tensor] = None,
+    clean_timestep: Optional[torch.Tensor] = None,
+    kv_cache: Optional[Any] = None,
+    kv_cache_flag: Optional[dict] = None,
+    attention_mask: Optional[Any] = None,
+    attention_kwargs: Optional[dict] = None,
+    return_dict: bool = True,
+):
+    """``AnyFlowFARTransformer3DModel.forward`` through anyflow's op layer.
+
+    Same three paths as diffusers: training (``kv_cache is None``), cache step (``kv_cache_flag
+    ["is_cache_step"]``) and KV-cache inference. ``attention_mask`` is accepted and ignored: the mask is
+    determined by ``chunk_partition`` and built as range tables. The inference step follows the official
+    semantics (no zero keys, see the module docstring). The KV cache dicts keep diffusers' format
+    (post-norm, pre-RoPE keys) so both implementations can share a cache.
+    """
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from diffusers.models.transformers.transformer_anyflow_far import AnyFlowFARTransformerOutput
+
+    backend = self._anyflow_backend
+    lim = self.config.full_chunk_limit
+    if kv_cache is None:
+        out = fused.far_sequence_forward(
+            self, hidden_states, chunk_partition, timestep, r_timestep, encoder_hidden_states,
+            full_limit=lim, encoder_hidden_states_image=encoder_hidden_states_image,
+            clean_hidden_states=clean_hidden_states, clean_timestep=clean_timestep, backend=backend,
+        )
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+    if kv_cache_flag is None:
+        raise ValueError("kv_cache_flag is required with kv_cache")
+    cp = fused.check_chunk_partition(chunk_partition)
+    geo = fused.far_geometry(self, hidden_states.shape[-2], hidden_states.shape[-1])
+    if kv_cache_flag.get("is_cache_step"):
+        if clean_hidden_states is not None:
+            raise ValueError("clean_hidden_states is not supported in the KV-cache step")
+        nc, _ = fused.split_chunks(len(cp), lim - 1)
+        n_comp = sum(cp[:nc]) * geo.compressed_tpf
+        kv_cache_flag["num_compressed_tokens"] = n_comp
+        kv_cache_flag["num_full_tokens"] = sum(cp[nc:]) * geo.full_tpf
+        fused.far_sequence_forward(
+            self, hidden_states, cp, timestep, r_timestep, encoder_hidden_states, full_limit=lim - 1,
+            encoder_hidden_states_image=encoder_hidden_states_image,
+            on_kv=fused.diffusers_cache_writer(kv_cache, n_comp), with_head=False, backend=backend,
+        )
+        return AnyFlowFARTransformerOutput(sample=None, kv_cache=kv_cache) if return_dict else (None, kv_cache)
+    if hidden_states.shape[1] != cp[-1]:
+        raise ValueError(
+            f"the KV-cache inference step takes the current chunk only: hidden_states has {hidden_states.shape[1]} "
+            f"frames but chunk_partition[-1] = {cp[-1]}"
+        )
+    attend, first = fused.diffusers_cache_attention(
+        self, kv_cache, int(kv_cache_flag["num_cached_chunks"]), cp, geo, hidden_states.device, backend
+    )
+    text = fused.prepare_text(self, encoder_hidden_states, encoder_hidden_states_image)
+    out = fused.far_cached_step(self, hidden_states, timestep, r_timestep, text, attend, first, backend)
+    return AnyFlowFARTransformerOutput(sample=out, kv_cache=kv_cache) if return_dict else (out, kv_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# enable
+# ----------------------------------------------------------------------------------------------
+def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
+    """Accelerate a diffusers AnyFlow pipeline or transformer in place.
+
+    Args:
+        pipe_or_transformer: an ``AnyFlowPipeline``, ``AnyFlowFARPipeline``,
+            ``AnyFlowTransformer3DModel`` or ``AnyFlowFARTransformer3DModel`` (diffusers >= 0.39).
+            Pipelines get the fast samplers of :mod:`anyflow.samplers` as ``__call__`` (same arguments
+            and outputs) plus ``pipe.stream(...)``; their transformer is enabled too.
+        backend: ``"auto"`` (default; ``ANYFLOW_BACKEND`` overrides), ``"torch"``, ``"triton"`` or
+            ``"cuda"``: the backend every op of the enabled forward asks for.
+
+    Returns:
+        :class:`EnableHandle`; ``handle.disable()`` restores the original classes.
+
+    Raises:
+        TypeError: the object is not one of the four supported diffusers classes.
+        ValueError: unknown backend name.
+
+    Example:
+        >>> import anyflow, torch
+        >>> from diffusers import AnyFlowFARPipeline
+        >>> pipe = AnyFlowFARPipeline.from_pretrained("nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+        >>> handle = anyflow.enable(pipe.to("cuda"))
+        >>> video = pipe("a red panda eating bamboo", num_inference_steps=4).frames[0]
+    """
+    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline, AnyFlowTransformer3DModel
+
+    name = registry.requested_backend(backend) if backend != "auto" else "auto"
+    handle = EnableHandle(name)
+    obj = pipe_or_transformer
+    if isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline)):
+        from .samplers import pipelines
+    if isinstance(obj, AnyFlowFARPipeline):
+        _swap(obj.transformer, {"forward": _lora_scaled(_far_forward)}, name, handle)
+        _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream}, name, handle)
+    elif isinstance(obj, AnyFlowPipeline):
+        _swap(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
+        _swap(obj, {"__call__": pipelines.bidirectional_call}, name, handle)
+    elif isinstance(obj, AnyFlowFARTransformer3DModel):
+        _swap(obj, {"forward": _lora_scaled(_far_forward)}, name, handle)
+    elif isinstance(obj, AnyFlowTransformer3DModel):
+        _swap(obj, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
+    else:
+        raise TypeError(
+            "anyflow.enable expects a diffusers AnyFlowPipeline, AnyFlowFARPipeline, AnyFlowTransformer3DModel or "
+            f"AnyFlowFARTransformer3DModel, got {type(obj).__name__}"
+        )
+    return handle

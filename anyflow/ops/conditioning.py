@@ -1,0 +1,243 @@
+"""Flow-map time-pair conditioning: dual timestep embedding per frame, adaLN modulate, gated residual.
+
+AnyFlow conditions every DiT block on a time pair (t, r) given per latent frame (paper §3; diffusers
+``AnyFlowDualTimestepTextImageEmbedding.forward_timestep`` and ``AnyFlowTransformerBlock.forward``). The
+official code and diffusers expand the per-frame modulation to a per-token ``[B, N, 6, d]`` tensor and
+promote it to fp32 in every block. Here the modulation stays per frame (``[B, R, d]``, R = frames) and
+each token finds its frame through a *segment table*: ``((frames, tokens_per_frame), ...)`` in token
+order. FAR sequences have several segments with different tokens per frame (compressed context, full
+frames, clean copy); the bidirectional model has one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import registry
+from ._checks import check_same_device, check_segments, check_tensor
+
+Segments = Sequence[Sequence[int]]
+
+
+# ----------------------------------------------------------------------------------------------
+# time-pair embedding
+# ----------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t w_k), sin(t w_k)]``, ``w_k = max_period^(-k / (dim/2))``, in fp32.
+
+    Args:
+        t: ``[N]`` timesteps in [0, 1000] (any real dtype).
+        dim: embedding width (diffusers ``freq_dim``; 256 for Wan).
+
+    Returns:
+        ``[N, dim]`` fp32 (cosine half first, as diffusers ``Timesteps(flip_sin_to_cos=True, shift=0)``).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.reshape(-1, 1).float() * freqs[None, :]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _mlp(s: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    if s.dtype != w1.dtype and w1.dtype != torch.int8:
+        s = s.to(w1.dtype)
+    return F.linear(F.silu(F.linear(s, w1, b1)), w2, b2)
+
+
+@registry.register("time_pair_embedding", "torch")
+def _time_pair_embedding_torch(t, delta, time_mlp, delta_mlp, proj, gate, freq_dim, out_dtype):
+    temb = _mlp(timestep_sinusoid(t, freq_dim), *time_mlp).to(out_dtype)
+    demb = _mlp(timestep_sinusoid(delta, freq_dim), *delta_mlp).to(out_dtype)
+    g = gate.to(delta_mlp[0].dtype)
+    e = (1 - g) * temb + g * demb
+    m = F.linear(F.silu(e), proj[0], proj[1])
+    return e, m
+
+
+def time_pair_embedding(
+    t: torch.Tensor,
+    delta: torch.Tensor,
+    time_mlp: Sequence[torch.Tensor],
+    delta_mlp: Sequence[torch.Tensor],
+    proj: Sequence[torch.Tensor],
+    gate: torch.Tensor,
+    *,
+    freq_dim: int,
+    out_dtype: torch.dtype,
+    backend: Optional[str] = None,
+):
+    """Dual timestep embedding of a time pair, one row per frame.
+
+    ``e = (1 - g) * E_t(S(t)) + g * E_delta(S(delta))`` and ``m = proj(SiLU(e))``, with S the sinusoid
+    of :func:`timestep_sinusoid` and E_* the two-layer SiLU MLPs. ``delta`` is ``r`` for
+    ``deltatime_type="r"`` and ``t - r`` for ``"t-r"`` (see :func:`delta_time`). Dtypes follow diffusers
+    exactly: sinusoids in fp32, cast to each MLP's weight dtype, MLP outputs cast to ``out_dtype`` (the
+    text-embedding dtype), ``g`` cast to the delta MLP's dtype.
+
+    Args:
+        t, delta: ``[R]`` per-frame timesteps in [0, 1000] (R = batch x frames, flattened).
+        time_mlp, delta_mlp: ``(w1 [d, freq_dim], b1 [d], w2 [d, d], b2 [d])`` of ``time_embedder`` /
+            ``delta_embedder``.
+        proj: ``(w [6d, d], b [6d])`` of ``time_proj``.
+        gate: ``[1]`` gate value g (``delta_emb_gate``, 0.25 in the released models).
+        freq_dim: sinusoid width.
+        out_dtype: dtype of the MLP outputs (diffusers casts them to the text embedding's dtype).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``(e [R, d], m [R, 6d])``: ``e`` feeds the output head, ``m`` the blocks' adaLN.
+
+    Raises:
+        ValueError / TypeError: shapes or dtypes that do not fit.
+
+    Source: AnyFlow §3 (time-pair conditioning); diffusers ``AnyFlowDualTimestepTextImageEmbedding``.
+    """
+    check_tensor("t", t, dtypes=None)
+    check_tensor("delta", delta, dtypes=None)
+    if t.ndim != 1 or delta.shape != t.shape:
+        raise ValueError(f"t and delta must be 1-D of equal length, got {tuple(t.shape)} and {tuple(delta.shape)}")
+    if len(time_mlp) != 4 or len(delta_mlp) != 4 or len(proj) != 2:
+        raise ValueError("time_mlp/delta_mlp must be (w1, b1, w2, b2) and proj (w, b)")
+    if time_mlp[0].shape[1] != freq_dim:
+        raise ValueError(f"time_mlp[0] must have {freq_dim} input features, got {tuple(time_mlp[0].shape)}")
+    check_same_device(t=t, delta=delta, w=time_mlp[0], gate=gate)
+    return registry.dispatch(
+        "time_pair_embedding", backend, t.device.type, t, delta, tuple(time_mlp), tuple(delta_mlp), tuple(proj),
+        gate, freq_dim, out_dtype,
+    )
+
+
+def delta_time(t: torch.Tensor, r: torch.Tensor, deltatime_type: str) -> torch.Tensor:
+    """The second time input of the flow map: ``r`` (``"r"``, the released models) or ``t - r`` (``"t-r"``).
+
+    Raises:
+        ValueError: unknown ``deltatime_type``.
+    """
+    if deltatime_type == "r":
+        return r
+    if deltatime_type == "t-r":
+        return t - r
+    raise ValueError(f"deltatime_type must be 'r' or 't-r', got {deltatime_type!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# adaLN modulate and gated residual, per frame
+# ----------------------------------------------------------------------------------------------
+def _per_frame(x, rows, segs):
+    """Yield (token slice, row slice, nf, tpf) for every segment."""
+    tok = row = 0
+    for nf, tpf in segs:
+        yield slice(tok, tok + nf * tpf), slice(row, row + nf), nf, tpf
+        tok += nf * tpf
+        row += nf
+
+
+@registry.register("adaln_modulate", "torch")
+def _adaln_modulate_torch(x, shift, scale, segs, eps):
+    b, n, d = x.shape
+    normed = F.layer_norm(x.float(), (d,), eps=eps)
+    out = torch.empty_like(x)
+    for toks, rows, nf, tpf in _per_frame(x, shift, segs):
+        if nf == 0:
+            continue
+        h = normed[:, toks].view(b, nf, tpf, d)
+        h = h * (1 + scale[:, rows, None, :].float()) + shift[:, rows, None, :].float()
+        out[:, toks] = h.view(b, nf * tpf, d).to(x.dtype)
+    return out
+
+
+def adaln_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    segments: Segments,
+    eps: float = 1e-6,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """adaLN modulate with per-frame modulation: ``LN(x) * (1 + scale[f]) + shift[f]``, math in fp32.
+
+    LayerNorm has no affine parameters (Wan's ``norm1`` / ``norm3`` / ``norm_out``); the result is cast
+    to ``x.dtype``.
+
+    Args:
+        x: ``[B, N, d]`` activations (fp32 / bf16 / fp16), tokens frame-major.
+        shift, scale: ``[B, R, d]`` per-frame modulation (any float dtype; promoted to fp32). For a block
+            this is ``scale_shift_table + m`` evaluated per frame, never per token.
+        segments: ``((frames, tokens_per_frame), ...)`` in token order; ``sum(frames) == R`` and
+            ``sum(frames * tokens_per_frame) == N``.
+        eps: LayerNorm epsilon (1e-6 in Wan).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``[B, N, d]`` in ``x.dtype``.
+
+    Raises:
+        ValueError / TypeError: mismatched shapes, dtypes, devices or a segment table that does not
+            cover ``N`` tokens and ``R`` frames.
+
+    Source: diffusers ``AnyFlowTransformerBlock.forward`` (steps 1 and 3) and the output head.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("shift", shift, ndim=3)
+    check_tensor("scale", scale, ndim=3)
+    if shift.shape != scale.shape or shift.shape[0] != x.shape[0] or shift.shape[2] != x.shape[2]:
+        raise ValueError(
+            f"shift and scale must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(shift.shape)} and "
+            f"{tuple(scale.shape)}"
+        )
+    check_same_device(x=x, shift=shift, scale=scale)
+    segs = check_segments(segments, x.shape[1], shift.shape[1])
+    return registry.dispatch("adaln_modulate", backend, x.device.type, x, shift, scale, segs, float(eps))
+
+
+@registry.register("gated_residual", "torch")
+def _gated_residual_torch(x, y, gate, segs):
+    b, n, d = x.shape
+    out = torch.empty_like(x)
+    for toks, rows, nf, tpf in _per_frame(x, gate, segs):
+        if nf == 0:
+            continue
+        xs = x[:, toks].float().view(b, nf, tpf, d)
+        ys = y[:, toks].float().view(b, nf, tpf, d)
+        out[:, toks] = (xs + ys * gate[:, rows, None, :].float()).view(b, nf * tpf, d).to(x.dtype)
+    return out
+
+
+def gated_residual(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segments: Segments, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Gated residual with per-frame gate: ``x + y * gate[f]`` in fp32, cast to ``x.dtype``.
+
+    Args:
+        x: ``[B, N, d]`` residual stream.
+        y: ``[B, N, d]`` branch output (attention or FFN), any float dtype.
+        gate: ``[B, R, d]`` per-frame gate (``scale_shift_table + m``, chunk 2 or 5).
+        segments: frame-segment table, as in :func:`adaln_modulate`.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``[B, N, d]`` in ``x.dtype``.
+
+    Raises:
+        ValueError / TypeError: mismatched shapes, dtypes, devices or segment table.
+
+    Source: diffusers ``AnyFlowTransformerBlock.forward`` (residuals after self-attention and FFN).
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("y", y, ndim=3)
+    check_tensor("gate", gate, ndim=3)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if gate.shape[0] != x.shape[0] or gate.shape[2] != x.shape[2]:
+        raise ValueError(f"gate must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(gate.shape)}")
+    check_same_device(x=x, y=y, gate=gate)
+    segs = check_segments(segments, x.shape[1], gate.shape[1])
+    return registry.dispatch("gated_residual", backend, x.device.type, x, y, gate, segs)

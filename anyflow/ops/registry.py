@@ -1,0 +1,147 @@
+"""Backend registry for the fused ops (xformers-style: every implementation says why it cannot run).
+
+Three backends exist: ``"torch"`` (the plain PyTorch path; always available, and also the reference the
+others are tested against), ``"triton"`` (kernels in :mod:`anyflow.kernels`) and ``"cuda"`` (the compiled
+extension ``anyflow._C``). A backend registers an implementation per op, optionally with a ``check``
+callable that receives the call's tensors and returns a reason string when it cannot handle them
+(device, dtype, head dim, ...).
+
+Selection: an explicit backend name must work or a :class:`BackendUnavailableError` lists why not.
+``"auto"`` walks :data:`AUTO_PRIORITY` for the device of the call and takes the first that can run; the
+environment variable ``ANYFLOW_BACKEND`` replaces ``"auto"`` by a fixed name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+BACKENDS = ("torch", "triton", "cuda")
+
+#: Order in which ``"auto"`` tries the backends, per device type. On CPU only the PyTorch path is
+#: worth running: the Triton interpreter and the C++ CPU twins exist for testing, not for speed.
+AUTO_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the requested backend (or every backend, for ``"auto"``) cannot run a call."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    op: str
+    backend: str
+    fn: Callable
+    check: Optional[Callable[..., Optional[str]]] = None
+
+
+_IMPLS: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, check: Optional[Callable[..., Optional[str]]] = None):
+    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``.
+
+    Args:
+        op: op name as exported from :mod:`anyflow.ops` (e.g. ``"adaln_modulate"``).
+        backend: one of :data:`BACKENDS`.
+        check: optional ``check(*args, **kwargs) -> str | None`` called with the op's arguments; a
+            returned string is the reason this implementation cannot run that call.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _IMPLS.setdefault(op, {})[backend] = Implementation(op, backend, fn, check)
+        return fn
+
+    return deco
+
+
+def _triton_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
+    return None
+
+
+def _cuda_reason() -> Optional[str]:
+    from .. import _ext
+
+    return _ext.extension_status()[1]
+
+
+def backend_reason(backend: str) -> Optional[str]:
+    """Why ``backend`` cannot run at all in this process (``None`` when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_reason()
+    if backend == "cuda":
+        return _cuda_reason()
+    raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+
+
+def _impl_reason(impl: Optional[Implementation], backend: str, args, kwargs) -> Optional[str]:
+    if impl is None:
+        return f"no {backend} implementation registered"
+    reason = backend_reason(backend)
+    if reason is None and impl.check is not None:
+        reason = impl.check(*args, **kwargs)
+    return reason
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """Apply the ``ANYFLOW_BACKEND`` override to a requested backend name (``None`` means ``"auto"``)."""
+    backend = backend or "auto"
+    if backend == "auto":
+        backend = os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    return backend
+
+
+def dispatch(op: str, backend: Optional[str], device_type: str, *args, **kwargs):
+    """Run ``op`` on the selected backend. ``device_type`` is the device of the call's tensors."""
+    impls = _IMPLS.get(op, {})
+    backend = requested_backend(backend)
+    if backend != "auto":
+        impl = impls.get(backend)
+        reason = _impl_reason(impl, backend, args, kwargs)
+        if reason is not None:
+            raise BackendUnavailableError(f"anyflow.ops.{op}: backend {backend!r} cannot run this call: {reason}")
+        return impl.fn(*args, **kwargs)
+    reasons = []
+    for name in AUTO_PRIORITY.get(device_type, ("triton", "torch")):
+        impl = impls.get(name)
+        reason = _impl_reason(impl, name, args, kwargs)
+        if reason is None:
+            return impl.fn(*args, **kwargs)
+        reasons.append(f"{name}: {reason}")
+    raise BackendUnavailableError(f"anyflow.ops.{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+def report(device_type: str = "cuda") -> list[dict]:
+    """One row per (op, backend): whether it is registered and usable here, and why not.
+
+    ``device_type`` picks which ``"auto"`` priority list is reported as the auto choice.
+    """
+    rows = []
+    for op in sorted(_IMPLS):
+        auto_choice = None
+        for backend in BACKENDS:
+            impl = _IMPLS[op].get(backend)
+            reason = "no implementation registered" if impl is None else backend_reason(backend)
+            rows.append({"op": op, "backend": backend, "available": reason is None, "reason": reason})
+        for name in AUTO_PRIORITY.get(device_type, ()):
+            if _IMPLS[op].get(name) is not None and backend_reason(name) is None:
+                auto_choice = name
+                break
+        rows.append({"op": op, "backend": "auto", "available": auto_choice is not None, "reason": auto_choice})
+    return rows

@@ -1,0 +1,118 @@
+"""3-axis rotary position embedding of Wan / AnyFlow, with FAR's compressed-frame positions, in fp32.
+
+Head dim D = 2P complex pairs split over (frame, row, col) as ``[P - 2*(D//6), D//6, D//6]`` pairs
+(22/21/21 at D = 128). Axis a with ``n_a`` pairs rotates pair k by ``pos * theta^(-2k / (2 n_a))``.
+Channel pair (2j, 2j+1) is the complex number ``x_2j + i x_2j+1`` (interleaved layout).
+
+FAR compressed tokens (patch (1,4,4) instead of (1,2,2)) average-pool the row/col rotations over
+``s = 2`` neighbouring positions and renormalise, which equals the rotation at the mid position
+``s*h' + (s-1)/2`` (e.g. ``2h' + 0.5``) exactly. The official code and diffusers build the table in
+complex128 and rotate q/k in float64 every layer; here the angles are computed once in float64, stored
+as fp32 cos/sin and applied in fp32 (differences are at fp32 rounding level).
+
+Source: diffusers ``AnyFlowRotaryPosEmbed`` / ``AnyFlowCausalRotaryPosEmbed``; reference spec §2.4.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import registry
+from ._checks import check_same_device, check_tensor
+
+
+def rope_pair_split(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (frame, row, col) for ``head_dim``.
+
+    Raises:
+        ValueError: odd ``head_dim`` or one too small to give every axis a pair.
+    """
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"head_dim must be even and >= 6 for 3-axis RoPE, got {head_dim}")
+    hw = head_dim // 6
+    return head_dim // 2 - 2 * hw, hw, hw
+
+
+def rope_angles(
+    head_dim: int,
+    frames: torch.Tensor,
+    height: int,
+    width: int,
+    downscale: int = 1,
+    theta: float = 10000.0,
+) -> torch.Tensor:
+    """Rotation angles (float64) of a frame-major token grid.
+
+    Args:
+        head_dim: attention head dim D.
+        frames: ``[F]`` absolute frame indices of the grid's frames.
+        height, width: token grid per frame (latent H / patch, W / patch).
+        downscale: 1 for full tokens, ``compressed_patch / patch`` (2) for FAR compressed tokens.
+
+    Returns:
+        ``[F * height * width, D / 2]`` float64 angles.
+    """
+    nt, nh, nw = rope_pair_split(head_dim)
+    dev = frames.device
+
+    def omega(n):
+        return 1.0 / theta ** (torch.arange(0, 2 * n, 2, dtype=torch.float64, device=dev)[:n] / (2 * n))
+
+    mid = (downscale - 1) / 2.0
+    pos_h = torch.arange(height, dtype=torch.float64, device=dev) * downscale + mid
+    pos_w = torch.arange(width, dtype=torch.float64, device=dev) * downscale + mid
+    a_t = frames.to(torch.float64)[:, None] * omega(nt)[None, :]
+    a_h = pos_h[:, None] * omega(nh)[None, :]
+    a_w = pos_w[:, None] * omega(nw)[None, :]
+    f, h, w = a_t.shape[0], height, width
+    ang = torch.cat(
+        [
+            a_t[:, None, None, :].expand(f, h, w, nt),
+            a_h[None, :, None, :].expand(f, h, w, nh),
+            a_w[None, None, :, :].expand(f, h, w, nw),
+        ],
+        dim=-1,
+    )
+    return ang.reshape(f * h * w, nt + nh + nw)
+
+
+def rope_table(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(cos, sin)`` tables ``[L, D/2]`` from float64 angles."""
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+@registry.register("apply_rope", "torch")
+def _apply_rope_torch(x, cos, sin):
+    xf = x.float().unflatten(-1, (-1, 2))
+    xr, xi = xf[..., 0], xf[..., 1]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Optional[str] = None):
+    """Rotate interleaved channel pairs of ``x`` by per-token angles, in fp32.
+
+    Args:
+        x: ``[B, L, H, D]`` queries or keys (any float dtype; strided views are fine).
+        cos, sin: ``[L, D/2]`` fp32 tables from :func:`rope_table`.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``[B, L, H, D]`` in ``x.dtype``.
+
+    Raises:
+        ValueError / TypeError: table shapes that do not match ``x``.
+    """
+    check_tensor("x", x, ndim=4)
+    check_tensor("cos", cos, ndim=2, dtypes=(torch.float32,))
+    check_tensor("sin", sin, ndim=2, dtypes=(torch.float32,))
+    if cos.shape != (x.shape[1], x.shape[3] // 2) or sin.shape != cos.shape:
+        raise ValueError(
+            f"cos/sin must be [L, D/2] = [{x.shape[1]}, {x.shape[3] // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    check_same_device(x=x, cos=cos, sin=sin)
+    return registry.dispatch("apply_rope", backend, x.device.type, x, cos, sin)
