@@ -1,0 +1,116 @@
+"""Environment report for ``anyflow env``: versions, devices, the compiled extension and the op backends.
+
+Versions of optional packages come from their installed metadata, so the report does not import
+diffusers, transformers or Triton. CUDA is queried (``torch.cuda.is_available()``) only when the report
+is collected.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+NOT_INSTALLED = "not installed"
+ENV_VARS = ("TRITON_INTERPRET", "ANYFLOW_BACKEND", "ANYFLOW_DISABLE_EXTENSION", "CUDA_VISIBLE_DEVICES")
+PACKAGES = ("torch", "triton", "diffusers", "transformers", "numpy")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+
+
+def _cuda() -> dict:
+    import torch
+
+    info = {"torch_cuda": torch.version.cuda, "available": False, "devices": []}
+    try:
+        info["available"] = torch.cuda.is_available()
+        for i in range(torch.cuda.device_count() if info["available"] else 0):
+            major, minor = torch.cuda.get_device_capability(i)
+            info["devices"].append({"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}"})
+    except Exception as exc:  # a broken driver should show up in the report, not abort it
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def _extension() -> dict:
+    from . import _ext
+
+    module, reason = _ext.extension_status()
+    return {"loaded": module is not None, "reason": reason, "build_info": _ext.build_info()}
+
+
+def _backends(device_type: str) -> dict:
+    try:
+        from . import ops  # noqa: F401  (importing anyflow.ops registers every op's implementations)
+        from .ops import registry
+    except Exception as exc:
+        return {"device_type": device_type, "rows": [], "error": f"cannot import anyflow.ops: {type(exc).__name__}: {exc}"}
+    return {"device_type": device_type, "rows": registry.report(device_type), "error": None}
+
+
+def collect() -> dict:
+    """Everything ``anyflow env`` reports, as plain data (JSON-serialisable).
+
+    Returns:
+        A dict with ``python``, ``platform``, ``anyflow``, ``packages`` (name -> version or
+        ``"not installed"``), ``cuda`` (``torch_cuda``, ``available``, ``devices``), ``extension``
+        (``loaded``, ``reason``, ``build_info``), ``env`` (relevant environment variables, ``None`` when
+        unset) and ``backends`` (``device_type``, ``rows`` from :func:`anyflow.ops.registry.report`,
+        ``error``).
+    """
+    from . import __version__
+
+    packages = {name: _version(name) for name in PACKAGES}
+    if packages["torch"] != NOT_INSTALLED:
+        import torch
+
+        packages["torch"] = torch.__version__  # the imported one, in case metadata and path disagree
+    cuda = _cuda()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "anyflow": __version__,
+        "packages": packages,
+        "cuda": cuda,
+        "extension": _extension(),
+        "env": {name: os.environ.get(name) for name in ENV_VARS},
+        "backends": _backends("cuda" if cuda["available"] else "cpu"),
+    }
+
+
+def _row(label: str, value: str) -> str:
+    return f"{label:<26} {value}"
+
+
+def format_report(info: dict | None = None) -> str:
+    """Human-readable report of :func:`collect` (one line per op x backend)."""
+    info = collect() if info is None else info
+    lines = [_row("anyflow", info["anyflow"]), _row("python", f"{info['python']} ({info['platform']})")]
+    lines += [_row(name, version) for name, version in info["packages"].items()]
+    cuda = info["cuda"]
+    lines.append(_row("torch CUDA", cuda["torch_cuda"] or "none (CPU build)"))
+    lines.append(_row("CUDA available", str(cuda["available"]) + (f" ({cuda['error']})" if cuda.get("error") else "")))
+    lines += [_row(f"  cuda:{d['index']}", f"{d['name']} (compute capability {d['capability']})") for d in cuda["devices"]]
+    ext = info["extension"]
+    built = ext["build_info"] or {}
+    built_for = f" (built for torch {built.get('torch_version')}, CUDA {built.get('cuda_version') or 'none'})" if built else ""
+    lines.append(_row("anyflow._C", ("loaded" if ext["loaded"] else "not loaded: " + ext["reason"]) + built_for))
+    lines += [_row(name, value if value is not None else "(unset)") for name, value in info["env"].items()]
+
+    backends = info["backends"]
+    lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks):")
+    if backends["error"]:
+        lines.append(f"  {backends['error']}")
+    for row in backends["rows"]:
+        if row["backend"] == "auto":
+            status = f"-> {row['reason']}" if row["available"] else "no backend available"
+        else:
+            status = "available" if row["available"] else f"unavailable: {row['reason']}"
+        lines.append(f"  {row['op']:<24} {row['backend']:<7} {status}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``anyflow.kernels``; imported lazily; never imported by ``import anyflow``."""
