@@ -46,6 +46,8 @@ class FARSession:
         cfg = model.config
         batch = text.tokens.shape[0]
         cap = kv_capacity(self.cp, self.limit, self.geo.full_tpf, self.geo.compressed_tpf)
+        self.nfe = 0
+        self.cache_steps = 0
         self.cache = FARKVCache(
             cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim, cap,
             model.dtype, text.tokens.device,
@@ -72,6 +74,7 @@ class FARSession:
         """One NFE on chunk ``k``: ``z`` ``[B', F_k, C, H, W]`` (model dtype), per-frame ``t``, ``r`` ``[B', F_k]``."""
         f0, f1 = self.chunk_frames(k)
         cos, sin = fused.rope_for(self.model, f0, f1, self.geo.full_grid, False, z.device)
+        self.nfe += 1
         return fused.far_cached_step(self.model, z, t, r, self.text, self._attend_current(cos, sin), f0, self.backend)
 
     # -- cache step ---------------------------------------------------------------------------
@@ -96,6 +99,7 @@ class FARSession:
     def cache_step(self, k: int, latents: torch.Tensor) -> None:
         """Make chunks ``0..k`` context; ``latents`` ``[B', >= f1, C, H, W]`` holds their final values."""
         model, geo, cache = self.model, self.geo, self.cache
+        self.cache_steps += 1
         nc, _ = fused.split_chunks(k + 1, self.limit - 1)
         b, dev = latents.shape[0], latents.device
         while cache.num_compressed_chunks < nc:

@@ -17,7 +17,8 @@ Differences from diffusers 0.42.1, on purpose:
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +49,27 @@ def _validate_tensor_arg(name, x, device, ndim=None):
 
 class _Prepared:
     pass
+
+
+@dataclass
+class RunStats:
+    """What the last call of an enabled pipeline did; stored as ``pipe.anyflow_stats``.
+
+    Attributes:
+        nfe: denoising transformer evaluations (CFG counts one per batched forward).
+        cache_steps: FAR KV-cache steps (prefix re-encodes at t = r = 0).
+        dit_seconds: wall time of the denoising loop including cache steps (excludes text encoding
+            and VAE), synchronised once at its end.
+    """
+
+    nfe: int = 0
+    cache_steps: int = 0
+    dit_seconds: float = 0.0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
@@ -206,6 +228,8 @@ def bidirectional_call(self, *args, **kwargs):
     cfg = p.text.tokens.shape[0] == 2 * b
     from .. import ops
 
+    stats = RunStats()
+    start = time.perf_counter()
     with self.progress_bar(total=len(p.pairs)) as bar:
         for i, (t, r) in enumerate(p.pairs):
             if self.interrupt:
@@ -222,6 +246,7 @@ def bidirectional_call(self, *args, **kwargs):
             rr = torch.full_like(tt, r) if kw["use_mean_velocity"] else tt.clone()
             tt[:, :n_ctx] = 0  # context frames are clean: t = 0 (r untouched, as the official pipeline)
             u = fused.bidirectional_forward(model, x, tt, rr, p.text, backend=backend)
+            stats.nfe += 1
             z = ops.euler_shortcut(
                 z, u, t, r, guidance_scale=kw["guidance_scale"], num_context_frames=n_ctx, backend=backend
             )
@@ -229,6 +254,9 @@ def bidirectional_call(self, *args, **kwargs):
             if new is not None:
                 z = new.float()
             bar.update()
+    _sync(p.device)
+    stats.dit_seconds = time.perf_counter() - start
+    self.anyflow_stats = stats
     return _finish(self, z, kw["output_type"], kw["return_dict"])
 
 
@@ -266,12 +294,16 @@ def _far_chunks(pipe, kw, p, session):
         bar.update()
         return _callback(pipe, kw, p, i, t, z)
 
+    start = time.perf_counter()
     with pipe.progress_bar(total=(len(cp) - n_ctx) * len(p.pairs)) as bar:
         context = None if p.context is None else p.context.to(pipe.transformer.dtype)
         for k, out in far_sampler.generate(
             session, p.noise, p.pairs, context=context, guidance_scale=kw["guidance_scale"],
             use_mean_velocity=kw["use_mean_velocity"], on_step=on_step,
         ):
+            if k == len(cp) - 1:
+                _sync(p.device)
+                pipe.anyflow_stats = RunStats(session.nfe, session.cache_steps, time.perf_counter() - start)
             yield k, session.chunk_frames(k), out
 
 

@@ -1,0 +1,311 @@
+"""Command line: ``anyflow`` / ``python -m anyflow`` with ``generate``, ``env`` and ``make-tiny``.
+
+Examples::
+
+    anyflow make-tiny tiny-anyflow-far
+    anyflow generate --model tiny-anyflow-far --prompt "a red panda eating bamboo" --steps 4 \\
+        --height 64 --width 64 --out out.mp4
+    anyflow generate --model ckpt/AnyFlow-FAR-Wan2.1-1.3B --prompt "..." --steps 4 \\
+        --image first_frame.jpg --out i2v.mp4
+    anyflow env
+
+``generate`` ends with ``done: N NFE (+C cache steps), X s/NFE, total Y s -> OUT``: N counts the
+denoising transformer forwards (one per step, per chunk for FAR; a CFG batch counts once), C the FAR
+KV-cache steps, X the sampler's denoising-loop time (cache steps included) divided by N, Y the
+pipeline call (text encoding, denoising, VAE decode; not model loading or writing the file). N, C and
+X are measured by the engine (``pipe.anyflow_stats``).
+
+Bad arguments and unusable inputs print ``error: ...`` on stderr and exit with status 2 (no
+traceback); an interrupted run exits with 130 and leaves no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+#: Number of conditioning frames read from ``--video`` by default (the official V2V setting).
+DEFAULT_CONTEXT_FRAMES = 25
+
+
+class UsageError(Exception):
+    """A user-facing problem with the arguments or inputs; reported as ``error: ...``, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors follow the same ``error: ...`` / exit 2 rule
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def _chunk_partition(text: str) -> list[int]:
+    try:
+        parts = [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,3, got {text!r}")
+    if not parts or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,3, got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anyflow`` argument parser (exposed for documentation and tests)."""
+    from . import __version__
+
+    parser = _Parser(prog="anyflow", description="Fast AnyFlow any-step video generation (diffusers pipelines).")
+    parser.add_argument("--version", action="version", version=f"anyflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate a video (T2V, or I2V with --image, V2V with --video)")
+    gen.add_argument("--model", required=True, help="diffusers-format AnyFlow folder (upstream or legacy layout)")
+    gen.add_argument("--prompt", required=True, help="text prompt")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt (used only with --guidance-scale > 1)")
+    gen.add_argument("--steps", type=int, required=True, help="flow-map steps (per chunk for FAR models), >= 1")
+    cond = gen.add_mutually_exclusive_group()
+    cond.add_argument("--image", default=None, help="first frame for image-to-video")
+    cond.add_argument("--video", default=None, help="conditioning clip for video-to-video")
+    gen.add_argument("--context-frames", type=int, default=None,
+                     help=f"frames read from --video, snapped down to 4k+1 (default {DEFAULT_CONTEXT_FRAMES}, "
+                     "reduced when needed so that at least one chunk / latent frame is generated)")
+    gen.add_argument("--height", type=int, default=480, help="multiple of 16 (default 480)")
+    gen.add_argument("--width", type=int, default=832, help="multiple of 16 (default 832)")
+    gen.add_argument("--num-frames", type=int, default=None,
+                     help="4k+1 pixel frames; default: what the FAR chunk partition covers, else 81")
+    gen.add_argument("--chunk-partition", type=_chunk_partition, default=None,
+                     help="FAR only: latent frames per chunk, e.g. 1,2,3 (default: the model config's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (released models: 1.0)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                     help="default: bfloat16 on CUDA, float32 on CPU")
+    gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+                     help="anyflow kernel backend (default auto)")
+    gen.add_argument("--fps", type=float, default=16.0, help="output frame rate (default 16)")
+    gen.add_argument("--out", required=True, help="output video (.mp4, .mkv, .mov, .avi, .webm)")
+
+    sub.add_parser("env", help="print the environment and backend report")
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random AnyFlow checkpoint (for demos and tests)")
+    tiny.add_argument("dir", help="output folder")
+    tiny.add_argument("--kind", choices=("far", "bidirectional"), default="far")
+    tiny.add_argument("--layout", choices=("upstream", "legacy"), default="upstream")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------
+
+
+def _validate_generate(args) -> None:
+    """Cheap checks done before any model is loaded."""
+    from .io import VIDEO_SUFFIXES
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not args.prompt.strip():
+        raise UsageError("--prompt must not be empty")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value < 16 or value % 16:
+            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        raise UsageError(f"--num-frames must be 4k+1 (1, 5, 9, ..., 81), got {args.num_frames}")
+    if args.context_frames is not None and args.context_frames < 1:
+        raise UsageError(f"--context-frames must be >= 1, got {args.context_frames}")
+    if not args.fps > 0:
+        raise UsageError(f"--fps must be > 0, got {args.fps}")
+    if args.guidance_scale < 0:
+        raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    if not Path(args.model).expanduser().is_dir():
+        raise UsageError(f"--model {args.model}: no such folder")
+    for name in ("image", "video"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).expanduser().is_file():
+            raise UsageError(f"--{name} {value}: no such file")
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"--out {args.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: the directory {out.parent} does not exist")
+
+
+def _frames_plan(args, pipe, is_far: bool) -> tuple[int, list[int] | None]:
+    """Resolve ``num_frames`` and the FAR chunk partition; check they agree."""
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+    if not is_far:
+        if args.chunk_partition is not None:
+            raise UsageError("--chunk-partition applies to FAR (causal) models only; this model is bidirectional")
+        return (args.num_frames or 81), None
+    cp = list(args.chunk_partition or pipe.transformer.config.chunk_partition)
+    covered = (sum(cp) - 1) * temporal + 1
+    num_frames = args.num_frames or covered
+    latent_frames = (num_frames - 1) // temporal + 1
+    if sum(cp) != latent_frames:
+        source = "--chunk-partition" if args.chunk_partition else "the model's chunk_partition"
+        raise UsageError(
+            f"{source} {','.join(map(str, cp))} covers {sum(cp)} latent frames = {covered} pixel frames, but "
+            f"--num-frames {num_frames} needs {latent_frames} latent frames; pass --num-frames {covered} or a "
+            f"--chunk-partition that sums to {latent_frames}"
+        )
+    return num_frames, cp
+
+
+def _context_frame_budget(args, num_frames: int, cp: list[int] | None, temporal: int) -> int:
+    """Pixel frames to read from ``--video``: the request, checked (or, by default, reduced) to leave work."""
+    if cp is None:  # bidirectional: at least one latent frame must remain to be generated
+        allowed = (num_frames - 1) // temporal * temporal - temporal + 1
+    else:  # FAR: the context must leave at least the last chunk to be generated
+        allowed = (sum(cp[:-1]) - 1) * temporal + 1
+    if args.context_frames is None:
+        budget = min(DEFAULT_CONTEXT_FRAMES, num_frames, allowed)
+    else:
+        budget = min(args.context_frames, num_frames)
+        if budget > allowed:
+            raise UsageError(
+                f"--context-frames {args.context_frames} leaves nothing to generate in {num_frames} frames"
+                + (f" with chunk partition {','.join(map(str, cp))}" if cp else "")
+                + f"; use at most {max(allowed, 0)}"
+            )
+    if budget < 1:
+        raise UsageError(
+            f"--video needs at least one chunk of context and one to generate; {num_frames} frames are too few"
+        )
+    return budget
+
+
+def _generate(args) -> int:
+    import torch
+
+    import anyflow
+
+    from .io import read_image, read_video, write_video_atomic
+    from .models.loading import load_pipeline
+
+    _validate_generate(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {args.device}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    try:
+        pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    from diffusers import AnyFlowFARPipeline
+
+    is_far = isinstance(pipe, AnyFlowFARPipeline)
+    num_frames, cp = _frames_plan(args, pipe, is_far)
+
+    context = None
+    try:
+        if args.image is not None:
+            context = read_image(args.image, args.height, args.width)
+        elif args.video is not None:
+            budget = _context_frame_budget(args, num_frames, cp, int(getattr(pipe, "vae_scale_factor_temporal", 4)))
+            context = read_video(args.video, args.height, args.width, num_frames=budget)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+    try:
+        handle = anyflow.enable(pipe, backend=args.backend)
+    except ImportError as exc:
+        print(f"error: anyflow.enable is unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. a backend that cannot run here
+        raise UsageError(f"--backend {args.backend}: {exc}") from exc
+
+    call = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_frames=num_frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        output_type="np",
+    )
+    if context is not None:
+        call["video"] = context.to(device)
+    if cp is not None:
+        call["chunk_partition"] = cp
+
+    from .ops.registry import BackendUnavailableError
+
+    try:
+        start = time.perf_counter()
+        frames = pipe(**call).frames[0]
+        total = time.perf_counter() - start
+        write_video_atomic(frames, args.out, fps=args.fps)
+    except BackendUnavailableError as exc:  # a forced backend that cannot run on this machine / input
+        raise UsageError(f"--backend {args.backend}: {exc}") from exc
+    finally:
+        disable = getattr(handle, "disable", None)
+        if callable(disable):
+            disable()
+
+    stats = pipe.anyflow_stats  # measured by the engine's sampler during this call
+    cache = f" (+{stats.cache_steps} cache steps)" if stats.cache_steps else ""
+    per_nfe = stats.dit_seconds / max(stats.nfe, 1)
+    print(f"done: {stats.nfe} NFE{cache}, {per_nfe:.3f} s/NFE, total {total:.2f} s -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# env, make-tiny
+# ------------------------------------------------------------------------------------------------
+
+
+def _env(args) -> int:
+    from .env import format_report
+
+    print(format_report())
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from .testing.tiny import save_tiny_checkpoint
+
+    folder = Path(args.dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not args.force:
+        raise UsageError(f"{folder} is not empty (pass --force to overwrite)")
+    save_tiny_checkpoint(folder, kind=args.kind, seed=args.seed, layout=args.layout)
+    print(f"wrote tiny {args.kind} checkpoint ({args.layout} layout) to {folder}")
+    return 0
+
+
+_COMMANDS = {"generate": _generate, "env": _env, "make-tiny": _make_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 success, 1 runtime failure, 2 bad arguments or unusable inputs, 130 interrupted.
+        argparse's own errors (unknown options, --image with --video) exit 2 through ``SystemExit``.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

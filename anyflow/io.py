@@ -1,0 +1,200 @@
+"""Reading conditioning images / videos for I2V and V2V, and writing generated videos atomically.
+
+Pixel tensors follow the AnyFlow pipelines' ``video`` argument: ``(B, T, 3, H, W)`` float32 in
+``[0, 1]``. Frames are centre-cropped to the target aspect ratio, then resized (bicubic, antialiased),
+so nothing is stretched. Decoding uses Pillow (images) and imageio with its bundled ffmpeg (videos);
+no system ffmpeg or OpenCV is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["read_image", "read_video", "write_video_atomic", "VIDEO_SUFFIXES"]
+
+#: Containers :func:`write_video_atomic` writes (through ffmpeg).
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
+
+
+def _check_size(height: int, width: int) -> None:
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"height and width must be positive, got height={height}, width={width}")
+
+
+def _existing_file(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def _fit(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Centre-crop ``(T, 3, h, w)`` float frames to the aspect ``height:width``, then resize to it."""
+    h, w = frames.shape[-2:]
+    if h * width > w * height:  # too tall: crop rows
+        crop_h, crop_w = max(1, round(w * height / width)), w
+    else:  # too wide: crop columns
+        crop_h, crop_w = h, max(1, round(h * width / height))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    frames = frames[..., top : top + crop_h, left : left + crop_w]
+    if (crop_h, crop_w) != (height, width):
+        frames = torch.nn.functional.interpolate(
+            frames, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        )
+    return frames.clamp_(0.0, 1.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (ffmpeg errors carry its whole banner)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _to_float(frames_uint8) -> torch.Tensor:
+    """``(T, h, w, 3)`` uint8 numpy -> ``(T, 3, h, w)`` float32 in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(frames_uint8, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def read_image(path, height: int, width: int) -> torch.Tensor:
+    """Read an image as a one-frame video for I2V.
+
+    Args:
+        path: image file (anything Pillow decodes; converted to RGB).
+        height, width: output size in pixels.
+
+    Returns:
+        ``(1, 1, 3, height, width)`` float32 tensor in ``[0, 1]``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be decoded as an image, or the size is not positive.
+    """
+    import numpy as np
+    from PIL import Image
+
+    _check_size(height, width)
+    path = _existing_file(path)
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except Exception as exc:  # Pillow raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: cannot decode as an image ({_first_line(exc)})") from exc
+    return _fit(_to_float(rgb[None]), int(height), int(width)).unsqueeze(0)
+
+
+def read_video(path, height: int, width: int, num_frames: int | None = None) -> torch.Tensor:
+    """Read the first frames of a video for V2V conditioning.
+
+    The frame count is ``min(num_frames, frames in the file)`` snapped down to the nearest ``4k + 1``
+    (what the Wan VAE encodes); frames are taken at the file's own rate, from the start.
+
+    Args:
+        path: video file (anything the bundled ffmpeg decodes).
+        height, width: output size in pixels.
+        num_frames: maximum number of frames to read; ``None`` reads the whole file.
+
+    Returns:
+        ``(1, T, 3, height, width)`` float32 tensor in ``[0, 1]`` with ``T % 4 == 1``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be decoded as a video or has no frame; ``num_frames < 1``;
+            the size is not positive.
+    """
+    import imageio.v2 as imageio
+    import numpy as np
+
+    _check_size(height, width)
+    if num_frames is not None and int(num_frames) < 1:
+        raise ValueError(f"num_frames must be >= 1 or None, got {num_frames}")
+    path = _existing_file(path)
+    frames = []
+    try:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            for frame in reader:
+                frames.append(np.asarray(frame)[..., :3])
+                if num_frames is not None and len(frames) >= int(num_frames):
+                    break
+    except Exception as exc:  # imageio / ffmpeg raise OSError, RuntimeError, IndexError... on bad input
+        raise ValueError(f"{path}: cannot decode as a video ({_first_line(exc)})") from exc
+    if not frames:
+        raise ValueError(f"{path}: the video has no decodable frame")
+    count = (len(frames) - 1) // 4 * 4 + 1
+    video = _to_float(np.stack(frames[:count]))
+    return _fit(video, int(height), int(width)).unsqueeze(0)
+
+
+def _as_uint8(frames):
+    """``(T, H, W, 3)`` numpy / torch, float in [0, 1] or uint8 -> contiguous uint8 numpy."""
+    import numpy as np
+
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        frames = frames.float().numpy() if frames.is_floating_point() else frames.numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must have shape (T, H, W, 3) with T >= 1, got {frames.shape}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise TypeError(f"frames must be uint8 or float in [0, 1], got dtype {frames.dtype}")
+    if not np.isfinite(frames).all():
+        raise ValueError("frames contain NaN or Inf")
+    return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+def write_video_atomic(frames, path, fps: float = 16) -> Path:
+    """Write a video so that ``path`` is either the complete new file or untouched.
+
+    Frames are encoded (H.264, yuv420p, via imageio-ffmpeg) into a temporary file in the same
+    directory with the same suffix, flushed, then moved over ``path`` with ``os.replace``. On any
+    error, ``KeyboardInterrupt`` included, the temporary file is removed and the error re-raised.
+
+    Args:
+        frames: ``(T, H, W, 3)`` numpy array or tensor, float in ``[0, 1]`` or uint8. H and W should
+            be even (yuv420p); multiples of 16 avoid ffmpeg's macro-block resize.
+        path: output file; suffix one of :data:`VIDEO_SUFFIXES`. Its directory must exist.
+        fps: frames per second (> 0).
+
+    Returns:
+        pathlib.Path: ``path``.
+
+    Raises:
+        ValueError: unsupported suffix, missing directory, bad ``fps`` or frame shape, NaN/Inf.
+        TypeError: frames of an unsupported dtype.
+    """
+    import imageio.v2 as imageio
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: output suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: output directory {path.parent} does not exist")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    data = _as_uint8(frames)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        with imageio.get_writer(
+            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=16
+        ) as writer:
+            for frame in data:
+                writer.append_data(frame)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

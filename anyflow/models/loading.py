@@ -1,0 +1,297 @@
+"""Load a diffusers-format AnyFlow checkpoint folder, in either of its two layouts, into diffusers' classes.
+
+Both layouts share the folder structure and the weights (state-dict keys are bit-identical)::
+
+    <path>/model_index.json
+    <path>/transformer/config.json + diffusion_pytorch_model.safetensors
+                                     (or diffusion_pytorch_model.safetensors.index.json + shards)
+    <path>/scheduler/scheduler_config.json
+    <path>/text_encoder/  (transformers UMT5EncoderModel)
+    <path>/tokenizer/     (UMT5 tokenizer, loaded with AutoTokenizer)
+    <path>/vae/           (diffusers AutoencoderKLWan)
+
+**Upstream layout** (diffusers >= the AnyFlow upstreaming, what ``AnyFlowFARPipeline.save_pretrained``
+writes): ``model_index.json`` names ``AnyFlowPipeline`` / ``AnyFlowFARPipeline``; the transformer
+config's ``_class_name`` is ``AnyFlowTransformer3DModel`` (bidirectional) or
+``AnyFlowFARTransformer3DModel`` (FAR causal); the scheduler is ``FlowMapEulerDiscreteScheduler``.
+
+**Legacy layout** (NVlabs' ``convert_anyflow_to_diffusers.py``): ``model_index.json`` names
+``WanAnyFlowPipeline`` / ``FARWanAnyFlowPipeline`` and modules of the ``far`` package that diffusers
+cannot import, so ``DiffusionPipeline.from_pretrained`` fails on it. The transformer config's
+``_class_name`` is ``FAR_Wan_Transformer3DModel`` with ``init_far_model`` (true = FAR causal model),
+``init_flowmap_model`` (must be true), ``chunk_partition``, ``qk_norm``, ``added_kv_proj_dim`` and
+other keys the upstream classes do not take; the scheduler is ``FlowMapDiscreteScheduler`` (its
+``weight_type`` only matters for training).
+
+:func:`load_pipeline` reads each component explicitly, so both layouts load the same way and the
+user's folder is never written to.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["SUPPORTED_TRANSFORMER_CLASSES", "load_pipeline", "load_transformer", "resolve_transformer_kind"]
+
+#: Transformer config ``_class_name`` values this loader understands.
+SUPPORTED_TRANSFORMER_CLASSES = (
+    "AnyFlowTransformer3DModel",
+    "AnyFlowFARTransformer3DModel",
+    "FAR_Wan_Transformer3DModel",
+)
+
+#: Chunk partition of the released 81-frame FAR checkpoints (21 latent frames), used when a FAR
+#: config has none.
+DEFAULT_CHUNK_PARTITION = [1, 3, 3, 3, 3, 3, 3, 2]
+
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _read_json(file: Path, what: str) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"{what}: expected {file}, which does not exist")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what}: {file} is not readable JSON ({exc})") from exc
+
+
+def _component_dir(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"component '{name}' missing: expected the folder {folder} in the checkpoint {root}")
+    return folder
+
+
+def _resolve_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_transformer_kind(config: dict, where: str = "transformer config") -> str:
+    """Decide which upstream transformer class a transformer ``config.json`` describes.
+
+    Args:
+        config: the parsed transformer ``config.json``.
+        where: how to name the config in error messages (usually its path).
+
+    Returns:
+        ``"far"`` (``AnyFlowFARTransformer3DModel``) or ``"bidirectional"`` (``AnyFlowTransformer3DModel``).
+
+    Raises:
+        ValueError: unknown ``_class_name``; a legacy config whose ``init_flowmap_model`` is not true
+            (a plain Wan / FAR model, not a flow-map checkpoint); a legacy ``qk_norm`` other than
+            ``rms_norm_across_heads`` or a non-null ``added_kv_proj_dim`` (architectures the
+            upstream classes do not implement).
+    """
+    name = config.get("_class_name")
+    if name == "AnyFlowFARTransformer3DModel":
+        return "far"
+    if name == "AnyFlowTransformer3DModel":
+        return "bidirectional"
+    if name == "FAR_Wan_Transformer3DModel":
+        if config.get("init_flowmap_model") is not True:
+            raise ValueError(
+                f"{where}: legacy FAR_Wan_Transformer3DModel with init_flowmap_model="
+                f"{config.get('init_flowmap_model')!r}; only flow-map (AnyFlow) checkpoints are supported, "
+                "which have init_flowmap_model true"
+            )
+        if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+            raise ValueError(f"{where}: qk_norm must be 'rms_norm_across_heads', got {config['qk_norm']!r}")
+        if config.get("added_kv_proj_dim") is not None:
+            raise ValueError(f"{where}: added_kv_proj_dim must be null, got {config['added_kv_proj_dim']!r}")
+        return "far" if config.get("init_far_model") is True else "bidirectional"
+    raise ValueError(
+        f"{where}: unsupported transformer _class_name {name!r}; supported: {', '.join(SUPPORTED_TRANSFORMER_CLASSES)}"
+    )
+
+
+def _transformer_class(kind: str):
+    from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+    return AnyFlowFARTransformer3DModel if kind == "far" else AnyFlowTransformer3DModel
+
+
+def _upstream_config(config: dict, cls, kind: str) -> dict:
+    """Keep only the keys ``cls.__init__`` accepts; fill the FAR chunk partition when absent."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    out = {k: v for k, v in config.items() if k in accepted}
+    if kind == "far" and not out.get("chunk_partition"):
+        out["chunk_partition"] = list(DEFAULT_CHUNK_PARTITION)
+    out["_class_name"] = cls.__name__
+    return out
+
+
+def _weight_files(folder: Path, component: str) -> list[Path]:
+    """The safetensors files of a diffusers model folder (single file, or an index and its shards)."""
+    index = folder / _WEIGHTS_INDEX
+    if index.is_file():
+        shards = sorted(set(_read_json(index, f"component '{component}' weight index").get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"component '{component}': {index} lists no weight shards")
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"component '{component}': shards listed in {index} are missing: {missing}")
+        return [index] + [folder / s for s in shards]
+    single = folder / _WEIGHTS
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"component '{component}' has no weights: expected {single} or {index} (with its shards)"
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def load_transformer(folder, dtype=None):
+    """Load an AnyFlow transformer folder (``config.json`` + safetensors) of either layout.
+
+    The config is rewritten for the upstream class (unknown keys dropped, FAR ``chunk_partition``
+    defaulted to ``[1,3,3,3,3,3,3,2]``) into a temporary folder whose weight files are links to the
+    originals, and loaded with ``Cls.from_pretrained`` so that diffusers' own rules apply (meta-device
+    init, ``_keep_in_fp32_modules`` under a low-precision ``dtype``). ``folder`` is only read.
+
+    Args:
+        folder: the transformer folder (e.g. ``<checkpoint>/transformer``).
+        dtype: ``torch.dtype`` (or ``"float32"`` / ``"bfloat16"``) for the parameters; ``None`` keeps
+            diffusers' default.
+
+    Returns:
+        ``AnyFlowTransformer3DModel`` or ``AnyFlowFARTransformer3DModel`` in eval mode.
+
+    Raises:
+        FileNotFoundError: ``folder``, its ``config.json`` or its weights are missing.
+        ValueError: unsupported config (see :func:`resolve_transformer_kind`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"component 'transformer' missing: expected the folder {folder}")
+    config_file = folder / "config.json"
+    config = _read_json(config_file, "component 'transformer' config")
+    kind = resolve_transformer_kind(config, where=str(config_file))
+    cls = _transformer_class(kind)
+    weights = _weight_files(folder, "transformer")
+    with tempfile.TemporaryDirectory(prefix="anyflow-transformer-") as view:
+        view = Path(view)
+        (view / "config.json").write_text(json.dumps(_upstream_config(config, cls, kind), indent=2))
+        for file in weights:
+            _link_or_copy(file, view / file.name)
+        model = cls.from_pretrained(view, torch_dtype=_resolve_dtype(dtype), low_cpu_mem_usage=True)
+    return model.eval()
+
+
+def _load_text_encoder(folder: Path, entry, dtype):
+    import transformers
+
+    library, name = (entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else ("transformers", None))
+    if library != "transformers" or not name or not hasattr(transformers, name):
+        name = "UMT5EncoderModel"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"component 'text_encoder' has no config: expected {folder / 'config.json'}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"component 'text_encoder' has no weights (*.safetensors or *.bin) in {folder}")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return getattr(transformers, name).from_pretrained(folder, **kwargs).eval()
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
+        raise FileNotFoundError(
+            f"component 'tokenizer' has no tokenizer files: expected tokenizer.json, tokenizer_config.json "
+            f"or spiece.model in {folder}"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _load_vae(folder: Path, dtype):
+    from diffusers import AutoencoderKLWan
+
+    _read_json(folder / "config.json", "component 'vae' config")
+    _weight_files(folder, "vae")
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    return AutoencoderKLWan.from_pretrained(folder, **kwargs).eval()
+
+
+def _load_scheduler(folder: Path):
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    cfg = _read_json(folder / "scheduler_config.json", "component 'scheduler' config")
+    return FlowMapEulerDiscreteScheduler(
+        num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)), shift=float(cfg.get("shift", 1.0))
+    )
+
+
+def load_pipeline(path, dtype=None, device=None, transformer_only: bool = False):
+    """Load an AnyFlow checkpoint folder (upstream or legacy layout, see the module docstring).
+
+    Args:
+        path: the checkpoint folder (the one holding ``model_index.json``). With
+            ``transformer_only=True`` it may also be a transformer folder itself.
+        dtype: ``torch.dtype`` (or ``"float32"`` / ``"bfloat16"``) applied to every model component
+            like ``DiffusionPipeline.from_pretrained(torch_dtype=...)`` (diffusers keeps its fp32
+            modules in fp32); ``None`` keeps the libraries' defaults.
+        device: if given, the pipeline (or transformer) is moved there.
+        transformer_only: return just the transformer, skipping text encoder, tokenizer, VAE.
+
+    Returns:
+        ``diffusers.AnyFlowPipeline`` (bidirectional) or ``diffusers.AnyFlowFARPipeline`` (FAR causal)
+        with an ``AnyFlowTransformer3DModel`` / ``AnyFlowFARTransformer3DModel``, the
+        ``FlowMapEulerDiscreteScheduler`` with the folder's ``shift``, ``UMT5EncoderModel``, the
+        tokenizer and ``AutoencoderKLWan``; or only the transformer when ``transformer_only``.
+
+    Raises:
+        FileNotFoundError: ``path`` or its ``model_index.json`` is missing; a component folder, its
+            config or its weights are missing (the message names the component).
+        ValueError: unreadable JSON; unsupported transformer ``_class_name`` (the message names the
+            class found and the supported ones); legacy config with ``init_flowmap_model`` false.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {root} does not exist (expected an AnyFlow diffusers folder)")
+    if transformer_only and not (root / "model_index.json").is_file() and (root / "config.json").is_file():
+        model = load_transformer(root, dtype=dtype)
+        return model.to(device) if device is not None else model
+
+    index = _read_json(root / "model_index.json", f"checkpoint {root} is not a diffusers pipeline folder")
+    dtype = _resolve_dtype(dtype)
+    if transformer_only:
+        transformer = load_transformer(_component_dir(root, "transformer"), dtype=dtype)
+        return transformer.to(device) if device is not None else transformer
+
+    # every folder is checked before any weights are read, so a broken checkpoint fails fast
+    names = ("transformer", "scheduler", "text_encoder", "tokenizer", "vae")
+    dirs = {name: _component_dir(root, name) for name in names}
+    scheduler = _load_scheduler(dirs["scheduler"])
+    transformer = load_transformer(dirs["transformer"], dtype=dtype)
+    text_encoder = _load_text_encoder(dirs["text_encoder"], index.get("text_encoder"), dtype)
+    tokenizer = _load_tokenizer(dirs["tokenizer"])
+    vae = _load_vae(dirs["vae"], dtype)
+
+    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline
+
+    cls = AnyFlowFARPipeline if isinstance(transformer, AnyFlowFARTransformer3DModel) else AnyFlowPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+    return pipe.to(device) if device is not None else pipe
