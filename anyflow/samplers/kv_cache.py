@@ -28,7 +28,7 @@ def kv_capacity(chunk_partition: Sequence[int], full_chunk_limit: int, full_tpf:
         nc, nf = split_chunks(k + 1, full_chunk_limit)  # inference NFE of chunk k: cache + current
         need = max(need, sum(cp[:nc]) * compressed_tpf + sum(cp[nc : nc + nf]) * full_tpf)
         nc, nf = split_chunks(k + 1, full_chunk_limit - 1)  # cache step after chunk k
-        need = max(need, sum(cp[:nc]) * compressed_tpf + sum(cp[nc:]) * full_tpf)
+        need = max(need, sum(cp[:nc]) * compressed_tpf + sum(cp[nc : k + 1]) * full_tpf)
     return need
 
 

@@ -51,6 +51,30 @@ class _Prepared:
     pass
 
 
+def _onload(model) -> None:
+    """Bring the transformer's weights to the execution device under ``enable_model_cpu_offload``.
+
+    The sampler calls the transformer's submodules, not ``transformer.forward``, so accelerate's
+    offload hook on ``forward`` would not fire; run its ``pre_forward`` once here. Sequential and group
+    offload move weights per submodule call and are not supported (the fused paths read parameters
+    such as ``scale_shift_table`` directly): they raise instead of computing on the wrong device.
+    """
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError(
+            "anyflow.enable does not support sequential CPU offload (parameters on the meta device); "
+            "use pipe.enable_model_cpu_offload() instead"
+        )
+    try:
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    except ImportError:  # older diffusers without group offloading
+        _is_group_offload_enabled = None
+    if _is_group_offload_enabled is not None and _is_group_offload_enabled(model):
+        raise ValueError("anyflow.enable does not support group offloading; use pipe.enable_model_cpu_offload() instead")
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(model)
+
+
 @dataclass
 class RunStats:
     """What the last call of an enabled pipeline did; stored as ``pipe.anyflow_stats``.
@@ -112,6 +136,7 @@ def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
         device=device,
     )
     model = pipe.transformer
+    _onload(model)
     dtype = model.dtype
     prompt_embeds = prompt_embeds.to(dtype)
     if negative_prompt_embeds is not None:
