@@ -11,9 +11,14 @@ from anyflow import ops
 from anyflow.ops import registry
 from anyflow.testing.tolerances import assert_kernel_close, assert_rel_l2
 
-torch.set_grad_enabled(False)
 REAL_CP = [1, 3, 3, 3, 3, 3, 3, 2]
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def gen(seed=0):
