@@ -346,3 +346,71 @@ def test_registry_report_lists_every_op_and_backend():
         for r in rows:
             if r["op"] == op and not r["available"]:
                 assert r["reason"], r
+
+
+# ----------------------------------------------------------------------------------------------
+# fused residual + norm, fused QK RMSNorm + RoPE
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["modulate", "affine", "plain_add"])
+@pytest.mark.parametrize("segments", SEGMENT_CASES[:2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_norm(kind, segments, dtype):
+    from diffusers.models.normalization import FP32LayerNorm
+
+    b, d = 2, 40
+    n = sum(f * t for f, t in segments)
+    rows = sum(f for f, _ in segments)
+    x32, y32 = randn(b, n, d, seed=30), randn(b, n, d, seed=31)
+    gate, shift, scale = randn(b, rows, d, seed=32), randn(b, rows, d, seed=33), randn(b, rows, d, seed=34)
+    affine = FP32LayerNorm(d, 1e-6, elementwise_affine=True)
+    affine.weight.data, affine.bias.data = randn(d, seed=35), randn(d, seed=36)
+    plain = FP32LayerNorm(d, 1e-6, elementwise_affine=False)
+
+    def ref(x, y):  # diffusers' block steps, unfused, per-token modulation
+        if kind == "plain_add":
+            x_new = x + y
+        else:
+            x_new = (x.float() + y * _per_token(gate, segments)).type_as(x)
+        if kind == "affine":
+            return x_new, affine(x_new.float()).type_as(x_new)
+        h = plain(x_new.float()) * (1 + _per_token(scale, segments)) + _per_token(shift, segments)
+        return x_new, h.type_as(x_new)
+
+    kwargs = dict(weight=affine.weight, bias=affine.bias) if kind == "affine" else dict(shift=shift, scale=scale)
+    x_new, h = ops.residual_norm(x32.to(dtype), y32.to(dtype), None if kind == "plain_add" else gate, segments, **kwargs)
+    r32, r_low = ref(x32, y32), ref(x32.to(dtype), y32.to(dtype))
+    assert_kernel_close(x_new, r32[0], r_low[0])
+    assert_kernel_close(h, r32[1], r_low[1])
+
+
+def test_residual_norm_errors():
+    x, rows = randn(1, 10, 8), randn(1, 2, 8)
+    with pytest.raises(ValueError, match="together"):
+        ops.residual_norm(x, x, rows, ((2, 5),), shift=rows)
+    with pytest.raises(ValueError, match="not both"):
+        ops.residual_norm(x, x, rows, ((2, 5),), shift=rows, scale=rows, weight=torch.ones(8))
+    with pytest.raises(ValueError, match=r"weight must be \[8\]"):
+        ops.residual_norm(x, x, rows, ((2, 5),), weight=torch.ones(7))
+
+
+@pytest.mark.parametrize("head_dim", [12, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_matches_diffusers(head_dim, dtype):
+    from diffusers.models.normalization import RMSNorm
+    from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed, apply_rotary_emb
+
+    heads, frames, h, w = 2, 3, 3, 5
+    norm = RMSNorm(heads * head_dim, eps=1e-6)
+    norm.weight.data = 1 + 0.1 * randn(heads * head_dim, seed=40)
+    rope = AnyFlowCausalRotaryPosEmbed(head_dim, (1, 2, 2), (1, 4, 4), 64)
+    freqs = rope._forward_full_frame(frames, h, w, torch.device("cpu")).flatten(0, 2)[None, None]
+    x32 = randn(2, frames * h * w, heads * head_dim, seed=41) * 2
+
+    def ref(x):  # diffusers FAR processor: norm_q, cast back, (B, H, L, D), complex128 rotary
+        n = norm.to(x.dtype)(x).to(x.dtype).unflatten(2, (heads, -1)).transpose(1, 2)
+        return apply_rotary_emb(n, freqs).transpose(1, 2)
+
+    cos, sin = ops.rope_table(ops.rope_angles(head_dim, torch.arange(frames), h, w))
+    out = ops.qk_norm_rope(x32.to(dtype), norm.weight.to(dtype), cos, sin, heads)
+    assert out.shape == (2, frames * h * w, heads, head_dim) and out.dtype == dtype
+    assert_kernel_close(out, ref(x32), ref(x32.to(dtype)))

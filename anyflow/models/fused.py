@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .. import ops
 
-SelfAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``fn(layer, attn_module, q_proj [B, L, H*Dh], k_proj [B, L, H*Dh], v [B, L, H, Dh]) -> [B, L, H*Dh]``
+SelfAttention = Callable[..., torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,13 +132,13 @@ def unpatchify(model, tokens: torch.Tensor, num_frames: int, height: int, width:
 
 
 # ----------------------------------------------------------------------------------------------
-# one block
+# blocks
 # ----------------------------------------------------------------------------------------------
-def _qkv(attn, h):
-    q = attn.norm_q(attn.to_q(h)).to(h.dtype).unflatten(2, (attn.heads, -1))
-    k = attn.norm_k(attn.to_k(h)).to(h.dtype).unflatten(2, (attn.heads, -1))
-    v = attn.to_v(h).unflatten(2, (attn.heads, -1))
-    return q, k, v
+def norm_rope(attn, x_proj, which: str, cos, sin, backend=None):
+    """``norm_q`` / ``norm_k`` (RMSNorm across heads) + RoPE of a ``[B, L, H*Dh]`` projection -> ``[B, L, H, Dh]``."""
+    norm = attn.norm_q if which == "q" else attn.norm_k
+    weight = norm.weight if norm.weight is not None else torch.ones(x_proj.shape[-1], device=x_proj.device)
+    return ops.qk_norm_rope(x_proj, weight, cos, sin, attn.heads, norm.eps, backend=backend)
 
 
 def _cross_attention(attn, h, text: TextContext, layer: int):
@@ -152,31 +153,50 @@ def _cross_attention(attn, h, text: TextContext, layer: int):
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def block_forward(block, layer: int, x, text: TextContext, m_rows, segments, self_attention: SelfAttention, backend=None):
-    """One ``AnyFlowTransformerBlock`` with per-frame modulation ``m_rows`` ``[B, R, 6, d]``."""
-    mod = block.scale_shift_table + m_rows.float()
-    shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
-    h = ops.adaln_modulate(x, shift_a, scale_a, segments, block.norm1.eps, backend=backend)
-    q, k, v = _qkv(block.attn1, h)
-    o = self_attention(layer, q, k, v).type_as(q)
-    o = block.attn1.to_out[1](block.attn1.to_out[0](o))
-    x = ops.gated_residual(x, o, gate_a, segments, backend=backend)
-    h = block.norm2(x.float()).type_as(x)
-    x = x + _cross_attention(block.attn2, h, text, layer)
-    h = ops.adaln_modulate(x, shift_f, scale_f, segments, block.norm3.eps, backend=backend)
-    return ops.gated_residual(x, block.ffn(h), gate_f, segments, backend=backend)
+def block_forward(block, layer: int, x, h, text: TextContext, mod, next_mod, segments, self_attention, backend=None):
+    """One ``AnyFlowTransformerBlock``; ``h`` is its norm1-modulated input, computed by the previous step.
+
+    ``mod`` is this block's per-frame modulation ``[B, R, 6, d]`` (fp32, table included);
+    ``next_mod`` is ``(shift, scale, eps)`` of the next block's norm1, or ``None`` for the last block.
+    Every residual update is fused with the LayerNorm that follows it (:func:`anyflow.ops.residual_norm`).
+    Returns ``(x, h_next)`` (``h_next`` is ``None`` after the last block).
+    """
+    _, _, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
+    attn = block.attn1
+    v = attn.to_v(h).unflatten(2, (attn.heads, -1))
+    o = self_attention(layer, attn, attn.to_q(h), attn.to_k(h), v).type_as(h)
+    o = attn.to_out[1](attn.to_out[0](o))
+    if isinstance(block.norm2, torch.nn.LayerNorm):
+        x, h = ops.residual_norm(x, o, gate_a, segments, block.norm2.eps, weight=block.norm2.weight,
+                                 bias=block.norm2.bias, backend=backend)
+    else:  # cross_attn_norm=False: norm2 is the identity
+        x = ops.gated_residual(x, o, gate_a, segments, backend=backend)
+        h = x
+    c = _cross_attention(block.attn2, h, text, layer)
+    x, h = ops.residual_norm(x, c, None, segments, block.norm3.eps, shift=shift_f, scale=scale_f, backend=backend)
+    y = block.ffn(h)
+    if next_mod is None:
+        return ops.gated_residual(x, y, gate_f, segments, backend=backend), None
+    shift, scale, eps = next_mod
+    return ops.residual_norm(x, y, gate_f, segments, eps, shift=shift, scale=scale, backend=backend)
 
 
 def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: SelfAttention, backend=None):
-    """All blocks; gradient checkpointing per block when the model has it on and grad is enabled."""
+    """All blocks with per-frame modulation ``m_rows`` ``[B, R, 6, d]``; checkpointed per block when the
+    model has gradient checkpointing on and grad is enabled."""
+    blocks = list(model.blocks)
+    mods = [block.scale_shift_table + m_rows.float() for block in blocks]
+    h = ops.adaln_modulate(x, mods[0][:, :, 0], mods[0][:, :, 1], segments, blocks[0].norm1.eps, backend=backend)
     ckpt = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(blocks):
+        nxt = None
+        if i + 1 < len(blocks):
+            nxt = (mods[i + 1][:, :, 0], mods[i + 1][:, :, 1], blocks[i + 1].norm1.eps)
+        args = (block, i, x, h, text, mods[i], nxt, segments, self_attention, backend)
         if ckpt:
-            x = torch.utils.checkpoint.checkpoint(
-                block_forward, block, i, x, text, m_rows, segments, self_attention, backend, use_reentrant=False
-            )
+            x, h = torch.utils.checkpoint.checkpoint(block_forward, *args, use_reentrant=False)
         else:
-            x = block_forward(block, i, x, text, m_rows, segments, self_attention, backend)
+            x, h = block_forward(*args)
     return x
 
 
@@ -191,9 +211,9 @@ def head(model, x, e_rows, segments, backend=None):
 def dense_self_attention(cos, sin, backend=None) -> SelfAttention:
     """Bidirectional self-attention over the whole sequence."""
 
-    def fn(layer, q, k, v):
-        q = ops.apply_rope(q, cos, sin, backend=backend)
-        k = ops.apply_rope(k, cos, sin, backend=backend)
+    def fn(layer, attn, q, k, v):
+        q = norm_rope(attn, q, "q", cos, sin, backend)
+        k = norm_rope(attn, k, "k", cos, sin, backend)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return o.transpose(1, 2).flatten(2)
 
@@ -201,13 +221,13 @@ def dense_self_attention(cos, sin, backend=None) -> SelfAttention:
 
 
 def masked_self_attention(cos, sin, layout, on_kv=None, backend=None) -> SelfAttention:
-    """Chunk-causal self-attention; ``on_kv(layer, k_pre_rope, k_rope, v)`` sees every layer's keys."""
+    """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys."""
 
-    def fn(layer, q, k, v):
-        qr = ops.apply_rope(q, cos, sin, backend=backend)
-        kr = ops.apply_rope(k, cos, sin, backend=backend)
+    def fn(layer, attn, q, k, v):
+        qr = norm_rope(attn, q, "q", cos, sin, backend)
+        kr = norm_rope(attn, k, "k", cos, sin, backend)
         if on_kv is not None:
-            on_kv(layer, k, kr, v)
+            on_kv(layer, attn, k, kr, v)
         o = ops.chunk_causal_attention(
             qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout, backend=backend
         )
@@ -450,11 +470,11 @@ def diffusers_cache_attention(model, kv_cache, num_cached_chunks, chunk_partitio
     def rot_cached(k, cos, sin):  # k: [B, H, L, D] pre-RoPE
         return ops.apply_rope(k.transpose(1, 2), cos, sin, backend=backend).transpose(1, 2)
 
-    def fn(layer, q, k, v):
+    def fn(layer, attn, q, k, v):
         cache = kv_cache[layer]
         comp, full = cache["compressed_cache"], cache["full_cache"]
-        qr = ops.apply_rope(q, cos_q, sin_q, backend=backend).transpose(1, 2)
-        kr = ops.apply_rope(k, cos_q, sin_q, backend=backend).transpose(1, 2)
+        qr = norm_rope(attn, q, "q", cos_q, sin_q, backend).transpose(1, 2)
+        kr = norm_rope(attn, k, "k", cos_q, sin_q, backend).transpose(1, 2)
         keys = [rot_cached(comp[0, :, :, :n_cc], cos_c, sin_c), rot_cached(full[0, :, :, :n_cf], cos_f, sin_f), kr]
         values = [comp[1, :, :, :n_cc], full[1, :, :, :n_cf], v.transpose(1, 2)]
         o = ops.segmented_attention(qr, keys, values, backend=backend)
@@ -466,9 +486,9 @@ def diffusers_cache_attention(model, kv_cache, num_cached_chunks, chunk_partitio
 def diffusers_cache_writer(kv_cache, n_compressed_tokens: int):
     """``on_kv`` hook writing post-norm, pre-RoPE K/V into a diffusers-format KV cache (cache step)."""
 
-    def on_kv(layer, k_pre, k_rot, v):
+    def on_kv(layer, attn, k_proj, k_rot, v):
         cache = kv_cache[layer]
-        k_pre = k_pre.transpose(1, 2)
+        k_pre = attn.norm_k(k_proj).to(k_proj.dtype).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         v = v.transpose(1, 2)
         n = n_compressed_tokens
         m = k_pre.shape[2] - n

@@ -13,10 +13,17 @@ from .attention import (
     far_attention_layout,
     segmented_attention,
 )
-from .conditioning import adaln_modulate, delta_time, gated_residual, time_pair_embedding, timestep_sinusoid
+from .conditioning import (
+    adaln_modulate,
+    delta_time,
+    gated_residual,
+    residual_norm,
+    time_pair_embedding,
+    timestep_sinusoid,
+)
 from .euler import euler_shortcut
 from .registry import BackendUnavailableError
-from .rope import apply_rope, rope_angles, rope_pair_split, rope_table
+from .rope import apply_rope, qk_norm_rope, rope_angles, rope_pair_split, rope_table
 
 __all__ = [
     "AttentionLayout",
@@ -29,6 +36,8 @@ __all__ = [
     "euler_shortcut",
     "far_attention_layout",
     "gated_residual",
+    "qk_norm_rope",
+    "residual_norm",
     "registry",
     "rope_angles",
     "rope_pair_split",

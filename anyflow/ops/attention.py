@@ -271,17 +271,17 @@ def _chunk_causal_attention_torch(q, k, v, layout, scale, return_lse):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     for qs, qe, ranges in layout.groups:
-        res = _segmented_attention_torch(
-            q[:, :, qs:qe],
-            tuple(k[:, :, a:b] for a, b in ranges),
-            tuple(v[:, :, a:b] for a, b in ranges),
-            scale,
-            return_lse,
-        )
+        if len(ranges) == 1:
+            (a, b), = ranges
+            kg, vg = k[:, :, a:b], v[:, :, a:b]
+        else:  # a few disjoint key ranges (training with clean copies): gather them, small next to Q x K
+            kg = torch.cat([k[:, :, a:b] for a, b in ranges], dim=2)
+            vg = torch.cat([v[:, :, a:b] for a, b in ranges], dim=2)
         if return_lse:
-            out[:, :, qs:qe], lse[:, :, qs:qe] = res
+            o, lse[:, :, qs:qe] = _attention_with_lse(q[:, :, qs:qe], kg, vg, scale)
+            out[:, :, qs:qe] = o.to(q.dtype)
         else:
-            out[:, :, qs:qe] = res
+            out[:, :, qs:qe] = F.scaled_dot_product_attention(q[:, :, qs:qe], kg, vg, scale=scale)
     return (out, lse) if return_lse else out
 
 

@@ -241,3 +241,88 @@ def gated_residual(
     check_same_device(x=x, y=y, gate=gate)
     segs = check_segments(segments, x.shape[1], gate.shape[1])
     return registry.dispatch("gated_residual", backend, x.device.type, x, y, gate, segs)
+
+
+@registry.register("residual_norm", "torch")
+def _residual_norm_torch(x, y, gate, segs, eps, shift, scale, weight, bias):
+    b, n, d = x.shape
+    if gate is None:
+        x_new = (x.float() + y.float()).to(x.dtype)
+    else:
+        x_new = _gated_residual_torch(x, y, gate, segs)
+    w = None if weight is None else weight.float()
+    bb = None if bias is None else bias.float()
+    if shift is None:
+        return x_new, F.layer_norm(x_new.float(), (d,), w, bb, eps).to(x.dtype)
+    return x_new, _adaln_modulate_torch(x_new, shift, scale, segs, eps)
+
+
+def residual_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    segments: Segments,
+    eps: float = 1e-6,
+    *,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Residual update fused with the LayerNorm that follows it; returns the new stream and the normed input.
+
+    ``x_new = x + y * gate[f]`` (fp32 math; ``gate=None`` means ``x + y``), cast to ``x.dtype``; then
+    ``h = LN(x_new)`` in fp32, either modulated per frame (``* (1 + scale[f]) + shift[f]``, LN without
+    affine: Wan's norm1 / norm3 / norm_out) or affine (``weight``, ``bias``: Wan's norm2), cast to
+    ``x.dtype``. In a Wan block this covers: self-attention residual + norm2, cross-attention residual
+    + norm3 modulate, FFN residual + the next block's norm1 modulate (or the output head).
+
+    Args:
+        x, y: ``[B, N, d]`` stream and branch output.
+        gate: ``[B, R, d]`` per-frame gate or ``None``.
+        segments: frame-segment table (see :func:`adaln_modulate`).
+        eps: LayerNorm epsilon.
+        shift, scale: ``[B, R, d]`` per-frame modulation (both or neither).
+        weight, bias: ``[d]`` affine LayerNorm parameters (only without ``shift``/``scale``; either may
+            be ``None``).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``(x_new, h)``, both ``[B, N, d]`` in ``x.dtype``.
+
+    Raises:
+        ValueError / TypeError: shapes, dtypes, devices, segment table, or modulation and affine
+            parameters given together.
+
+    Source: diffusers ``AnyFlowTransformerBlock.forward``, consecutive steps fused.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("y", y, ndim=3)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    rows = None
+    if gate is not None:
+        check_tensor("gate", gate, ndim=3)
+        rows = gate.shape[1]
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale must be given together")
+    if shift is not None:
+        if weight is not None or bias is not None:
+            raise ValueError("give either shift/scale (adaLN) or weight/bias (affine LayerNorm), not both")
+        check_tensor("shift", shift, ndim=3)
+        check_tensor("scale", scale, ndim=3)
+        if shift.shape != scale.shape or (rows is not None and shift.shape[1] != rows):
+            raise ValueError(f"shift/scale must be [B, R, d] like gate, got {tuple(shift.shape)} and {tuple(scale.shape)}")
+        rows = shift.shape[1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (x.shape[2],):
+            raise ValueError(f"{name} must be [{x.shape[2]}], got {tuple(p.shape)}")
+    for name, t in (("gate", gate), ("shift", shift)):
+        if t is not None and (t.shape[0] != x.shape[0] or t.shape[2] != x.shape[2]):
+            raise ValueError(f"{name} must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(t.shape)}")
+    check_same_device(x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
+    segs = check_segments(segments, x.shape[1], rows if rows is not None else sum(f for f, _ in segments))
+    return registry.dispatch(
+        "residual_norm", backend, x.device.type, x, y, gate, segs, float(eps), shift, scale, weight, bias
+    )

@@ -116,3 +116,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
         )
     check_same_device(x=x, cos=cos, sin=sin)
     return registry.dispatch("apply_rope", backend, x.device.type, x, cos, sin)
+
+
+@registry.register("qk_norm_rope", "torch")
+def _qk_norm_rope_torch(x, weight, eps, cos, sin, heads):
+    xf = x.float()
+    h = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return _apply_rope_torch(h.unflatten(-1, (heads, -1)), cos, sin).to(x.dtype)
+
+
+def qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """RMSNorm across all heads (Wan's ``rms_norm_across_heads``) followed by 3-axis RoPE, in fp32.
+
+    Args:
+        x: ``[B, L, H*Dh]`` projected queries or keys (``to_q`` / ``to_k`` output).
+        weight: ``[H*Dh]`` RMSNorm weight (``norm_q`` / ``norm_k``).
+        cos, sin: ``[L, Dh/2]`` fp32 RoPE tables (:func:`rope_table`).
+        heads: number of heads H.
+        eps: RMSNorm epsilon.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"`` (default).
+
+    Returns:
+        ``[B, L, H, Dh]`` in ``x.dtype``, rotated (the layout the KV cache stores after a transpose).
+
+    Raises:
+        ValueError / TypeError: shapes, dtypes or devices that do not fit.
+
+    Source: diffusers ``RMSNorm`` + ``apply_rotary_emb`` in ``AnyFlowCausalAttnProcessor`` (which
+    rotates in complex128; here fp32, one rounding at the end).
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("weight", weight, ndim=1)
+    if heads <= 0 or x.shape[2] % heads or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"x [B, L, H*Dh] = {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit heads={heads}")
+    dh = x.shape[2] // heads
+    check_tensor("cos", cos, ndim=2, dtypes=(torch.float32,))
+    check_tensor("sin", sin, ndim=2, dtypes=(torch.float32,))
+    if cos.shape != (x.shape[1], dh // 2) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin must be [L, Dh/2] = [{x.shape[1]}, {dh // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    check_same_device(x=x, weight=weight, cos=cos, sin=sin)
+    return registry.dispatch("qk_norm_rope", backend, x.device.type, x, weight, float(eps), cos, sin, int(heads))

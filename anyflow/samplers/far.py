@@ -60,11 +60,11 @@ class FARSession:
     def _attend_current(self, cos, sin):
         cache, backend = self.cache, self.backend
 
-        def fn(layer, q, k, v):
+        def fn(layer, attn, q, k, v):
             start = cache.num_cached
-            kr = ops.apply_rope(k, cos, sin, backend=backend)
+            kr = fused.norm_rope(attn, k, "k", cos, sin, backend)
             cache.write(layer, start, kr, v)
-            qr = ops.apply_rope(q, cos, sin, backend=backend).transpose(1, 2)
+            qr = fused.norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
             keys, values = cache.segments(layer, start + k.shape[1])
             return ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2).flatten(2)
 
@@ -82,10 +82,10 @@ class FARSession:
         """Run the blocks on ``x`` (clean tokens, t = r = 0), writing their K/V at ``start``."""
         cache, backend = self.cache, self.backend
 
-        def fn(layer, q, k, v):
-            kr = ops.apply_rope(k, cos, sin, backend=backend)
+        def fn(layer, attn, q, k, v):
+            kr = fused.norm_rope(attn, k, "k", cos, sin, backend)
             cache.write(layer, start, kr, v)
-            qr = ops.apply_rope(q, cos, sin, backend=backend).transpose(1, 2)
+            qr = fused.norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
             end = start + k.shape[1]
             o = ops.chunk_causal_attention(qr, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], layout, backend=backend)
             return o.transpose(1, 2).flatten(2)
