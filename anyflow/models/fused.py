@@ -107,7 +107,10 @@ def rope_for(model, f0: int, f1: int, grid_hw, compressed: bool, device) -> tupl
         if cps[0] != ps[0]:
             raise ValueError(f"temporal compression is not supported (patch {ps}, compressed patch {cps})")
         downscale = cps[1] // ps[1]
-    return _rope_cached(cfg.attention_head_dim, int(f0), int(f1), int(grid_hw[0]), int(grid_hw[1]), downscale, device)
+    args = (cfg.attention_head_dim, int(f0), int(f1), int(grid_hw[0]), int(grid_hw[1]), downscale, device)
+    if torch.compiler.is_compiling():  # traced into the graph: the table becomes a constant computation
+        return _rope_cached.__wrapped__(*args)
+    return _rope_cached(*args)
 
 
 def _cat_rope(parts):
