@@ -77,8 +77,28 @@ def _cuda_reason() -> Optional[str]:
     return _ext.extension_status()[1]
 
 
+_REASONS: dict[str, Optional[str]] = {}
+
+
+def _assume_constant(fn):
+    """Let torch.compile evaluate ``fn`` once at trace time and bake the result in (no graph break)."""
+    try:
+        import torch._dynamo
+
+        return torch._dynamo.assume_constant_result(fn)
+    except (ImportError, AttributeError):
+        return fn
+
+
+@_assume_constant
 def backend_reason(backend: str) -> Optional[str]:
-    """Why ``backend`` cannot run at all in this process (``None`` when it can)."""
+    """Why ``backend`` cannot run at all in this process (``None`` when it can); cached per process."""
+    if backend not in _REASONS:
+        _REASONS[backend] = _backend_reason(backend)
+    return _REASONS[backend]
+
+
+def _backend_reason(backend: str) -> Optional[str]:
     if backend == "torch":
         return None
     if backend == "triton":
@@ -97,11 +117,16 @@ def _impl_reason(impl: Optional[Implementation], backend: str, args, kwargs) -> 
     return reason
 
 
+@_assume_constant
+def _env_backend() -> str:
+    return os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
+
+
 def requested_backend(backend: Optional[str]) -> str:
     """Apply the ``ANYFLOW_BACKEND`` override to a requested backend name (``None`` means ``"auto"``)."""
     backend = backend or "auto"
     if backend == "auto":
-        backend = os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
+        backend = _env_backend()
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
     return backend
