@@ -320,8 +320,10 @@ def test_euler_shortcut_errors():
 # ----------------------------------------------------------------------------------------------
 def test_registry_explicit_backend_reports_reason():
     z = randn(1, 3, 2, 2, 2)
-    with pytest.raises(registry.BackendUnavailableError, match="backend 'triton' cannot run this call"):
-        ops.euler_shortcut(z, z, 500.0, 100.0, backend="triton")
+    x, rows = randn(1, 5, 8), randn(1, 5, 8)
+    five_segments = ((1, 1),) * 5  # the Triton kernels take at most 4 frame segments
+    with pytest.raises(registry.BackendUnavailableError, match="backend 'triton' cannot run this call: at most 4"):
+        ops.adaln_modulate(x, rows, rows, five_segments, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.euler_shortcut(z, z, 500.0, 100.0, backend="flash")
 

@@ -6,6 +6,7 @@ overrides). The ``"torch"`` implementations are the specification the kernels ar
 """
 
 from . import registry
+from . import _triton_elementwise  # noqa: F401  (registers the "triton" backend; imports no Triton)
 from .attention import (
     AttentionLayout,
     chunk_causal_attention,

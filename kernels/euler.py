@@ -1,0 +1,129 @@
+"""Triton kernel for the flow-map Euler shortcut ``z_r = z_t - dt[b, f] * u`` with the CFG combine.
+
+``latents [B, F, C, H, W]`` is viewed as ``[B*F, S]`` (S = C*H*W); the grid is ``(cdiv(S, BLOCK), B*F)``
+so each program handles one frame of one sample and reads ``dt[b, f]`` once. With a ``[2B, ...]``
+velocity (``[uncond; cond]``), ``u = uu + g * (uc - uu)`` in fp32. Frames ``f < num_context_frames``
+are copied through unchanged (the velocity is not read there). One read of each input, one write;
+writing in place (``out`` is ``latents``) is safe because every element is loaded before it is stored
+by the same program.
+
+torch.library ops: ``anyflow::euler_shortcut`` (functional, with autograd: analytic PyTorch backward)
+and ``anyflow::euler_shortcut_out`` (writes ``out``, declared ``mutates_args=("out",)``, no autograd;
+callers that need gradients use the functional op and copy).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import conditioning as _c
+from .conditioning import cast_to, define_op, launcher
+
+#: Elements per program (one frame is 16*60*104 = 99,840 elements for Wan 480p latents).
+BLOCK = 16384 if _c.INTERPRET else 2048
+
+
+@triton.jit
+def _euler_kernel(
+    z_ptr, v_ptr, dt_ptr, o_ptr, S, BF, g, NCTX, F,
+    CFG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    bf = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    base = bf.to(tl.int64) * S
+    z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if bf % F >= NCTX:
+        u = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            uc = tl.load(v_ptr + (bf + BF).to(tl.int64) * S + offs, mask=mask, other=0.0).to(tl.float32)
+            u = u + g * (uc - u)
+        z = z - tl.load(dt_ptr + bf) * u
+    tl.store(o_ptr + base + offs, cast_to(z, o_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(latents, velocity, dt, guidance_scale, num_context_frames, out):
+    b, f = latents.shape[:2]
+    s = latents[0, 0].numel() if b * f else 0
+    if b * f == 0 or s == 0:
+        return
+    block = min(BLOCK, _c.next_pow2(s))
+    grid = (triton.cdiv(s, block), b * f)
+    launcher(_euler_kernel)[grid](
+        latents, velocity, dt, out, s, b * f, guidance_scale, num_context_frames, f,
+        CFG=velocity.shape[0] == 2 * b, BLOCK=block, num_warps=4,
+    )
+
+
+def _euler_impl(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
+                num_context_frames: int) -> torch.Tensor:
+    out = _c.alloc_output(latents.shape, latents.dtype, latents.device)
+    _launch(latents.contiguous(), velocity.contiguous(), dt.contiguous(), guidance_scale, num_context_frames, out)
+    return out
+
+
+def _euler_out_impl(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
+                    num_context_frames: int, out: torch.Tensor) -> None:
+    # ``out`` must be contiguous (the entry point routes other layouts through the functional op)
+    _launch(latents.contiguous(), velocity.contiguous(), dt.contiguous(), guidance_scale, num_context_frames, out)
+
+
+def _euler_fake(latents, velocity, dt, guidance_scale, num_context_frames):
+    return latents.new_empty(latents.shape)
+
+
+def _euler_out_fake(latents, velocity, dt, guidance_scale, num_context_frames, out):
+    return None
+
+
+euler_shortcut_op = define_op("anyflow::euler_shortcut", _euler_impl, (), _euler_fake)
+euler_shortcut_out_op = define_op("anyflow::euler_shortcut_out", _euler_out_impl, ("out",), _euler_out_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd of the functional op: analytic backward in PyTorch (fp32)
+# ----------------------------------------------------------------------------------------------
+def _setup(ctx, inputs, output):
+    latents, velocity, dt, guidance_scale, num_context_frames = inputs
+    ctx.save_for_backward(velocity, dt)
+    ctx.g, ctx.nctx, ctx.lat_dtype = guidance_scale, num_context_frames, latents.dtype
+
+
+def _backward(ctx, grad):
+    velocity, dt = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    b = grad.shape[0]
+    gz = grad.float()
+    d_lat = grad.to(ctx.lat_dtype) if need[0] else None
+    live = torch.ones(grad.shape[1], device=grad.device, dtype=torch.float32)
+    live[: ctx.nctx] = 0  # context frames are copied: no path to velocity or dt
+    d_vel = d_dt = None
+    if need[1]:
+        gu = -(dt.float() * live)[:, :, None, None, None] * gz
+        if velocity.shape[0] == 2 * b:
+            gu = torch.cat([(1 - ctx.g) * gu, ctx.g * gu])
+        d_vel = gu.to(velocity.dtype)
+    if need[2]:
+        u = velocity.float()
+        if velocity.shape[0] == 2 * b:
+            u = u[:b] + ctx.g * (u[b:] - u[:b])
+        d_dt = (-(gz * u).sum((2, 3, 4)) * live).to(dt.dtype)
+    return d_lat, d_vel, d_dt, None, None
+
+
+torch.library.register_autograd("anyflow::euler_shortcut", _backward, setup_context=_setup)
+
+
+def euler_shortcut(latents, velocity, dt, guidance_scale, num_context_frames, out: Optional[torch.Tensor] = None):
+    """One Euler jump; ``out`` (possibly ``latents`` itself) is written in one pass when it is contiguous
+    and no gradient is needed, otherwise the functional op runs and ``out.copy_`` follows."""
+    args = (latents, velocity, dt, float(guidance_scale), int(num_context_frames))
+    if out is None:
+        return euler_shortcut_op(*args)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (latents, velocity, dt, out))
+    if needs_grad or not out.is_contiguous() or not latents.is_contiguous():
+        return out.copy_(euler_shortcut_op(*args))
+    euler_shortcut_out_op(*args, out)
+    return out
