@@ -1,0 +1,177 @@
+"""EMA of the trainable parameters, RNG state capture and atomic, bit-exact resumable checkpoints.
+
+A checkpoint is one ``torch.save`` file holding plain containers and tensors only (it loads with
+``weights_only=True``): trainable parameters, optimiser and LR-schedule states, EMA, the training
+generator and the global RNGs (torch CPU and CUDA, Python ``random``, NumPy), the data iterator's state
+when it has one, and the step. It is written to a temporary file in the target folder, flushed and
+fsynced, then moved into place with ``os.replace``, so a crash or an exception never leaves a partial
+file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA (reference §7.4)
+# ----------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of named parameters, kept as fp32 copies (on CPU by default).
+
+    ``update(step)`` uses decay 0 (a plain copy) while ``step < warmup_steps`` and ``decay`` after:
+    ``ema <- d * ema + (1 - d) * param`` (reference §7.4: pretrain 0.999 / 1000, on-policy 0.99 / 200).
+
+    Args:
+        named_params: ``(name, parameter)`` pairs of the trainable parameters.
+        decay: EMA decay in [0, 1).
+        warmup_steps: steps with decay 0.
+        device: where the fp32 copies live.
+    """
+
+    def __init__(self, named_params: Iterable, decay: float, warmup_steps: int = 0, device="cpu"):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.params = dict(named_params)
+        self.shadow = {n: p.detach().to(device=device, dtype=torch.float32, copy=True) for n, p in self.params.items()}
+
+    def decay_at(self, step: int) -> float:
+        return 0.0 if step < self.warmup_steps else self.decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold the current parameters in; ``step`` is the number of optimiser steps taken before this one."""
+        d = self.decay_at(step)
+        for name, p in self.params.items():
+            s = self.shadow[name]
+            src = p.detach().to(s.device, torch.float32)
+            if d == 0.0:
+                s.copy_(src)
+            else:
+                s.mul_(d).add_(src, alpha=1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup_steps": self.warmup_steps, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state lacks parameters {sorted(missing)[:5]}")
+        for name, s in self.shadow.items():
+            s.copy_(state["shadow"][name])
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Write the EMA values into ``module``'s parameters of the same names."""
+        own = dict(module.named_parameters())
+        for name, s in self.shadow.items():
+            own[name].copy_(s.to(own[name].device, own[name].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------
+def rng_state(generators: Optional[dict] = None) -> dict:
+    """Global RNG states (torch CPU / CUDA, Python, NumPy) and those of named ``torch.Generator``s,
+    as tensors and plain Python values."""
+    py = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py[0], list(py[1]), py[2]],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict, generators: Optional[dict] = None) -> None:
+    """Restore what :func:`rng_state` captured (generators by name)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    for name, g in (generators or {}).items():
+        g.set_state(state["generators"][name])
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic save / load
+# ----------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and an existing file
+    at ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`atomic_save` (``weights_only=True``)."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def checkpoint_path(output_dir: PathLike, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step:07d}.pt"
+
+
+def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The checkpoint with the largest step in ``output_dir`` (``None`` if there is none)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return None
+    found = sorted(d.glob("checkpoint-*.pt"))
+    return found[-1] if found else None

@@ -1,0 +1,153 @@
+"""Consistency-distillation baseline on the same backbone, data and step interface as the flow map.
+
+The AnyFlow transformer is used as an *endpoint map* (consistency function) by fixing r = 0:
+``f(z_t, t) = z_t - (t / 1000) u(z_t, t, 0)``, an estimate of the clean latent x0. This
+parameterisation satisfies the boundary condition f(z_0, 0) = z_0 exactly. (It is the consistency
+pair kind of the flow-map objective taken alone, trained with the discrete consistency loss instead of
+the mean-velocity target.)
+
+Loss (discrete consistency, Song et al. 2023; the improved-CT weighting of Song & Dhariwal 2023): on
+the shifted grid ``t_i = 1000 shift(i / N)``, i = 0..N, draw i ~ U{1..N} per sample, t = t_i,
+s = t_{i-1}, z_t = sigma_t eps + (1 - sigma_t) x, and
+
+* with a teacher (consistency distillation): z_s = one Euler step of the teacher's probability-flow
+  ODE with CFG, ``z_s = z_t - (t - s) / 1000 v_teacher(z_t, t)``;
+* without (consistency training): z_s = sigma_s eps + (1 - sigma_s) x (the same noise).
+
+``L = mean_b lambda_b mean (f_theta(z_t, t) - sg f_theta(z_s, s))^2``, lambda = 1 / (sigma_t - sigma_s)
+(``inverse_delta``) or 1; the target network is the student itself under stop-gradient (iCT).
+
+Sampling is multistep consistency sampling: x0 = f(z, t_i); re-noise x0 to t_{i+1} with fresh noise.
+Timesteps are in [0, 1000]; latents ``[B, F, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..models import fused
+from .config import ConsistencyConfig
+from .flowmap import LossOutput, _as_context, noise_latents, shifted_grid
+
+
+def consistency_grid(num_intervals: int, shift: float) -> torch.Tensor:
+    """``[N + 1]`` float64 increasing grid ``t_i = 1000 shift(i / N)`` (t_0 = 0, t_N = 1000)."""
+    return shifted_grid(num_intervals, shift).flip(0)
+
+
+def endpoint(forward, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+    """Consistency function ``x0 = z_t - (t / 1000) u(z_t, t, r = 0)`` in fp32.
+
+    Args:
+        forward: :class:`anyflow.training.flowmap.BidirectionalForward` or ``FARWindowForward``.
+        z: ``[B, F, C, H, W]`` latents at t; t: ``[B, F]`` in [0, 1000].
+    """
+    u = forward(z, t, torch.zeros_like(t), text)
+    return z.float() - (t.float() / 1000)[:, :, None, None, None] * u.float()
+
+
+def teacher_velocity(model, backend=None) -> Callable:
+    """Flow-matching velocity ``v(z, t, text)`` of an AnyFlow (bidirectional) model used at r = t, the way
+    the official trainer queries its teacher (reference §7, ``real_score``)."""
+
+    def v(z, t, text):
+        return fused.bidirectional_forward(model, z, t, t, text, backend=backend)
+
+    return v
+
+
+def consistency_loss(
+    forward,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    text,
+    cfg: ConsistencyConfig,
+    shift: float,
+    generator: torch.Generator,
+    teacher: Optional[Callable] = None,
+    negative=None,
+) -> LossOutput:
+    """Discrete consistency loss of one batch (module docstring).
+
+    Args:
+        forward: student wrapper (r fixed to 0 here).
+        x, noise: ``[B, F, C, H, W]`` clean latents and standard normal noise.
+        text: ``[B, L, D]`` prompt embeddings (after dropout) or a TextContext.
+        teacher: ``v(z, t, text)`` flow-matching velocity for distillation; ``None`` for consistency
+            training with the data velocity.
+        negative: negative text for the teacher's CFG (needed when ``cfg.teacher_guidance_scale != 1``).
+        generator: draws the grid indices (one per sample).
+
+    Returns:
+        :class:`LossOutput` with ``stats["loss"]`` and the mean sampled ``t``.
+    """
+    b, f = x.shape[:2]
+    grid = consistency_grid(cfg.num_intervals, shift)
+    i = torch.randint(1, cfg.num_intervals + 1, (b,), generator=generator)
+    t = grid[i].float()[:, None].expand(b, f).to(x.device)
+    s = grid[i - 1].float()[:, None].expand(b, f).to(x.device)
+    text = _as_context(forward, text)
+    z_t = noise_latents(x, noise, t)
+    with torch.no_grad():
+        if teacher is None:
+            z_s = noise_latents(x, noise, s)
+        else:
+            v = teacher(z_t, t, text).float()
+            w = cfg.teacher_guidance_scale
+            if w != 1.0:
+                if negative is None:
+                    raise ValueError("teacher_guidance_scale != 1 needs the negative text")
+                v_u = teacher(z_t, t, _as_context(forward, negative)).float()
+                v = v_u + w * (v - v_u)
+            z_s = (z_t.float() - ((t - s).float() / 1000)[:, :, None, None, None] * v).to(x.dtype)
+        target = endpoint(forward, z_s, s, text)
+    pred = endpoint(forward, z_t, t, text)
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
+    if cfg.weighting == "inverse_delta":
+        lam = 1000.0 / (grid[i] - grid[i - 1]).float().to(per_sample.device)
+    else:
+        lam = torch.ones_like(per_sample)
+    loss = (lam * per_sample).mean()
+    return LossOutput(loss, per_sample.detach(), {"loss": float(loss.detach()), "t_mean": float(t[:, 0].mean())})
+
+
+@torch.no_grad()
+def consistency_sample(
+    forward,
+    noise: torch.Tensor,
+    text,
+    num_steps: int,
+    shift: float = 5.0,
+    generator: Optional[torch.Generator] = None,
+    timesteps: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling on the shifted grid (same grid as the flow-map sampler).
+
+    ``x0 = f(z, t_i)``; unless t_{i+1} = 0, ``z = sigma_{i+1} eps' + (1 - sigma_{i+1}) x0`` with fresh
+    noise eps' from ``generator``.
+
+    Args:
+        noise: ``[B, F, C, H, W]`` initial noise at t_0 = 1000.
+        num_steps: N (NFE).
+        timesteps: custom decreasing grid ending at 0 (default :func:`shifted_grid`).
+
+    Returns:
+        ``[B, F, C, H, W]`` fp32 clean latents.
+    """
+    grid = shifted_grid(num_steps, shift).tolist() if timesteps is None else [float(v) for v in timesteps]
+    text = _as_context(forward, text)
+    b, f = noise.shape[:2]
+    dtype = next(forward.model.parameters()).dtype
+    z = noise.float()
+    x0 = z
+    for i, t_i in enumerate(grid[:-1]):
+        t = torch.full((b, f), t_i, device=z.device)
+        x0 = endpoint(forward, z.to(dtype), t, text)
+        t_next = grid[i + 1]
+        if t_next > 0:
+            eps = torch.randn(z.shape, generator=generator).to(z.device)
+            z = noise_latents(x0, eps, torch.full((b, f), t_next, device=z.device)).float()
+    return x0
+

@@ -1,0 +1,661 @@
+"""Forward (pretrain) flow-map objective of AnyFlow, bidirectional and FAR (reference spec §6, §3).
+
+The student is a flow map u(z_t, t, r): ``z_r = z_t - (t - r) / 1000 * u``. With v = eps - x the
+flow-matching velocity of a sample, its mean-velocity target is ``v - (t - r) dU/dt`` where dU/dt is
+the total derivative of u along the probability-flow trajectory through z_t (``dz/dt = v / 1000``),
+computed without gradient by a central finite difference (the official method, half step epsilon = 5
+in 1000-units) or by forward-mode autodiff (``derivative="jvp"``).
+
+Units: timesteps in [0, 1000] (sigma = t / 1000); latents ``[B, F, C, H, W]``; per-frame times
+``[B, F]``; text ``[B, L, D]`` or a :class:`anyflow.models.fused.TextContext`.
+
+Every model call goes through :mod:`anyflow.models.fused` (the op layer), so the backward kernels of
+the selected backend are exercised. The functions here are pure in the sense that all randomness
+comes from an explicit ``torch.Generator`` (CPU), which makes training reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..models import fused
+from .config import FARConfig, FlowMapConfig
+
+KIND_DIFFUSION, KIND_CONSISTENCY, KIND_FREE = 0, 1, 2
+KIND_NAMES = ("diffusion", "consistency", "free")
+#: Floor of the loss re-scaling denominator (reference §6.9).
+RESCALE_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# time grid, shift and weighting (reference §3)
+# ----------------------------------------------------------------------------------------------
+def shift_sigma(s, shift: float):
+    """Flow shift ``k s / (1 + (k - 1) s)`` of sigma ``s`` in [0, 1] (identity for k = 1).
+
+    Works on Python floats and tensors; a tensor keeps its dtype (bf16 arithmetic rounds every op,
+    which is how the official trainer's bf16 timesteps come about).
+    """
+    if shift == 1.0:
+        return s
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def shifted_grid(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``[N + 1]`` float64 grid ``1000 * shift(linspace(1, 0, N + 1))`` from 1000 down to 0 (reference §3)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigma(s, shift) * num_train_timesteps
+
+
+def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int = 1000):
+    """The training-weight table over the 1001-point shifted grid (reference §3).
+
+    ``gaussian``: y = exp(-2 ((x - 500) / 1000)^2), y -= min y, w = y * 1000 / sum y;
+    ``beta08``: tau = x / 1000, y = tau sqrt(1 - tau), w = y * 1000 / sum y (0 at both ends, max near
+    t = 667); ``uniform``: w = 1.
+
+    Returns:
+        ``(grid [1001], weights [1001])`` float64, grid decreasing from 1000 to 0.
+
+    Raises:
+        ValueError: unknown ``weight_type``.
+    """
+    grid = shifted_grid(num_train_timesteps, shift, num_train_timesteps)
+    n = float(num_train_timesteps)
+    if weight_type == "gaussian":
+        y = torch.exp(-2 * ((grid - n / 2) / n) ** 2)
+        y = y - y.min()
+        w = y * (n / y.sum())
+    elif weight_type == "beta08":
+        tau = grid / n
+        y = tau * torch.sqrt(1 - tau)
+        w = y * (n / y.sum())
+    elif weight_type == "uniform":
+        w = torch.ones_like(grid)
+    else:
+        raise ValueError(f"weight_type must be 'beta08', 'gaussian' or 'uniform', got {weight_type!r}")
+    return grid, w
+
+
+class TrainWeighting:
+    """Per-timestep loss weight: nearest grid point of :func:`weight_table` (ties: the larger t).
+
+    Args:
+        weight_type: ``"beta08"``, ``"gaussian"`` or ``"uniform"``.
+        shift: flow shift of the grid.
+    """
+
+    def __init__(self, weight_type: str, shift: float = 5.0, num_train_timesteps: int = 1000):
+        self.weight_type = weight_type
+        self.grid, self.weights = weight_table(weight_type, shift, num_train_timesteps)
+        self._on_device = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """Weights of ``t`` (any shape, in [0, 1000]) as fp32 on ``t``'s device (no host sync)."""
+        if t.device not in self._on_device:
+            self._on_device[t.device] = (self.grid.to(t.device), self.weights.to(t.device, torch.float32))
+        grid, weights = self._on_device[t.device]
+        flat = t.detach().reshape(-1).to(torch.float64)
+        idx = torch.argmin((grid[:, None] - flat[None, :]).abs(), dim=0)
+        return weights[idx].reshape(t.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling of pairs, noise, text dropout (reference §6.2-6.5)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TimePairs:
+    """One (t, r) pair per sample.
+
+    Attributes:
+        t, r: ``[B]`` fp32 in [0, 1000], r <= t.
+        kind: ``[B]`` int64: :data:`KIND_DIFFUSION` (r = t), :data:`KIND_CONSISTENCY` (r = 0) or
+            :data:`KIND_FREE`.
+    """
+
+    t: torch.Tensor
+    r: torch.Tensor
+    kind: torch.Tensor
+
+    def per_frame(self, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, r)`` repeated over frames: ``[B, F]`` each (fresh tensors, safe to edit)."""
+        b = self.t.shape[0]
+        return self.t[:, None].expand(b, num_frames).clone(), self.r[:, None].expand(b, num_frames).clone()
+
+
+def pair_kinds(batch: int, diffusion_ratio: float, consistency_ratio: float, rank: int = 0, world_size: int = 1):
+    """Kind of every local sample from its global index ``j = rank * batch + b`` (reference §6.3).
+
+    ``j < round(d * Bg)``: diffusion; ``j < round(d * Bg) + round(c * Bg)``: consistency; else free
+    (Bg = world_size * batch; Python's round, as the official trainer). Deterministic by index, so
+    with several processes whole ranks can be diffusion-only.
+
+    Returns:
+        ``[batch]`` int64.
+    """
+    bg = batch * world_size
+    n_d = round(diffusion_ratio * bg)
+    n_c = round(consistency_ratio * bg)
+    j = rank * batch + torch.arange(batch)
+    return torch.where(j < n_d, KIND_DIFFUSION, torch.where(j < n_d + n_c, KIND_CONSISTENCY, KIND_FREE))
+
+
+def sample_time_pairs(
+    batch: int,
+    cfg: FlowMapConfig,
+    shift: float,
+    generator: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TimePairs:
+    """Draw (t, r) (reference §6.3): u1, u2 ~ U[0, 1), t = max, r = min; r = t for diffusion samples,
+    r = 0 for consistency samples; then ``t <- 1000 shift(t)``, ``r <- 1000 shift(r)``.
+
+    With ``cfg.bf16_timesteps`` the draws and the shift are computed in bf16 (the official trainer's
+    dtype; see :attr:`FlowMapConfig.bf16_timesteps`); the result is fp32 either way.
+    """
+    kind = pair_kinds(batch, cfg.diffusion_ratio, cfg.consistency_ratio, rank, world_size)
+    u = torch.rand(2, batch, generator=generator)
+    if cfg.bf16_timesteps:
+        u = u.bfloat16()
+    t, r = u.max(0).values, u.min(0).values
+    r = torch.where(kind == KIND_DIFFUSION, t, torch.where(kind == KIND_CONSISTENCY, torch.zeros_like(r), r))
+    t, r = shift_sigma(t, shift) * 1000, shift_sigma(r, shift) * 1000
+    return TimePairs(t.float(), r.float(), kind)
+
+
+def sample_logit_normal(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """``[B]`` fp32 t = 1000 shift(sigmoid(n)), n ~ N(0, 1) (teacher / critic / bidirectional modeling)."""
+    return shift_sigma(torch.sigmoid(torch.randn(batch, generator=generator)), shift) * 1000
+
+
+def drop_text(text: torch.Tensor, negative: torch.Tensor, ratio: float, generator: torch.Generator):
+    """Replace each sample's prompt by the negative embedding with probability ``ratio`` (reference §6.2).
+
+    Args:
+        text: ``[B, L, D]`` prompt embeddings.
+        negative: ``[L, D]``, ``[1, L, D]`` or ``[B, L, D]`` negative-prompt embedding.
+
+    Returns:
+        ``(text [B, L, D], dropped [B] bool)``. One coin per sample is always drawn.
+    """
+    negative = expand_negative(negative, text)
+    dropped = torch.rand(text.shape[0], generator=generator) < ratio
+    mask = dropped.to(text.device)[:, None, None]
+    return torch.where(mask, negative, text), dropped
+
+
+def expand_negative(negative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``negative`` as ``[B, L, D]`` like ``like`` (explicit expand: reference §10.1 #9)."""
+    if negative.ndim == 2:
+        negative = negative[None]
+    if negative.ndim != 3 or negative.shape[1:] != like.shape[1:] or negative.shape[0] not in (1, like.shape[0]):
+        raise ValueError(
+            f"negative must be [L, D], [1, L, D] or [B, L, D] matching text {tuple(like.shape)}, got {tuple(negative.shape)}"
+        )
+    return negative.to(like.device, like.dtype).expand(like.shape[0], -1, -1)
+
+
+def noise_latents(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``z_t = sigma eps + (1 - sigma) x``, sigma = t / 1000 per frame (``t`` ``[B, F]``), in x's dtype."""
+    sigma = (t.float() / 1000)[:, :, None, None, None]
+    return (sigma * noise.float() + (1 - sigma) * x.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# model wrappers: one call signature for the bidirectional and the FAR training forward
+# ----------------------------------------------------------------------------------------------
+def _take_text(text: fused.TextContext, index: torch.Tensor) -> fused.TextContext:
+    return fused.TextContext(text.tokens[index.to(text.tokens.device)], text.raw_dtype)
+
+
+def cat_text(texts: Sequence[fused.TextContext]) -> fused.TextContext:
+    """Concatenate projected prompts along the batch."""
+    return fused.TextContext(torch.cat([t.tokens for t in texts]), texts[0].raw_dtype)
+
+
+@dataclass
+class BidirectionalForward:
+    """``u = forward(z [B, F, C, H, W], t [B, F], r [B, F], text) -> [B, F, C, H, W]`` of a bidirectional
+    model (also a FAR model used bidirectionally: same submodules, full patches, dense attention)."""
+
+    model: torch.nn.Module
+    backend: Optional[str] = None
+
+    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+        return fused.bidirectional_forward(self.model, z, t, r, text, backend=backend or self.backend)
+
+    def take(self, index: torch.Tensor) -> "BidirectionalForward":
+        """The wrapper for batch rows ``index`` (nothing per-row to select here)."""
+        return self
+
+
+@dataclass
+class FARWindowForward:
+    """FAR training forward on a window of noisy chunks (reference §5.2, §6 FAR variant).
+
+    The sequence is ``[compressed clean context (t = r = 0) | noisy window | clean copy of the window
+    (t = 0)]`` with the training mask; the call takes and returns only the window frames.
+
+    Attributes:
+        model: ``AnyFlowFARTransformer3DModel``.
+        chunk_partition: chunks of context + window (``cp[:n]``).
+        context: ``[B, F_ctx, C, H, W]`` clean latents of the compressed chunks (F_ctx may be 0).
+        clean: ``[B, F_win, C, H, W]`` clean latents of the window (the clean copy).
+        full_limit: chunks at full resolution (the window), ``full_chunk_limit``.
+    """
+
+    model: torch.nn.Module
+    chunk_partition: Sequence[int]
+    context: torch.Tensor
+    clean: torch.Tensor
+    full_limit: int
+    backend: Optional[str] = None
+
+    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+        b, fc = z.shape[0], self.context.shape[1]
+        zeros = t.new_zeros(b, fc)
+        hidden = torch.cat([self.context.to(z.dtype), z], 1) if fc else z
+        return fused.far_sequence_forward(
+            self.model, hidden, self.chunk_partition, torch.cat([zeros, t], 1), torch.cat([zeros, r], 1), text,
+            full_limit=self.full_limit, clean_hidden_states=self.clean.to(z.dtype),
+            clean_timestep=t.new_zeros(b, self.clean.shape[1]), backend=backend or self.backend,
+        )
+
+    def take(self, index: torch.Tensor) -> "FARWindowForward":
+        """The wrapper for batch rows ``index`` (context and clean copy selected alike; repeats allowed)."""
+        index = index.to(self.clean.device)
+        return FARWindowForward(
+            self.model, self.chunk_partition, self.context[index], self.clean[index], self.full_limit, self.backend
+        )
+
+
+def sample_num_chunks(far: FARConfig, generator: torch.Generator) -> int:
+    """Chunks n of one FAR training step (reference §6 FAR variant): with probability
+    ``long_context_ratio`` n ~ U{limit, ..., len(cp)}, else n = limit (limit = ``full_chunk_limit``,
+    capped at the number of chunks). Both draws are always made, so the generator advances alike."""
+    total = len(far.chunk_partition)
+    lim = min(far.full_chunk_limit, total)
+    coin = torch.rand((), generator=generator).item() < far.long_context_ratio
+    n = int(torch.randint(lim, total + 1, (), generator=generator))
+    return n if coin else lim
+
+
+def far_window(latents: torch.Tensor, chunk_partition: Sequence[int], num_chunks: int, full_limit: int):
+    """Split the first ``num_chunks`` chunks of a clip into context and window.
+
+    Returns:
+        ``(cp[:n], context [B, F_ctx, C, H, W], window [B, F_win, C, H, W])``: the last
+        ``min(n, full_limit)`` chunks form the window, earlier chunks the compressed context.
+    """
+    cp = fused.check_chunk_partition(chunk_partition)
+    if not 1 <= num_chunks <= len(cp):
+        raise ValueError(f"num_chunks must be in [1, {len(cp)}], got {num_chunks}")
+    cp = cp[:num_chunks]
+    if latents.shape[1] < sum(cp):
+        raise ValueError(f"latents have {latents.shape[1]} frames, the chunks {cp} need {sum(cp)}")
+    nc, _ = fused.split_chunks(num_chunks, full_limit)
+    fc = sum(cp[:nc])
+    return cp, latents[:, :fc], latents[:, fc : sum(cp)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the mean-velocity target
+# ----------------------------------------------------------------------------------------------
+def _bf16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+def _jvp_context():
+    """Forward-mode AD has no formula for the fused SDPA kernels: use the math path inside the JVP."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfig):
+    """The passes of one step that take no gradient, batched into one forward where possible.
+
+    Returns ``(u_uncond [B, ...] or None, dU/dt [len(rows), ...] fp32 or None)``, dU/dt per 1000-unit
+    of t and divided by the guidance scale g (reference §6.7).
+    """
+    g = cfg.fuse_guidance_scale
+    b = z.shape[0]
+    n_sel = int(rows.numel())
+    parts_idx, parts_z, parts_t, parts_r, parts_text = [], [], [], [], []
+    if g != 1.0:
+        if negative is None:
+            raise ValueError("guidance fusion (fuse_guidance_scale != 1) needs the negative text")
+        parts_idx.append(torch.arange(b))
+        parts_z.append(z)
+        parts_t.append(t)
+        parts_r.append(r)
+        parts_text.append(negative)
+    derivative = None
+    if n_sel and cfg.derivative == "fd":
+        eps = float(cfg.epsilon)
+        zs, ts, rs = z[rows], t[rows], r[rows]
+        dz = (v[rows].float() * (eps / 1000)).to(z.dtype)
+        t_plus, t_minus = ts + eps, ts - eps
+        if cfg.bf16_timesteps:  # the official trainer adds epsilon to bf16 timesteps
+            t_plus, t_minus = _bf16_round(t_plus), _bf16_round(t_minus)
+        text_sel = _take_text(text, rows)
+        parts_idx += [rows, rows]
+        parts_z += [zs + dz, zs - dz]
+        parts_t += [t_plus, t_minus]
+        parts_r += [rs, rs]
+        parts_text += [text_sel, text_sel]
+    u_uncond = None
+    with torch.no_grad():
+        if parts_idx:
+            index = torch.cat(parts_idx)
+            out = forward.take(index)(torch.cat(parts_z), torch.cat(parts_t), torch.cat(parts_r), cat_text(parts_text))
+            if g != 1.0:
+                u_uncond, out = out[:b], out[b:]
+            if n_sel and cfg.derivative == "fd":
+                u_plus, u_minus = out[:n_sel], out[n_sel:]
+                derivative = (u_plus.float() - u_minus.float()) / (2 * float(cfg.epsilon) * g)
+        if n_sel and cfg.derivative == "jvp":
+            derivative = jvp_derivative(forward.take(rows), z[rows], v[rows], t[rows], r[rows], _take_text(text, rows)) / g
+    return u_uncond, derivative
+
+
+def jvp_derivative(forward, z, v, t, r, text) -> torch.Tensor:
+    """Exact total derivative ``dU/dt = d/dt u(z + (v / 1000) dt, t + dt, r)`` by forward-mode AD.
+
+    Tangent ``(v / 1000, 1)`` w.r.t. ``(z, t)`` through :func:`torch.func.jvp`, with no gradient and
+    attention on the math SDPA path (forward AD has no formula for the fused kernels). The op layer is
+    called with the ``"torch"`` backend (the Triton/CUDA kernels have no forward-mode rule).
+
+    Returns:
+        ``[B, F, C, H, W]`` fp32, per 1000-unit of t.
+    """
+
+    def fn(z_, t_):
+        return forward(z_, t_, r, text, backend="torch")
+
+    tangent = ((v.float() / 1000).to(z.dtype), torch.ones_like(t))
+    with torch.no_grad(), _jvp_context():
+        _, du = torch.func.jvp(fn, (z, t), tangent)
+    return du.float()
+
+
+def finite_difference_derivative(forward, z, v, t, r, text, epsilon: float = 5.0) -> torch.Tensor:
+    """Central difference ``(u(z + v e / 1000, t + e, r) - u(z - v e / 1000, t - e, r)) / (2 e)``
+    (reference §6.7) without gradient; ``[B, F, C, H, W]`` fp32 per 1000-unit of t."""
+    cfg = FlowMapConfig(epsilon=epsilon, derivative="fd", fuse_guidance_scale=1.0)
+    return _no_grad_passes(forward, z, v, t, r, _as_context(forward, text), None, torch.arange(z.shape[0]), cfg)[1]
+
+
+def _as_context(forward, text):
+    if isinstance(text, fused.TextContext):
+        return text
+    return fused.prepare_text(forward.model, text)
+
+
+def _sample_rows(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Samples whose target needs dU/dt: some frame with t != r (the rest are multiplied by zero)."""
+    return torch.nonzero((t != r).any(dim=1).cpu()).flatten()
+
+
+def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch.Tensor:
+    """``v - (t - r) dU/dt`` per frame (reference §6.7-6.8), fp32, no gradient.
+
+    dU/dt is computed only for samples with some frame where t != r; the others get ``v`` exactly
+    (their derivative term is multiplied by zero). dU/dt is divided by the guidance scale g, as the
+    official objective does for the guidance-fused prediction.
+    """
+    text = _as_context(forward, text)
+    rows = _sample_rows(t, r)
+    _, du = _no_grad_passes(forward, z, v, t, r, text, None, rows, FlowMapConfig(**{**cfg.__dict__, "fuse_guidance_scale": 1.0}))
+    target = v.float().clone()
+    if rows.numel():
+        g = cfg.fuse_guidance_scale
+        dev_rows = rows.to(z.device)
+        gap = (t[dev_rows] - r[dev_rows]).float()[:, :, None, None, None]
+        target[dev_rows] = target[dev_rows] - gap * (du / g)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+def rescale_losses(
+    losses: torch.Tensor,
+    is_diffusion: torch.Tensor,
+    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    eps: float = RESCALE_EPS,
+) -> torch.Tensor:
+    """Adaptive normalisation of the non-diffusion losses (reference §6.9).
+
+    Every non-diffusion ``l_b`` becomes ``l_b * sg(m / (l_b + eps))`` with m the mean diffusion loss
+    over the global batch: its value is ~m and its gradient ``(m / (l_b + eps)) grad l_b``. Without any
+    diffusion sample in the global batch the losses are returned unchanged (the official code divides
+    by zero there, reference §10.1 #10).
+
+    Args:
+        losses: ``[B]`` per-sample losses (with graph).
+        is_diffusion: ``[B]`` bool.
+        all_reduce: sums a ``[2]`` tensor ``(sum, count)`` over processes (``None``: one process).
+    """
+    ld = losses.detach().float()
+    mask = is_diffusion.to(losses.device)
+    stats = torch.stack([(ld * mask).sum(), mask.float().sum()])
+    if all_reduce is not None:
+        stats = all_reduce(stats)
+    mean_d = stats[0] / stats[1].clamp(min=1)
+    factor = torch.where(mask | (stats[1] == 0), torch.ones_like(ld), mean_d / (ld + eps))
+    return losses * factor.to(losses.dtype)
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss and detached per-sample statistics for logging.
+
+    Attributes:
+        loss: scalar to backpropagate.
+        per_sample: ``[B]`` fp32 losses before re-scaling (detached).
+        stats: floats for the log (``loss``, ``loss_<kind>`` means, ...).
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def guidance_fuse(u_cond: torch.Tensor, u_uncond: Optional[torch.Tensor], g: float) -> torch.Tensor:
+    """``U_hat = (U_c - (1 - g) U_u) / g`` (reference §6.6): the prediction whose CFG with scale g is U_c."""
+    if u_uncond is None or g == 1.0:
+        return u_cond
+    return (u_cond - (1 - g) * u_uncond.to(u_cond.dtype)) / g
+
+
+def flow_map_loss(
+    forward,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    kind: torch.Tensor,
+    text,
+    negative,
+    cfg: FlowMapConfig,
+    weighting: TrainWeighting,
+    all_reduce: Optional[Callable] = None,
+) -> LossOutput:
+    """The forward flow-map loss of one batch (reference §6.5-6.9).
+
+    Args:
+        forward: :class:`BidirectionalForward` or :class:`FARWindowForward`.
+        x: ``[B, F, C, H, W]`` clean latents of the frames being denoised.
+        noise: ``[B, F, C, H, W]`` standard normal noise.
+        t, r: ``[B, F]`` per-frame time pair in [0, 1000].
+        kind: ``[B]`` pair kind (:data:`KIND_DIFFUSION` samples define the re-scaling mean).
+        text: ``[B, L, D]`` prompt embeddings (after dropout) or a TextContext (with grad).
+        negative: ``[B, L, D]`` negative embedding or TextContext (needed when g != 1).
+        cfg: objective settings; weighting: the per-timestep weight.
+        all_reduce: sum over processes for the re-scaling mean (``None``: one process).
+
+    Computes ``z_t``; U_c with gradient; without gradient the unconditional U_u (guidance fusion) and
+    dU/dt of the samples with t != r (one batched forward for the finite difference); per-frame
+    ``l_bf = mean_{C,H,W} (U_hat - target)^2`` in fp32, ``l_b = mean_f w(t_f) l_bf``, re-scaled, and
+    the batch mean. (With per-frame weights the official ``mean(l) * w(t)`` is the same number whenever
+    all frames of a sample share t, which holds for every released configuration; for I2V, where
+    frame 0 has t = 0 and weight 0, the conditioning frame drops out of the loss.)
+    """
+    text = _as_context(forward, text)
+    if negative is not None:
+        with torch.no_grad():
+            negative = _as_context(forward, negative)
+    z = noise_latents(x, noise, t)
+    v = noise.float() - x.float()
+    u_cond = forward(z, t, r, text)
+    rows = _sample_rows(t, r)
+    u_uncond, du = _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg)
+    u_hat = guidance_fuse(u_cond, u_uncond, cfg.fuse_guidance_scale)
+    target = v
+    if rows.numel():
+        target = v.clone()
+        dev_rows = rows.to(z.device)
+        gap = (t[dev_rows] - r[dev_rows]).float()[:, :, None, None, None]
+        target[dev_rows] = v[dev_rows] - gap * du
+    per_frame = (u_hat.float() - target).pow(2).mean(dim=(2, 3, 4))
+    per_sample = (per_frame * weighting(t)).mean(dim=1)
+    losses = per_sample
+    if cfg.rescale:
+        losses = rescale_losses(per_sample, kind == KIND_DIFFUSION, all_reduce)
+    loss = losses.mean()
+    ps = per_sample.detach()
+    stats = {"loss": float(loss.detach()), "derivative_samples": int(rows.numel())}
+    for k, name in enumerate(KIND_NAMES):
+        sel = (kind == k).to(ps.device)
+        if bool(sel.any()):
+            stats[f"loss_{name}"] = float(ps[sel].mean())
+    return LossOutput(loss, ps, stats)
+
+
+def flow_matching_loss(forward, x, noise, t, text, negative=None, guidance_scale: float = 1.0) -> LossOutput:
+    """Plain flow-matching loss at r = t: ``mean (U_hat(z_t, t, t) - (eps - x))^2`` unweighted, fp32.
+
+    The teacher objective (reference §8, g = 1) and the FAR bidirectional-modeling loss (reference §6
+    FAR variant, guidance-fused with the student's own unconditional prediction when g != 1).
+
+    Args:
+        t: ``[B, F]`` per-frame timesteps in [0, 1000].
+    """
+    text = _as_context(forward, text)
+    z = noise_latents(x, noise, t)
+    u_cond = forward(z, t, t, text)
+    u_uncond = None
+    if guidance_scale != 1.0:
+        if negative is None:
+            raise ValueError("guidance_scale != 1 needs the negative text")
+        with torch.no_grad():
+            u_uncond = forward(z, t, t, _as_context(forward, negative))
+    u_hat = guidance_fuse(u_cond, u_uncond, guidance_scale)
+    per_sample = (u_hat.float() - (noise.float() - x.float())).pow(2).mean(dim=(1, 2, 3, 4))
+    loss = per_sample.mean()
+    return LossOutput(loss, per_sample.detach(), {"loss": float(loss.detach())})
+
+
+# ----------------------------------------------------------------------------------------------
+# one step's batch preparation (bidirectional / FAR)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepInputs:
+    """Everything random about one forward-objective step, drawn from the training generator."""
+
+    forward: object
+    x: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    r: torch.Tensor
+    kind: torch.Tensor
+    text: torch.Tensor
+    dropped: torch.Tensor
+    num_chunks: Optional[int] = None
+
+
+def prepare_bidirectional(
+    model, latents, text, negative, cfg: FlowMapConfig, *, shift: float, drop_text_ratio: float,
+    generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
+) -> StepInputs:
+    """Text dropout, (t, r) pairs, the I2V coin (``t[:, 0] = 0``, r kept, reference §10.1 #6) and noise
+    for a bidirectional step. Draw order: text coins, pairs, I2V coin, noise."""
+    b, f = latents.shape[:2]
+    text, dropped = drop_text(text, negative, drop_text_ratio, generator)
+    pairs = sample_time_pairs(b, cfg, shift, generator, rank, world_size)
+    i2v = torch.rand((), generator=generator).item() < cfg.i2v_prob
+    t, r = pairs.per_frame(f)
+    if i2v:
+        t[:, 0] = 0
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    dev = latents.device
+    return StepInputs(BidirectionalForward(model, backend), latents, noise, t.to(dev), r.to(dev), pairs.kind,
+                      text, dropped)
+
+
+def prepare_far(
+    model, latents, text, negative, cfg: FlowMapConfig, far: FARConfig, *, shift: float, drop_text_ratio: float,
+    generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
+) -> StepInputs:
+    """A FAR step (reference §6 FAR variant): chunk count n, window = last ``full_chunk_limit`` chunks of
+    ``cp[:n]`` with one (t, r) per sample, compressed clean context before it, clean copy of the window.
+    Draw order: chunk count, text coins, pairs, noise (of the window)."""
+    n = sample_num_chunks(far, generator)
+    cp, context, window = far_window(latents, far.chunk_partition, n, far.full_chunk_limit)
+    b, f = window.shape[:2]
+    text, dropped = drop_text(text, negative, drop_text_ratio, generator)
+    pairs = sample_time_pairs(b, cfg, shift, generator, rank, world_size)
+    t, r = pairs.per_frame(f)
+    noise = torch.randn(window.shape, generator=generator).to(window.device, window.dtype)
+    fwd = FARWindowForward(model, cp, context, window, far.full_chunk_limit, backend)
+    dev = latents.device
+    return StepInputs(fwd, window, noise, t.to(dev), r.to(dev), pairs.kind, text, dropped, n)
+
+
+def bidirectional_modeling_loss(
+    model, latents, text, negative, *, shift: float, guidance_scale: float, generator: torch.Generator, backend=None,
+) -> LossOutput:
+    """FAR's extra bidirectional flow-matching loss on the whole clip (reference §6 FAR variant):
+    t ~ logit-normal then shifted, r = t, guidance-fused, unweighted MSE to v."""
+    b, f = latents.shape[:2]
+    t = sample_logit_normal(b, shift, generator)[:, None].expand(b, f).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    neg = expand_negative(negative, text)
+    return flow_matching_loss(BidirectionalForward(model, backend), latents, noise, t, text, neg, guidance_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling with a flow map (for evaluation)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def flow_map_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: float = 5.0,
+                    timesteps: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """N-step flow-map sampling ``z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) / 1000 u(z_{t_i}, t_i, t_{i+1})``
+    on the shifted grid (reference §3/§4, no CFG), with an fp32 master latent.
+
+    Args:
+        forward: e.g. :class:`BidirectionalForward`.
+        noise: ``[B, F, C, H, W]`` initial noise (t = 1000).
+        timesteps: custom decreasing grid ending at 0 (default :func:`shifted_grid`).
+
+    Returns:
+        ``[B, F, C, H, W]`` fp32 latents at t = 0.
+    """
+    grid = shifted_grid(num_steps, shift).tolist() if timesteps is None else [float(v) for v in timesteps]
+    text = _as_context(forward, text)
+    z = noise.float()
+    b, f = z.shape[:2]
+    dtype = next(forward.model.parameters()).dtype
+    for t_i, t_next in zip(grid[:-1], grid[1:]):
+        t = torch.full((b, f), t_i, device=z.device)
+        r = torch.full((b, f), t_next, device=z.device)
+        u = forward(z.to(dtype), t, r, text)
+        z = z - ((t_i - t_next) / 1000) * u.float()
+    return z
