@@ -6,7 +6,7 @@ overrides). The ``"torch"`` implementations are the specification the kernels ar
 """
 
 from . import registry
-from . import _triton_elementwise  # noqa: F401  (registers the "triton" backend; imports no Triton)
+from . import _triton_attention, _triton_elementwise  # noqa: F401  (register the "triton" backend lazily)
 from .attention import (
     AttentionLayout,
     chunk_causal_attention,

@@ -40,7 +40,8 @@ class AttentionLayout:
         q_len: number of query tokens.
         kv_len: number of key tokens.
         groups: ``((q_start, q_end, ((k_start, k_end), ...)), ...)``: queries in ``[q_start, q_end)``
-            attend exactly to the union of the key ranges. Groups tile ``[0, q_len)``.
+            attend exactly to the union of the key ranges, which are sorted and disjoint (the layout
+            builders merge touching ranges). Groups tile ``[0, q_len)``.
     """
 
     q_len: int

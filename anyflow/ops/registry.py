@@ -60,7 +60,11 @@ def register(op: str, backend: str, check: Optional[Callable[..., Optional[str]]
 
 
 def _triton_reason() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        found = False
+    if not found:
         return "triton is not installed"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
