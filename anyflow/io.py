@@ -8,6 +8,7 @@ no system ffmpeg or OpenCV is needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -180,21 +181,34 @@ def write_video_atomic(frames, path, fps: float = 16) -> Path:
         raise ValueError(f"fps must be > 0, got {fps}")
     data = _as_uint8(frames)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         with imageio.get_writer(
             tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=16
         ) as writer:
             for frame in data:
                 writer.append_data(frame)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, suffix: str | None = None):
+    """Write a file atomically: yield a temporary path in ``path``'s folder, then fsync it and
+    ``os.replace`` it onto ``path``. On any exception (KeyboardInterrupt included) the temporary file is
+    removed and an existing ``path`` is left untouched.
+
+    Args:
+        path: final destination.
+        suffix: suffix of the temporary file (default: ``path``'s, so format sniffing still works).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
-    return path

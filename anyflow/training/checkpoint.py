@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+
+from ..io import atomic_output
 
 PathLike = Union[str, os.PathLike]
 
@@ -142,19 +143,8 @@ def atomic_save(obj, path: PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path, suffix=".tmp") as tmp:
+        torch.save(obj, tmp)
     _fsync_dir(path.parent)
     return path
 
