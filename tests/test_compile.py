@@ -30,7 +30,8 @@ def test_compiled_enabled_transformer_fullgraph_no_recompile(kind):
     torch._dynamo.reset()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_transformer(kind, seed=2).to(dev)
-    handle = anyflow.enable(model)
+    # on a GPU compile the Triton custom ops (auto stays on the torch path until GPU-verified)
+    handle = anyflow.enable(model, backend="triton" if torch.cuda.is_available() else "auto")
     try:
         compiled = torch.compile(model, fullgraph=True)
         with torch.no_grad():

@@ -22,7 +22,10 @@ BACKENDS = ("torch", "triton", "cuda")
 
 #: Order in which ``"auto"`` tries the backends, per device type. On CPU only the PyTorch path is
 #: worth running: the Triton interpreter and the C++ CPU twins exist for testing, not for speed.
-AUTO_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+#: On CUDA, "auto" stays on the PyTorch path until ``benchmarks/kernels.py`` has checked the Triton and
+#: CUDA kernels on a GPU and shown where they win; they are used today when asked for by name
+#: (``backend="triton"`` / ``"cuda"`` or ``ANYFLOW_BACKEND``).
+AUTO_PRIORITY = {"cuda": ("torch",), "cpu": ("torch",)}
 
 
 class BackendUnavailableError(RuntimeError):
