@@ -1,8 +1,10 @@
 """Build script for anyflow: the pure-Python package plus an optional compiled extension ``anyflow._C``.
 
 The extension is built only when torch is importable at build time (so always use
-``pip install --no-build-isolation``): a ``CppExtension`` from ``csrc/*.cpp`` everywhere, and a
-``CUDAExtension`` that adds ``csrc/**/*.cu`` when torch is a CUDA build or ``ANYFLOW_BUILD_CUDA=1``.
+``pip install --no-build-isolation``): a ``CppExtension`` from ``csrc/*.cpp`` (op schemas, argument
+checks) and ``csrc/cpu/*.cpp`` (CPU twins of the kernels) everywhere, and a ``CUDAExtension`` that adds
+the torch-free kernels ``csrc/kernels/*.cu`` and their CUDA registrations ``csrc/cuda/*.cpp`` when torch
+is a CUDA build or ``ANYFLOW_BUILD_CUDA=1``.
 Any failure while configuring or compiling it prints a warning and the install goes on without it
 (the pure-Python/Triton paths still work); the reason is recorded in ``anyflow/_build_info.py``.
 
@@ -75,11 +77,15 @@ def _extensions_and_cmdclass():
         print(f"anyflow: torch is not importable at build time ({exc}); skipping anyflow._C", file=sys.stderr)
         return [], {}
 
-    cpp_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
-    cu_sources = sorted(
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
-    )
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    def sources(*pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", *pattern)))
+
+    # Always: the schemas/module (csrc/*.cpp) and the CPU twins (csrc/cpu). CUDA build only: the
+    # torch-free kernels (csrc/kernels/*.cu) and their CUDA registrations (csrc/cuda/*.cpp).
+    cpp_sources = sources("*.cpp") + sources("cpu", "*.cpp")
+    cuda_cpp_sources = sources("cuda", "*.cpp")
+    cu_sources = sources("kernels", "*.cu")
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "kernels")]
     cxx_flags = ["-O3"]
     ext = None
     cuda_version = None  # the CUDA toolkit version the extension is compiled with, None for CPU only
@@ -90,7 +96,7 @@ def _extensions_and_cmdclass():
             )
             ext = cpp_extension.CUDAExtension(
                 EXT_NAME,
-                cpp_sources + cu_sources,
+                cpp_sources + cuda_cpp_sources + cu_sources,
                 include_dirs=include_dirs,
                 define_macros=[("ANYFLOW_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

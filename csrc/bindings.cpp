@@ -2,7 +2,18 @@
 //
 // Ops are declared with TORCH_LIBRARY_FRAGMENT rather than TORCH_LIBRARY so that Python code may also add
 // ops to the `anyflow` namespace (torch.library.custom_op) without a double-registration abort.
-// Kernel implementations live next to their CUDA / CPU sources and register with TORCH_LIBRARY_IMPL.
+//
+// Naming: every op of this extension is `anyflow::c_<op>`, where <op> is the anyflow.ops function it
+// implements (the "cuda" backend of the op registry, anyflow/ops/_cuda.py). The prefix keeps them apart
+// from the Triton backend's Python-registered ops (`anyflow::<op>`). Implementations:
+//   CPU:  csrc/cpu/register.cpp  (C++ twins of the kernels, for CI without a GPU)
+//   CUDA: csrc/cuda/register.cpp (launchers of the torch-free kernels in csrc/kernels; CUDA build only)
+//   Fake: anyflow/ops/_cuda.py   (torch.library.register_fake; set_python_module below points there)
+// Argument conventions (see csrc/ops.cpp for the checks): `segments` is the flat list of
+// (frames, tokens_per_frame) pairs; `layout` the flat list of groups (q_start, q_end, n, then n
+// (k_start, k_end) pairs); `impl` picks the attention kernel (0 auto, 1 SIMT, 2 tensor cores) and is
+// ignored by the CPU twins; the second output of the attention ops is the fp32 log-sum-exp [B, H, Lq]
+// when return_lse is true and an empty [0] tensor otherwise.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -21,7 +32,27 @@ std::string build_info() {
 }  // namespace anyflow
 
 TORCH_LIBRARY_FRAGMENT(anyflow, m) {
+  m.set_python_module("anyflow.ops._cuda");
   m.def("build_info() -> str", &anyflow::build_info);
+  m.def("c_adaln_modulate(Tensor x, Tensor shift, Tensor scale, int[] segments, float eps) -> Tensor");
+  m.def("c_gated_residual(Tensor x, Tensor y, Tensor gate, int[] segments) -> Tensor");
+  m.def(
+      "c_residual_norm(Tensor x, Tensor y, Tensor? gate, int[] segments, float eps, Tensor? shift, Tensor? scale, "
+      "Tensor? weight, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("c_qk_norm_rope(Tensor x, Tensor weight, float eps, Tensor cos, Tensor sin, int heads) -> Tensor");
+  m.def("c_apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def(
+      "c_euler_shortcut(Tensor latents, Tensor velocity, Tensor dt, float guidance_scale, int num_context_frames) "
+      "-> Tensor");
+  m.def(
+      "c_euler_shortcut_out(Tensor latents, Tensor velocity, Tensor dt, float guidance_scale, int num_context_frames, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "c_segmented_attention(Tensor q, Tensor[] keys, Tensor[] values, float scale, bool return_lse, int impl=0) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "c_chunk_causal_attention(Tensor q, Tensor k, Tensor v, int[] layout, float scale, bool return_lse, "
+      "int impl=0) -> (Tensor, Tensor)");
 }
 
 // A plain CPython module: importing anyflow._C loads this library, which runs the registrations above.

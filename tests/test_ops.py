@@ -330,9 +330,10 @@ def test_registry_explicit_backend_reports_reason():
 
 def test_registry_env_override(monkeypatch):
     z = randn(1, 3, 2, 2, 2)
-    monkeypatch.setenv("ANYFLOW_BACKEND", "cuda")
-    with pytest.raises(registry.BackendUnavailableError, match="'cuda'"):
-        ops.euler_shortcut(z, z, 500.0, 100.0)
+    monkeypatch.setenv("ANYFLOW_BACKEND", "triton")
+    x, rows = randn(1, 5, 8), randn(1, 5, 8)
+    with pytest.raises(registry.BackendUnavailableError, match="'triton'"):
+        ops.adaln_modulate(x, rows, rows, ((1, 1),) * 5)  # more segments than the Triton kernels take
     monkeypatch.setenv("ANYFLOW_BACKEND", "torch")
     assert_rel_l2(ops.euler_shortcut(z, z, 500.0, 100.0), z * 0.6, 1e-6)
 

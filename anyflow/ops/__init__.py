@@ -6,7 +6,7 @@ overrides). The ``"torch"`` implementations are the specification the kernels ar
 """
 
 from . import registry
-from . import _triton_attention, _triton_elementwise  # noqa: F401  (register the "triton" backend lazily)
+from . import _cuda, _triton_attention, _triton_elementwise  # noqa: F401  (register backends; load nothing yet)
 from .attention import (
     AttentionLayout,
     chunk_causal_attention,

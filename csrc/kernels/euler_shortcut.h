@@ -1,40 +1,54 @@
-// C API of the torch-free CUDA kernels in csrc/kernels (usable from C, C++ and the torch bindings).
+// C API of the flow-map Euler shortcut kernel (anyflow.ops.euler_shortcut).
+//
+//   u   = velocity[b]                                              (velocity batch == batch)
+//   u   = velocity[b] + g * (velocity[batch + b] - velocity[b])   (cfg: velocity batch == 2 * batch,
+//                                                                  stacked [uncond; cond])
+//   z_r = z_t - dt[b, f] * u                                      (fp32 math, rounded to out_dtype)
+//   z_r = z_t                                                      for frames f < num_context_frames
+//
+// The contiguous latents are viewed as [batch, outer, frames, inner]: for anyflow's [B, F, C, H, W] that
+// is outer = 1, inner = C * H * W; for diffusers' Wan layout [B, C, F, H, W] outer = C, inner = H * W.
+// dt = (t - r) / 1000 is a contiguous fp32 [batch, frames] array. out may alias latents.
 #pragma once
 
 #include <stdint.h>
+
+#include "api.h"
+
+typedef struct {
+  void* out;  // dtype latents_dtype, batch * outer * frames * inner elements
+  const void* latents;
+  anyflow_dtype latents_dtype;
+  const void* velocity;  // batch (or 2 * batch with cfg) * outer * frames * inner elements
+  anyflow_dtype velocity_dtype;
+  const float* dt;  // [batch, frames]
+  int64_t batch, outer, frames, inner;
+  int32_t cfg;  // 1: velocity is [uncond; cond] and is combined with guidance_scale
+  float guidance_scale;
+  int64_t num_context_frames;
+} anyflow_euler_args;
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-// Return codes of the launchers: 0 on success, ANYFLOW_ERROR_INVALID_ARGUMENT for bad arguments
-// (checked on the host before touching the device), otherwise the cudaError_t of the failed launch.
-#define ANYFLOW_SUCCESS 0
-#define ANYFLOW_ERROR_INVALID_ARGUMENT -1
-
-// Element type of the mean velocity u.
-typedef enum { ANYFLOW_DTYPE_F32 = 0, ANYFLOW_DTYPE_BF16 = 1 } anyflow_dtype;
-
-// Flow-map Euler shortcut step with a per-frame step size: z_r = z_t - dt[b, f] * u.
-//
-// The contiguous latents are viewed as [batch, outer, frames, inner]: for diffusers' Wan layout
-// [B, C, F, H, W] that is outer = C, inner = H * W; for [B, F, C, H, W] it is outer = 1, inner = C*H*W.
-// dt = t - r (sigma units) is a contiguous fp32 [batch, frames] array. z_r may alias z_t.
-//
-// Args:
-//   z_r: fp32 output, batch * outer * frames * inner elements (device memory).
-//   z_t: fp32 input latents, same shape.
-//   u: mean velocity, same shape, fp32 or bf16 (u_dtype).
-//   dt: fp32 [batch, frames] step sizes.
-//   stream: a cudaStream_t, or NULL for the default stream.
-// Returns: ANYFLOW_SUCCESS, ANYFLOW_ERROR_INVALID_ARGUMENT, or a cudaError_t value.
-int anyflow_euler_shortcut_f32(float* z_r, const float* z_t, const void* u, anyflow_dtype u_dtype,
-                               const float* dt, int64_t batch, int64_t outer, int64_t frames, int64_t inner,
-                               void* stream);
-
-// Human-readable message for a launcher return code.
-const char* anyflow_error_string(int code);
+int anyflow_euler_shortcut(const anyflow_euler_args* args, void* stream);
 
 #ifdef __cplusplus
+}  // extern "C"
+
+static inline int anyflow_euler_check(const anyflow_euler_args* a) {
+  if (a == nullptr || !anyflow_dtype_valid(a->latents_dtype) || !anyflow_dtype_valid(a->velocity_dtype)) {
+    return ANYFLOW_ERROR_INVALID_ARGUMENT;
+  }
+  if (a->batch < 0 || a->outer < 0 || a->frames < 0 || a->inner < 0 || (a->cfg != 0 && a->cfg != 1)) {
+    return ANYFLOW_ERROR_INVALID_ARGUMENT;
+  }
+  if (a->num_context_frames < 0 || a->num_context_frames > a->frames) return ANYFLOW_ERROR_INVALID_ARGUMENT;
+  if (a->batch * a->outer * a->frames * a->inner == 0) return ANYFLOW_SUCCESS;
+  if (a->out == nullptr || a->latents == nullptr || a->velocity == nullptr || a->dt == nullptr) {
+    return ANYFLOW_ERROR_INVALID_ARGUMENT;
+  }
+  return ANYFLOW_SUCCESS;
 }
 #endif
