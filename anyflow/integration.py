@@ -171,7 +171,8 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
             Pipelines get the fast samplers of :mod:`anyflow.samplers` as ``__call__`` (same arguments
             and outputs) plus ``pipe.stream(...)``; their transformer is enabled too.
         backend: ``"auto"`` (default; ``ANYFLOW_BACKEND`` overrides), ``"torch"``, ``"triton"`` or
-            ``"cuda"``: the backend every op of the enabled forward asks for.
+            ``"cuda"``: the preferred backend of every op of the enabled forward; ops that backend does
+            not implement, or calls it cannot run, take the PyTorch path (:func:`anyflow.ops.registry.prefer`).
 
     Returns:
         :class:`EnableHandle`; ``handle.disable()`` restores the original classes.
@@ -189,8 +190,8 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
     """
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline, AnyFlowTransformer3DModel
 
-    name = registry.requested_backend(backend) if backend != "auto" else "auto"
-    handle = EnableHandle(name)
+    name = registry.prefer(backend) if backend != "auto" else "auto"
+    handle = EnableHandle(backend)
     obj = pipe_or_transformer
     if isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline)):
         from .samplers import pipelines

@@ -25,15 +25,23 @@ def _inputs(kind, seed):
     return [to(a) for a in args], {k: to(v) for k, v in kwargs.items()}
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
 @pytest.mark.parametrize("kind", ["bidirectional", "far"])
-def test_compiled_enabled_transformer_fullgraph_no_recompile(kind):
+def test_compiled_enabled_transformer_fullgraph_no_recompile(kind, backend):
+    """"triton" / "cuda" run their torch.library custom ops (on CPU: the Triton interpreter and the C++
+    CPU twins, compiled with the aot_eager backend; Inductor cannot generate code around interpreted
+    kernels); "auto" is the PyTorch path, compiled with Inductor."""
+    from anyflow.ops import registry
+
+    if backend != "auto" and registry.backend_reason(backend):
+        pytest.skip(f"{backend} backend unavailable: {registry.backend_reason(backend)}")
     torch._dynamo.reset()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_transformer(kind, seed=2).to(dev)
-    # on a GPU compile the Triton custom ops (auto stays on the torch path until GPU-verified)
-    handle = anyflow.enable(model, backend="triton" if torch.cuda.is_available() else "auto")
+    handle = anyflow.enable(model, backend=backend)
+    compile_backend = "inductor" if dev == "cuda" or backend == "auto" else "aot_eager"
     try:
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
         with torch.no_grad():
             args, kwargs = _inputs(kind, 0)
             assert_rel_l2(compiled(*args, **kwargs).sample, model(*args, **kwargs).sample, 1e-5)

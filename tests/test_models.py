@@ -22,10 +22,21 @@ def times(b, f, seed):
     return t, t * torch.rand(b, f, generator=g, dtype=torch.float64)
 
 
-def run_both(model, *args, **kwargs):
+BACKENDS = ["auto", "triton", "cuda"]  # triton: CPU interpreter; cuda: the C++ CPU twins of anyflow._C
+
+
+def _skip_unavailable(backend):
+    from anyflow.ops import registry
+
+    if backend != "auto" and registry.backend_reason(backend):
+        pytest.skip(f"{backend} backend unavailable: {registry.backend_reason(backend)}")
+
+
+def run_both(model, *args, backend="auto", **kwargs):
     """(diffusers output, anyflow output) of the same call."""
+    _skip_unavailable(backend)
     ref = model(*args, **kwargs)
-    handle = anyflow.enable(model)
+    handle = anyflow.enable(model, backend=backend)
     try:
         out = model(*args, **kwargs)
     finally:
@@ -38,20 +49,22 @@ def far_model():
     return tiny_transformer("far", seed=3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deltatime_type", ["r", "t-r"])
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (1, 5, 6, 10)])
-def test_bidirectional_forward(deltatime_type, shape):
+def test_bidirectional_forward(deltatime_type, shape, backend):
     model = tiny_transformer("bidirectional", seed=1, deltatime_type=deltatime_type)
     b, f, h, w = shape
     x = randn(b, f, 16, h, w, seed=2)
     t, r = times(b, f, 3)
     text = randn(b, 9, 32, seed=4)
     with torch.no_grad():
-        ref, out = run_both(model, x, t, r, text)
+        ref, out = run_both(model, x, t, r, text, backend=backend)
     assert_rel_l2(out.sample, ref.sample, FWD_TOL)
 
 
-def test_bidirectional_backward_matches():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bidirectional_backward_matches(backend):
     model = tiny_transformer("bidirectional", seed=5)
     x = randn(1, 3, 16, 8, 8, seed=6)
     t, r = times(1, 3, 7)
@@ -62,8 +75,9 @@ def test_bidirectional_backward_matches():
         model(x, t, r, text).sample.square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    _skip_unavailable(backend)
     ref = grads()
-    with anyflow.enable(model):
+    with anyflow.enable(model, backend=backend):
         got = grads()
     for name in ref:
         assert_rel_l2(got[name], ref[name], 1e-4)
@@ -82,9 +96,10 @@ def test_bidirectional_bf16():
     assert ours >= theirs - 3, f"anyflow bf16 SQNR {ours:.1f} dB vs diffusers bf16 {theirs:.1f} dB"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clean", [True, False])
 @pytest.mark.parametrize("cp", [REAL_CP, [1, 2], [2, 2, 1]])
-def test_far_training_forward(far_model, cp, clean):
+def test_far_training_forward(far_model, cp, clean, backend):
     b, f, h, w = 2, sum(cp), 8, 8
     x = randn(b, f, 16, h, w, seed=13)
     t, r = times(b, f, 14)
@@ -97,7 +112,7 @@ def test_far_training_forward(far_model, cp, clean):
         kwargs = dict(clean_hidden_states=randn(b, f - n_ctx, 16, h, w, seed=15), clean_timestep=torch.zeros(b, f - n_ctx))
     text = randn(b, 9, 32, seed=16)
     with torch.no_grad():
-        ref, out = run_both(far_model, x, t, r, text, chunk_partition=cp, **kwargs)
+        ref, out = run_both(far_model, x, t, r, text, chunk_partition=cp, backend=backend, **kwargs)
     assert out.sample.shape == (b, f - n_ctx, 16, h, w)
     assert_rel_l2(out.sample, ref.sample, FWD_TOL)
 
@@ -127,8 +142,10 @@ def _fill_cache(model, cache, latents, cp, k, text):
     return flag
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cp,h,w", [(REAL_CP, 8, 8), ([2, 2, 1], 8, 12)])
-def test_far_cache_step_and_inference_step(far_model, cp, h, w):
+def test_far_cache_step_and_inference_step(far_model, cp, h, w, backend):
+    _skip_unavailable(backend)
     b = 2
     latents = randn(b, sum(cp), 16, h, w, seed=17)
     text = randn(b, 9, 32, seed=18)
@@ -136,7 +153,7 @@ def test_far_cache_step_and_inference_step(far_model, cp, h, w):
         for k in range(len(cp) - 1):
             results = []
             for enabled in (False, True):
-                handle = anyflow.enable(far_model) if enabled else None
+                handle = anyflow.enable(far_model, backend=backend) if enabled else None
                 cache = _empty_cache(far_model, b, cp, h, w)
                 flag = _fill_cache(far_model, cache, latents, cp, k, text)
                 cur = randn(b, cp[k + 1], 16, h, w, seed=19 + k)

@@ -517,3 +517,19 @@ def test_sequential_offload_is_refused():
     with anyflow.enable(pipe):
         with pytest.raises(ValueError, match="sequential CPU offload"):
             pipe(**_kw("bidirectional", steps=1))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["bidirectional", "far"])
+def test_kernel_backends_match_diffusers(kind, backend):
+    """The whole sampler on the Triton kernels (CPU interpreter) and the CUDA backend's C++ CPU twins."""
+    from anyflow.ops import registry
+
+    if registry.backend_reason(backend):
+        pytest.skip(f"{backend} backend unavailable: {registry.backend_reason(backend)}")
+    pipe = _pipe(kind)
+    kw = _kw(kind, steps=2, cp=[1, 2, 2, 1] if kind == "far" else None)
+    ref = _reference(pipe, **kw)
+    with anyflow.enable(pipe, backend=backend):
+        out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    _check_fp32(f"{kind} {backend}", out, ref)

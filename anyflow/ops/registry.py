@@ -129,8 +129,27 @@ def _env_backend() -> str:
     return os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
 
 
-def requested_backend(backend: Optional[str]) -> str:
-    """Apply the ``ANYFLOW_BACKEND`` override to a requested backend name (``None`` means ``"auto"``)."""
+def prefer(backend: str) -> tuple:
+    """An ordered preference: ``backend`` where it can run a call, else the PyTorch path.
+
+    :func:`anyflow.enable` passes this to every op, so ``enable(pipe, backend="triton")`` uses the
+    Triton kernels for the ops that have one (and can run the call) and PyTorch for the rest (e.g. the
+    tiny time-pair GEMMs). A plain name given to an op is strict instead.
+    """
+    backend = requested_backend(backend)
+    return backend if backend in ("auto", "torch") else (backend, "torch")
+
+
+def requested_backend(backend) -> "str | tuple":
+    """Apply the ``ANYFLOW_BACKEND`` override to a requested backend (``None`` means ``"auto"``).
+
+    Also accepts a tuple of names (an ordered preference, see :func:`prefer`), returned unchanged.
+    """
+    if isinstance(backend, tuple):
+        for name in backend:
+            if name not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+        return backend
     backend = backend or "auto"
     if backend == "auto":
         backend = _env_backend()
@@ -143,14 +162,20 @@ def dispatch(op: str, backend: Optional[str], device_type: str, *args, **kwargs)
     """Run ``op`` on the selected backend. ``device_type`` is the device of the call's tensors."""
     impls = _IMPLS.get(op, {})
     backend = requested_backend(backend)
+    if isinstance(backend, tuple):
+        return _first_runnable(op, impls, backend, args, kwargs)
     if backend != "auto":
         impl = impls.get(backend)
         reason = _impl_reason(impl, backend, args, kwargs)
         if reason is not None:
             raise BackendUnavailableError(f"anyflow.ops.{op}: backend {backend!r} cannot run this call: {reason}")
         return impl.fn(*args, **kwargs)
+    return _first_runnable(op, impls, AUTO_PRIORITY.get(device_type, ("torch",)), args, kwargs)
+
+
+def _first_runnable(op, impls, names, args, kwargs):
     reasons = []
-    for name in AUTO_PRIORITY.get(device_type, ("triton", "torch")):
+    for name in names:
         impl = impls.get(name)
         reason = _impl_reason(impl, name, args, kwargs)
         if reason is None:
