@@ -190,6 +190,7 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
     """
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline, AnyFlowTransformer3DModel
 
+    registry.warm_up()
     name = registry.prefer(backend) if backend != "auto" else "auto"
     handle = EnableHandle(backend)
     obj = pipe_or_transformer

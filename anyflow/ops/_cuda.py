@@ -38,17 +38,6 @@ MAX_ROW_BYTES = 4 * 1024 * 16
 _FAKES_REGISTERED = False
 
 
-def _assume_constant(fn):
-    """Let torch.compile evaluate ``fn`` at trace time and bake the result in (no graph break)."""
-    try:
-        import torch._dynamo
-
-        return torch._dynamo.assume_constant_result(fn)
-    except (ImportError, AttributeError):
-        return fn
-
-
-@_assume_constant
 def _ready() -> bool:
     """Load ``anyflow._C`` (through ``anyflow._ext``) and register the fake implementations, once."""
     if not _FAKES_REGISTERED:
@@ -59,6 +48,9 @@ def _ready() -> bool:
             raise registry.BackendUnavailableError(f"the cuda backend needs anyflow._C: {reason}")
         _register_fakes()
     return True
+
+
+registry.on_warm_up("cuda", _ready)  # anyflow.enable loads the library before any torch.compile trace
 
 
 def _ops():

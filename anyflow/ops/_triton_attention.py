@@ -141,11 +141,6 @@ def _define(name, body, fake):
     return torch.library.triton_op(name, body, mutates_args=())
 
 
-segmented_op = _define("anyflow::triton_segmented_attention", _segmented_body, _segmented_fake)
-chunk_causal_op = _define("anyflow::triton_chunk_causal_attention", _chunk_body, _chunk_fake)
-chunk_causal_backward_op = _define("anyflow::triton_chunk_causal_attention_backward", _chunk_bwd_body, _chunk_bwd_fake)
-
-
 def _chunk_setup_context(ctx, inputs, output):
     q, k, v, layout, scale = inputs
     out, lse = output
@@ -161,7 +156,32 @@ def _chunk_backward(ctx, dout, dlse):
     return dq, dk, dv, None, None
 
 
-chunk_causal_op.register_autograd(_chunk_backward, setup_context=_chunk_setup_context)
+_OPS: dict = {}
+
+
+def _define_ops() -> None:
+    """Define the torch.library ops once, on first use or at ``anyflow.enable`` (never inside a trace).
+
+    Deferred so that ``import anyflow.ops`` does not import Triton (``triton_op`` needs it).
+    """
+    if _OPS:
+        return
+    _OPS["segmented_op"] = _define("anyflow::triton_segmented_attention", _segmented_body, _segmented_fake)
+    _OPS["chunk_causal_op"] = _define("anyflow::triton_chunk_causal_attention", _chunk_body, _chunk_fake)
+    _OPS["chunk_causal_backward_op"] = _define(
+        "anyflow::triton_chunk_causal_attention_backward", _chunk_bwd_body, _chunk_bwd_fake
+    )
+    _OPS["chunk_causal_op"].register_autograd(_chunk_backward, setup_context=_chunk_setup_context)
+
+
+registry.on_warm_up("triton", _define_ops)
+
+
+def __getattr__(name):  # module attributes segmented_op, chunk_causal_op, chunk_causal_backward_op
+    if name in ("segmented_op", "chunk_causal_op", "chunk_causal_backward_op"):
+        _define_ops()
+        return _OPS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +215,8 @@ def _segmented_check(q, keys, values, scale, return_lse) -> Optional[str]:
 
 @registry.register("segmented_attention", "triton", check=_segmented_check)
 def _segmented_attention_triton(q, keys, values, scale, return_lse):
-    out, lse = segmented_op(q, list(keys), list(values), scale)
+    _define_ops()
+    out, lse = _OPS["segmented_op"](q, list(keys), list(values), scale)
     return (out, lse) if return_lse else out
 
 
@@ -205,5 +226,6 @@ def _chunk_check(q, k, v, layout, scale, return_lse) -> Optional[str]:
 
 @registry.register("chunk_causal_attention", "triton", check=_chunk_check)
 def _chunk_causal_attention_triton(q, k, v, layout, scale, return_lse):
-    out, lse = chunk_causal_op(q, k, v, encode_layout(layout), scale)
+    _define_ops()
+    out, lse = _OPS["chunk_causal_op"](q, k, v, encode_layout(layout), scale)
     return (out, lse) if return_lse else out

@@ -87,22 +87,30 @@ def _cuda_reason() -> Optional[str]:
 _REASONS: dict[str, Optional[str]] = {}
 
 
-def _assume_constant(fn):
-    """Let torch.compile evaluate ``fn`` once at trace time and bake the result in (no graph break)."""
-    try:
-        import torch._dynamo
-
-        return torch._dynamo.assume_constant_result(fn)
-    except (ImportError, AttributeError):
-        return fn
-
-
-@_assume_constant
 def backend_reason(backend: str) -> Optional[str]:
-    """Why ``backend`` cannot run at all in this process (``None`` when it can); cached per process."""
+    """Why ``backend`` cannot run at all in this process (``None`` when it can); cached per process.
+
+    :func:`anyflow.enable` fills the cache eagerly (:func:`warm_up`), so a traced forward only reads it.
+    """
     if backend not in _REASONS:
         _REASONS[backend] = _backend_reason(backend)
     return _REASONS[backend]
+
+
+_WARM_UPS: dict[str, list] = {}
+
+
+def on_warm_up(backend: str, fn) -> None:
+    """Run ``fn()`` in :func:`warm_up` when ``backend`` is available (e.g. load a library, register fakes)."""
+    _WARM_UPS.setdefault(backend, []).append(fn)
+
+
+def warm_up() -> None:
+    """Evaluate every backend's availability and run its warm-ups now, outside any ``torch.compile`` trace."""
+    for name in BACKENDS:
+        if backend_reason(name) is None:
+            for fn in _WARM_UPS.get(name, ()):
+                fn()
 
 
 def _backend_reason(backend: str) -> Optional[str]:
@@ -124,7 +132,6 @@ def _impl_reason(impl: Optional[Implementation], backend: str, args, kwargs) -> 
     return reason
 
 
-@_assume_constant
 def _env_backend() -> str:
     return os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
 
