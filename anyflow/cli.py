@@ -1,4 +1,4 @@
-"""Command line: ``anyflow`` / ``python -m anyflow`` with ``generate``, ``env`` and ``make-tiny``.
+"""Command line: ``anyflow`` / ``python -m anyflow`` with ``generate``, ``env``, ``make-tiny`` and ``bench``.
 
 Examples::
 
@@ -89,12 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("env", help="print the environment and backend report")
 
+    bench = sub.add_parser("bench", add_help=False,
+                           help="benchmarks (source checkout): nfe, kernels, report; `anyflow bench --help` lists them")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     tiny = sub.add_parser("make-tiny", help="write a tiny random AnyFlow checkpoint (for demos and tests)")
     tiny.add_argument("dir", help="output folder")
     tiny.add_argument("--kind", choices=("far", "bidirectional"), default="far")
     tiny.add_argument("--layout", choices=("upstream", "legacy"), default="upstream")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+    train = sub.add_parser("train", help="train / distil from a YAML config (resumes from its output folder)")
+    train.add_argument("config", help="YAML config (`preset: NAME` plus overrides) or a preset name")
+    train.add_argument("--output-dir", default=None, help="run folder (default: the config's output_dir, "
+                       "else runs/<name>)")
+    train.add_argument("--data", default="synthetic", help="'synthetic' or a .pt file with latents, text, negative")
+    train.add_argument("--steps", type=int, default=None, help="steps to run now (default: up to total_iter)")
+    train.add_argument("--no-resume", action="store_true", help="start fresh even if the folder has checkpoints")
     return parser
 
 
@@ -222,7 +234,7 @@ def _generate(args) -> int:
     except ImportError as exc:
         print(f"error: anyflow.enable is unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
-    except ValueError as exc:  # e.g. a backend that cannot run here
+    except (ValueError, RuntimeError) as exc:  # unknown backend name, or one that cannot run here
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
 
     call = dict(
@@ -287,7 +299,38 @@ def _make_tiny(args) -> int:
     return 0
 
 
-_COMMANDS = {"generate": _generate, "env": _env, "make-tiny": _make_tiny}
+def _bench(args) -> int:
+    """``anyflow bench ...`` = ``python -m benchmarks ...`` (the benchmarks live beside the package, not in it)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if not (Path(root) / "benchmarks" / "__main__.py").is_file():
+        raise UsageError("anyflow bench needs a source checkout (benchmarks/ beside the anyflow package)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.__main__ import main as bench_main
+
+    rest = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return bench_main(rest)
+
+
+def _train(args) -> int:
+    from .training.config import resolve
+    from .training.run import train_from_config
+
+    if args.steps is not None and args.steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {args.steps}")
+    try:
+        cfg = resolve(args.config)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(f"bad config {args.config}: {exc}") from None
+    if args.data != "synthetic" and not Path(args.data).is_file():
+        raise UsageError(f"--data must be 'synthetic' or an existing .pt file, got {args.data}")
+    trainer = train_from_config(cfg, output_dir=args.output_dir, data=args.data, steps=args.steps,
+                                resume=not args.no_resume)
+    print(f"step {trainer.step}: checkpoint in {trainer.output_dir}")
+    return 0
+
+
+_COMMANDS = {"generate": _generate, "env": _env, "make-tiny": _make_tiny, "bench": _bench, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         Exit status: 0 success, 1 runtime failure, 2 bad arguments or unusable inputs, 130 interrupted.
         argparse's own errors (unknown options, --image with --video) exit 2 through ``SystemExit``.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` (options too) belongs to the benchmarks' own parser
+        argv = ["bench", "--", *argv[1:]] if len(argv) > 1 else argv
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

@@ -180,6 +180,8 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
     Raises:
         TypeError: the object is not one of the four supported diffusers classes.
         ValueError: unknown backend name.
+        anyflow.ops.BackendUnavailableError: the requested backend cannot run at all here (e.g.
+            ``"cuda"`` without the compiled extension), with the reason.
 
     Example:
         >>> import anyflow, torch
@@ -192,6 +194,9 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
 
     registry.warm_up()
     name = registry.prefer(backend) if backend != "auto" else "auto"
+    wanted = registry.requested_backend(backend)
+    if wanted not in ("auto", "torch") and registry.backend_reason(wanted):
+        raise registry.BackendUnavailableError(f"backend {wanted!r} is unavailable: {registry.backend_reason(wanted)}")
     handle = EnableHandle(backend)
     obj = pipe_or_transformer
     if isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline)):

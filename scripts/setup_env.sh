@@ -10,6 +10,8 @@ VENV=.venv
 REQUIREMENTS=(
   "torch==2.13.0" "triton==3.6.0" "numpy<2.4" "diffusers==0.42.1" "transformers==5.23.0"
   accelerate safetensors imageio imageio-ffmpeg ftfy sentencepiece tqdm pytest pybind11 ninja
+  pytest-benchmark matplotlib
+  pyyaml "peft==0.21.2"
 )
 STAMP="$VENV/.anyflow-deps-stamp"
 

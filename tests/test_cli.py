@@ -143,8 +143,11 @@ def test_missing_enable_is_an_error(tiny_far, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_backend_that_cannot_run_exit_2(tiny_far, tmp_path, capsys):
-    # no op has a "cuda" implementation usable on this CPU machine: the first op call refuses
+def test_backend_that_cannot_run_exit_2(tiny_far, tmp_path, capsys, monkeypatch):
+    from anyflow.ops import registry
+
+    registry.warm_up()
+    monkeypatch.setitem(registry._REASONS, "cuda", "anyflow._C not built (pure-Python install)")
     assert main(_generate(tiny_far, tmp_path / "out.mp4", "--backend", "cuda")) == 2
     err = capsys.readouterr().err
     assert "error: --backend cuda:" in err and "Traceback" not in err

@@ -149,10 +149,10 @@ def test_grad_clipping_bounds_the_update():
 
 
 def test_trainer_errors():
-    with pytest.raises(NotImplementedError, match="on-policy"):
+    with pytest.raises(ValueError, match="real_score"):
         _trainer({"preset": "tiny", "phase": "onpolicy"})
-    with pytest.raises(NotImplementedError, match="LoRA"):
-        _trainer({"preset": "tiny", "lora": {"rank": 8}})
+    with pytest.raises(ValueError, match="LoRA targets"):
+        _trainer({"preset": "tiny", "lora": {"rank": 8, "target_modules": ["no_such_module"]}})
     cfg = from_dict({"preset": "tiny"})
     with pytest.raises(ValueError, match="model.kind"):
         Trainer(build_model(from_dict({"preset": "tiny-far"})), cfg, SyntheticClips(2, 3), _negative())

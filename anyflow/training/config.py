@@ -155,6 +155,9 @@ class DMDConfig:
         cotrain_forward: add the §6 forward loss to the generator loss.
         min_timestep, max_timestep: clamp of the DMD noise level.
         critic_optimizer: AdamW of the critic (fake score).
+        critic_trainable: critic parameter-name substrings to train without LoRA (empty: all).
+        teacher: the real score (a bidirectional flow-matching model, also the critic's init) for
+            ``anyflow train``; ``None`` when the caller passes the models to the trainer.
     """
 
     rollout_steps: tuple = (2, 4, 8, 16, 50)
@@ -169,6 +172,8 @@ class DMDConfig:
     critic_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0)
     )
+    critic_trainable: tuple = ()
+    teacher: Optional[ModelConfig] = None
 
 
 @dataclass

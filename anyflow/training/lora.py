@@ -1,0 +1,113 @@
+"""LoRA adapters through ``peft`` as in the official recipe (reference §6, §9: rank = alpha = 256 on
+attn1 q/k/v/out.0, ffn.net.0.proj, ffn.net.2 and, for flow-map students, the Linear layers of the
+time and delta embedders).
+
+``peft.inject_adapter_in_model`` wraps every target ``nn.Linear`` in a ``peft`` LoRA layer in place
+(the model keeps its class and its diffusers forward). The op layer reads some weights directly
+(``anyflow.models.fused.time_rows`` passes ``time_embedder.linear_1.weight`` etc. to the fused
+time-pair embedding) instead of calling the module; peft's ``weight`` property would hand it the base
+weight only. The wrapped layers therefore get a subclass whose ``weight`` is the *effective* weight
+``W + (alpha / r) B A`` (differentiable in A and B), while ``forward`` stays peft's
+``base(x) + scale B A x``. Both paths see the same adapted layer.
+
+:func:`merged_state_dict` exports plain weights (adapters folded in, original key names), the format
+of a diffusers transformer folder.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .config import LoRAConfig
+
+ADAPTER = "default"
+_SUBCLASSES: dict = {}
+
+
+def _effective_class(cls):
+    """A subclass of peft's LoRA layer class whose ``weight`` includes the active adapters' delta."""
+    if cls not in _SUBCLASSES:
+
+        def weight(self):
+            base = self.get_base_layer().weight
+            if self.merged or self.disable_adapters:
+                return base
+            delta = None
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    d = self.get_delta_weight(name)
+                    delta = d if delta is None else delta + d
+            return base if delta is None else base + delta.to(base.dtype)
+
+        def bias(self):
+            return self.get_base_layer().bias
+
+        _SUBCLASSES[cls] = type(f"Effective{cls.__name__}", (cls,), {"weight": property(weight), "bias": property(bias)})
+    return _SUBCLASSES[cls]
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter: str = ADAPTER) -> list:
+    """Inject LoRA adapters into ``model`` in place and select the trainable parameters.
+
+    Targets are ``cfg.target_modules`` (module-name suffixes) that exist in ``model``; every parameter is
+    frozen except ``lora_A`` / ``lora_B`` and the names containing one of ``cfg.extra_trainable``.
+
+    Returns:
+        ``[(name, parameter)]`` of the trainable parameters.
+
+    Raises:
+        ImportError: ``peft`` is not installed (``pip install anyflow[train]``).
+        ValueError: no target module exists in ``model``.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA training needs peft: pip install 'anyflow[train]'") from exc
+    from peft.tuners.lora import LoraLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _matches(n, cfg.target_modules)]
+    if not names:
+        raise ValueError(f"no Linear module of {type(model).__name__} matches the LoRA targets {list(cfg.target_modules)}")
+    lcfg = LoraConfig(r=int(cfg.rank), lora_alpha=int(cfg.alpha), target_modules=names, lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(lcfg, model, adapter_name=adapter)
+    for _, m in model.named_modules():
+        if isinstance(m, LoraLayer) and not type(m).__name__.startswith("Effective"):
+            m.__class__ = _effective_class(type(m))
+    trainable = []
+    for n, p in model.named_parameters():
+        train = ".lora_A." in n or ".lora_B." in n or any(s in n for s in cfg.extra_trainable)
+        p.requires_grad_(train)
+        if train:
+            trainable.append((n, p))
+    return trainable
+
+
+def lora_modules(model: torch.nn.Module) -> Iterable:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module, dtype=None) -> dict:
+    """Plain state dict with every adapter folded into its base weight (``W + (alpha / r) B A``), under
+    the original (pre-peft) parameter names; ``lora_A`` / ``lora_B`` are dropped. Works on an
+    unmodified model too (returns its state dict)."""
+    state = {}
+    wrapped = dict(lora_modules(model)) if any(".lora_A." in n for n, _ in model.named_parameters()) else {}
+    for n, v in model.state_dict().items():
+        if ".lora_A." in n or ".lora_B." in n or ".lora_" in n:
+            continue
+        key = n.replace(".base_layer.", ".")
+        mod = n.rsplit(".base_layer.", 1)[0] if ".base_layer." in n else None
+        if mod is not None and n.endswith(".base_layer.weight") and mod in wrapped:
+            v = wrapped[mod].weight  # effective weight: base + delta of the active adapters
+        v = v.detach().clone()
+        state[key] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return state
