@@ -9,8 +9,8 @@ One run does, on the current device:
    cuDNN backend on the same dense shape, FlexAttention with a block mask for the chunk-causal form
    (forward and forward+backward).
 
-    python benchmarks/kernels.py --out benchmarks/results/h100 --model 1.3B        # on a GPU
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke --out /tmp/k          # CPU smoke run
+    python -m benchmarks kernels --out benchmarks/results/h100 --model 1.3B        # on a GPU
+    TRITON_INTERPRET=1 python -m benchmarks kernels --smoke --out /tmp/k          # CPU smoke run
 
 Ratios are only meaningful within one run (same device, same process).
 """
@@ -18,13 +18,6 @@ Ratios are only meaningful within one run (same device, same process).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,36 +27,14 @@ from anyflow import ops
 from anyflow.ops import registry
 from anyflow.testing.tolerances import assert_kernel_close
 
+from . import common
+
 SHAPES = {  # d, heads, full tokens/frame, compressed tokens/frame, latent frames
     "1.3B": dict(d=1536, heads=12, tpf=1560, ctpf=390, frames=21, grid=(30, 52)),
     "14B": dict(d=5120, heads=40, tpf=1560, ctpf=390, frames=21, grid=(30, 52)),
     "smoke": dict(d=64, heads=2, tpf=12, ctpf=3, frames=21, grid=(3, 4)),
 }
-CP = [1, 3, 3, 3, 3, 3, 3, 2]
-
-
-def bench(fn, device) -> float:
-    """Median milliseconds of ``fn()``."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def peaks(device, smoke: bool) -> dict:
-    n = 256 if smoke else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = bench(lambda: a @ a, device)
-    buf = torch.empty(2**18 if smoke else 2**29, device=device, dtype=torch.uint8)
-    ms_copy = bench(lambda: buf.clone(), device)
-    return {"bf16_matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbs": 2 * buf.numel() / ms_copy / 1e6}
+CP = list(common.CHUNK_PARTITION)
 
 
 def _cases(s: dict, device, dtype):
@@ -151,7 +122,7 @@ def _cases(s: dict, device, dtype):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["1.3B", "14B"], default="1.3B")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter smoke run)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -162,26 +133,29 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     shape = SHAPES["smoke" if args.smoke else args.model]
-    pk = peaks(device, args.smoke)
+    pk = common.peaks(device, small=args.smoke)
     rows = []
+    # the same inputs in fp32 give the truth of the tolerance rule (conventions: kernel vs fp32 reference)
+    truth = _cases(shape, device, torch.float32) if dtype != torch.float32 else None
     for name, fn, nbytes, flops in _cases(shape, device, dtype):
+        fn32 = next(truth)[1] if truth is not None else None
         if name.startswith("baseline"):
-            ms = bench(lambda: fn(None), device)
+            ms = common.kernel_ms(lambda: fn(None), device)
             rows.append({"op": name, "backend": "-", "ms": ms, "ok": None, "note": ""})
             continue
         ref = fn("torch")
-        ref32 = None
+        ref32 = fn32("torch").float() if fn32 is not None else ref
         for backend in args.backends.split(","):
             row = {"op": name, "backend": backend, "ms": None, "ok": None, "note": ""}
             try:
                 out = fn(backend)
                 if backend != "torch":
                     try:
-                        assert_kernel_close(out.float(), ref.float() if ref32 is None else ref32, ref)
+                        assert_kernel_close(out, ref32, ref if fn32 is not None else None)
                         row["ok"] = True
                     except AssertionError as exc:
                         row["ok"], row["note"] = False, str(exc).splitlines()[0][:200]
-                row["ms"] = bench(lambda: fn(backend), device)
+                row["ms"] = common.kernel_ms(lambda: fn(backend), device)
             except registry.BackendUnavailableError as exc:
                 row["note"] = str(exc).split(": ", 2)[-1][:200]
             if row["ms"]:
@@ -191,19 +165,14 @@ def main(argv=None):
                 if flops:
                     row["TFLOP/s"] = flops / row["ms"] / 1e9
             rows.append(row)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
-        "driver": getattr(torch.version, "cuda", None),
-        "versions": {"torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version()},
-        "shape": shape, "dtype": args.dtype, "peaks": pk,
-    }
+    meta = dict(common.run_meta(device, common.command_line("python -m benchmarks kernels", argv)),
+                shape=shape, dtype=args.dtype, peaks=pk)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    common.write_json(out / "kernels.json", {"kind": "kernels", "meta": meta, "rows": rows})
     lines = [f"# anyflow kernels on {meta['device']} ({meta['date']})", "",
-             f"`{meta['command']}`; torch {torch.__version__}, triton {meta['versions']['triton']}; "
+             f"`{meta['command']}`; torch {torch.__version__}, triton {meta['versions']['triton']}, "
+             f"CUDA {meta['versions']['cuda']}, driver {meta['driver']}; "
              f"peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy", "",
              "| op | backend | ms | GB/s (of copy) | TFLOP/s | check | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -215,15 +184,3 @@ def main(argv=None):
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-
-def _version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # noqa: BLE001 - absent package
-        return None
-
-
-if __name__ == "__main__":
-    main()

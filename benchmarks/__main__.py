@@ -1,0 +1,26 @@
+"""``python -m benchmarks {nfe,kernels,report} ...`` (also ``anyflow bench ...``)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = ("nfe", "kernels", "report")
+USAGE = ("usage: python -m benchmarks {nfe,kernels,report} [options]   (--help after a command for its options)\n"
+         "  nfe      per-NFE and per-video DiT time, diffusers vs anyflow backends, in one process\n"
+         "  kernels  per-op correctness check + timing per backend at real shapes, with SDPA/cuDNN/Flex baselines\n"
+         "  report   regenerate the README performance table from benchmarks/results/")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from importlib import import_module
+
+    rc = import_module(f"benchmarks.{argv[0]}").main(argv[1:])
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""What every benchmark shares: real Wan2.1 configs, the FLOP model, timing, peaks and run metadata.
+
+FLOPs follow ``shared/docs/performance.md`` section 2 (2 FLOPs per MAC): per layer, ``N`` query and
+``M`` key tokens, ``L_t`` text tokens, width ``d``, FFN width ``f``::
+
+    N (12 d^2 + 4 d f) + 4 N M d + 4 N L_t d + 4 L_t d^2
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+#: Wan2.1 transformer sizes (Wan-Video/Wan2.1 README table); the rest of the config is diffusers' default.
+CONFIGS = {
+    "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096, freq_dim=256),
+    "14B": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256),
+}
+#: umT5 tokens of one prompt.
+TEXT_TOKENS = 512
+#: FAR chunk partition of the released 480p/81-frame configs.
+CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
+
+
+def model_flops(cfg, lq: int, lk: int, lt: int = TEXT_TOKENS, batch: int = 1) -> float:
+    """FLOPs of one transformer forward with ``lq`` query and ``lk`` self-attention key tokens."""
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    per_layer = lq * (12 * d * d + 4 * d * cfg.ffn_dim) + 4 * lq * lk * d + 4 * lq * lt * d + 4 * lt * d * d
+    return float(batch * cfg.num_layers * per_layer)
+
+
+def masked_flops(cfg, tokens: int, pairs: int, lt: int = TEXT_TOKENS, batch: int = 1) -> float:
+    """FLOPs of a masked forward over ``tokens`` tokens whose self-attention keeps ``pairs`` (q, k) pairs."""
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    per_layer = tokens * (12 * d * d + 4 * d * cfg.ffn_dim) + 4 * pairs * d + 4 * tokens * lt * d + 4 * lt * d * d
+    return float(batch * cfg.num_layers * per_layer)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, iters: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of ``fn()``, synchronised around each call (whole-forward timing)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(max(iters, 1)):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def kernel_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of a short kernel call: CUDA events via ``triton.testing.do_bench`` on a GPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    return median_ms(fn, device, iters=3)
+
+
+def peaks(device: torch.device, small: bool = False) -> dict:
+    """bf16 matmul TFLOP/s and device-to-device copy GB/s (read + write), measured now on ``device``."""
+    n = 256 if small or device.type != "cuda" else 8192
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, torch.bfloat16)  # random, never zeros (zeros run faster)
+    b = torch.randn(n, n, generator=g).to(device, torch.bfloat16)
+    ms = kernel_ms(lambda: a @ b, device)
+    buf = torch.randint(0, 255, (2**18 if small or device.type != "cuda" else 2**29,), dtype=torch.uint8).to(device)
+    ms_copy = kernel_ms(lambda: buf.clone(), device)
+    return {"bf16_matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbs": 2 * buf.numel() / ms_copy / 1e6, "matmul_n": n}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated GiB since the last :func:`reset_peak_memory` (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _version(name: str):
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - absent package
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_meta(device: torch.device, command: str) -> dict:
+    """Device, driver, versions, date and the exact command: recorded with every result file."""
+    import anyflow
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device_type": device.type,
+        "driver": _driver() if device.type == "cuda" else None,
+        "versions": {
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+            "diffusers": _version("diffusers"), "anyflow": anyflow.__version__, "python": platform.python_version(),
+        },
+    }
+
+
+def command_line(prog: str, argv) -> str:
+    return " ".join([prog] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")

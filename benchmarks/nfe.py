@@ -1,0 +1,453 @@
+"""Per-NFE and per-video DiT time: untouched diffusers vs anyflow, every backend, in one process.
+
+Builds the transformer at a real Wan2.1 config (``1.3B``, ``14B``), the tiny test config or a custom
+JSON config, with random weights created directly on the device in the benchmark dtype (weights do not
+change speed; nothing is downloaded), then times each *variant* on the same inputs:
+
+* ``diffusers``: the untouched diffusers transformer with its default attention (FAR: ``flex``);
+* ``diffusers:cudnn`` / ``diffusers:flash`` / ``diffusers:xformers``: the same after
+  ``set_attention_backend`` (``_native_cudnn``, ``flash``, ``xformers``; the latter two only when
+  importable). diffusers' FAR self-attention accepts only ``flex``, so for FAR the backend applies to the
+  dense cross-attention and the self-attention stays on flex;
+* ``anyflow:torch|triton|cuda|auto``: the same instance after ``anyflow.enable(model, backend=...)``;
+* ``anyflow:torch+cudnn``: ``anyflow:torch`` with torch SDPA pinned to cuDNN (``sdpa_kernel``, CUDA only).
+
+Workloads: ``bidirectional`` = one forward over the whole clip. ``far`` = the inference NFE of every
+chunk (query chunk over its KV cache) and every cache step (the masked forward over the prefix that
+rebuilds the cache after each chunk but the last), all at transformer level with a diffusers-format KV
+cache. Guidance on = batch 2 (conditional + unconditional in one forward).
+
+Reported per variant: median ms per NFE (FAR: mean over chunks of the per-chunk medians), NFE/s,
+achieved TFLOP/s (FLOP model of ``benchmarks.common``) and its fraction of the bf16 matmul peak
+measured in the same run, peak memory (CUDA). Per video, for 1/2/4/8/16/32 steps (per chunk for FAR):
+total DiT time with and without the FAR cache steps, **computed** as steps x measured per-NFE times
+(+ measured per-cache-step times), not timed as one loop. Note: anyflow's own FAR sampler appends to
+its cache instead of re-encoding the prefix, so its real cache steps are cheaper than the
+transformer-level cache steps timed here. With ``--pipeline tiny|DIR`` the text encoding
+(``encode_prompt``) and the VAE decode of one video are timed separately.
+
+    python -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --out /tmp/nfe
+    python -m benchmarks nfe --model 1.3B --mode bidirectional --out benchmarks/results/h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from . import common
+
+STEPS = (1, 2, 4, 8, 16, 32)
+ANYFLOW_BACKENDS = ("torch", "triton", "cuda", "auto")
+DIFFUSERS_ATTENTION = {"cudnn": "_native_cudnn", "flash": "flash", "xformers": "xformers"}
+
+
+def default_variants() -> list[str]:
+    names = ["diffusers", "diffusers:cudnn"]
+    names += [f"diffusers:{k}" for k, mod in (("flash", "flash_attn"), ("xformers", "xformers"))
+              if importlib.util.find_spec(mod) is not None]
+    return names + ["anyflow:torch", "anyflow:torch+cudnn", "anyflow:triton", "anyflow:cuda", "anyflow:auto"]
+
+
+def parse_variants(text: str) -> list[str]:
+    """``"diffusers,torch,anyflow:triton"`` -> canonical names (a bare backend means ``anyflow:<backend>``)."""
+    if text == "default":
+        return default_variants()
+    out = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        if name in ANYFLOW_BACKENDS or name == "torch+cudnn":
+            name = f"anyflow:{name}"
+        kind, _, sub = name.partition(":")
+        ok = (name == "diffusers" or (kind == "diffusers" and sub in DIFFUSERS_ATTENTION)
+              or (kind == "anyflow" and sub in ANYFLOW_BACKENDS + ("torch+cudnn",)))
+        if not ok:
+            raise ValueError(f"--backends: unknown variant {name!r}; expected diffusers, diffusers:{{cudnn,flash,xformers}}, "
+                             f"anyflow:{{torch,torch+cudnn,triton,cuda,auto}} or a bare backend name")
+        out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+
+def load_config(model: str, mode: str, chunk_partition) -> tuple[str, dict]:
+    """(label, transformer config) for ``1.3B``/``14B``/``tiny`` or a JSON file (diffusers ``config.json``)."""
+    far = {"chunk_partition": tuple(chunk_partition)} if mode == "far" else {}
+    if model in common.CONFIGS:
+        return model, dict(common.CONFIGS[model], **far)
+    if model == "tiny":
+        from anyflow.testing.tiny import TINY_FAR_EXTRA, TINY_TRANSFORMER
+
+        return "tiny", dict(TINY_TRANSFORMER, **(dict(TINY_FAR_EXTRA, **far) if mode == "far" else {}))
+    path = Path(model)
+    if not path.is_file():
+        raise ValueError(f"--model must be 1.3B, 14B, tiny or a JSON config file, got {model!r}")
+    cfg = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    if mode == "far":
+        cfg.update(far)
+    return path.stem, cfg
+
+
+def build_transformer(cfg: dict, mode: str, dtype, device):
+    """The diffusers AnyFlow transformer with random weights, created on ``device`` in ``dtype``."""
+    from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+    cls = AnyFlowFARTransformer3DModel if mode == "far" else AnyFlowTransformer3DModel
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:  # construct in the target dtype so a 14B model never exists in fp32 on the device
+        torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+        with torch.device(device):
+            model = cls(**cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads
+# ------------------------------------------------------------------------------------------------
+
+
+def far_plan(cfg, latent, chunk_partition, batch: int = 1) -> list[dict]:
+    """The forwards of one FAR video: every chunk's inference NFE and every cache step.
+
+    Each entry: ``name``, ``kind`` (``nfe`` / ``cache``), ``chunk``, ``q_tokens``, ``k_tokens`` and
+    ``flops`` (performance.md 2.2: chunk k's query over [compressed | full | current]; the cache step
+    after chunk j re-encodes the prefix, its last ``full_chunk_limit - 1`` chunks at full resolution, with
+    chunk-causal attention, counting only the kept (q, k) pairs).
+    """
+    f, h, w = latent
+    cp = list(chunk_partition)
+    if sum(cp) != f:
+        raise ValueError(f"--chunk-partition {cp} sums to {sum(cp)} latent frames, but the clip has {f}")
+    pt, cpt, lim = cfg.patch_size, cfg.compressed_patch_size, cfg.full_chunk_limit
+    tpf = (h // pt[1]) * (w // pt[2])
+    ctpf = (h // cpt[1]) * (w // cpt[2])
+    plan = []
+    for k in range(len(cp)):
+        nc = (k + 1) - min(k + 1, lim)
+        lk = sum(cp[:nc]) * ctpf + sum(cp[nc : k + 1]) * tpf
+        plan.append(dict(name=f"nfe[{k}]", kind="nfe", chunk=k, q_tokens=cp[k] * tpf, k_tokens=lk,
+                         flops=common.model_flops(cfg, cp[k] * tpf, lk, batch=batch)))
+    for j in range(len(cp) - 1):
+        nfull = min(j + 1, lim - 1)
+        sizes = [c * ctpf for c in cp[: j + 1 - nfull]] + [c * tpf for c in cp[j + 1 - nfull : j + 1]]
+        pairs = sum(s * sum(sizes[: i + 1]) for i, s in enumerate(sizes))  # chunk-causal kept (q, k) pairs
+        plan.append(dict(name=f"cache[{j}]", kind="cache", chunk=j, q_tokens=sum(sizes), k_tokens=sum(sizes),
+                         flops=common.masked_flops(cfg, sum(sizes), pairs, batch=batch)))
+    return plan
+
+
+def workloads(model, mode: str, latent, chunk_partition, batch: int, device, dtype):
+    """``[(name, kind, chunk, flops, call)]``: the forwards of one video, each callable on its own."""
+    cfg = model.config
+    f, h, w = latent
+    pt = cfg.patch_size
+    tpf = (h // pt[1]) * (w // pt[2])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randn(batch, common.TEXT_TOKENS, cfg.text_dim, generator=gen).to(device, dtype)
+
+    if mode == "bidirectional":
+        x = torch.randn(batch, f, cfg.in_channels, h, w, generator=gen).to(device, dtype)
+        t = torch.full((batch, f), 937.5, device=device)
+        r = torch.full((batch, f), 833.3, device=device)
+        return [("nfe", "nfe", None, common.model_flops(cfg, f * tpf, f * tpf, batch=batch),
+                 lambda: model(x, t, r, text))]
+
+    cp = list(chunk_partition)
+    plan = far_plan(cfg, latent, cp, batch)
+    cpt = cfg.compressed_patch_size
+    ctpf = (h // cpt[1]) * (w // cpt[2])
+    lim = cfg.full_chunk_limit
+    heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
+    latents = torch.randn(batch, f, cfg.in_channels, h, w, generator=gen).to(device, dtype)
+    cache = [  # random contents: timing must not see zeros; cache steps overwrite them anyway
+        {
+            "full_cache": torch.randn(2, batch, heads, lim * max(cp) * tpf, hd, generator=gen).to(device, dtype),
+            "compressed_cache": torch.randn(2, batch, heads, (len(cp) - lim + 1) * max(cp) * ctpf, hd,
+                                            generator=gen).to(device, dtype),
+        }
+        for _ in range(cfg.num_layers)
+    ]
+    out = []
+    for p in plan:
+        k = p["chunk"]
+        if p["kind"] == "nfe":
+            cur = latents[:, sum(cp[:k]) : sum(cp[: k + 1])]
+            t = torch.full((batch, cp[k]), 937.5, device=device)
+            r = torch.full((batch, cp[k]), 833.3, device=device)
+            call = _far_call(model, cur, t, r, text, cp[: k + 1], cache, k, False)
+        else:
+            n = sum(cp[: k + 1])
+            z = torch.zeros(batch, n, device=device)
+            call = _far_call(model, latents[:, :n], z, z, text, cp[: k + 1], cache, k, True)
+        out.append((p["name"], p["kind"], k, p["flops"], call))
+    return out
+
+
+def _far_call(model, x, t, r, text, cp, cache, k, is_cache_step):
+    def call():
+        return model(x, t, r, text, chunk_partition=cp, kv_cache=cache,
+                     kv_cache_flag={"num_cached_chunks": k, "is_cache_step": is_cache_step})
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------------
+# variants
+# ------------------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """A variant that cannot run here; the message is recorded as the reason."""
+
+
+@contextlib.contextmanager
+def applied(model, variant: str, device):
+    """Apply ``variant`` to ``model`` for the duration of the block, then restore it."""
+    kind, _, sub = variant.partition(":")
+    if kind == "diffusers":
+        if not sub:
+            yield
+            return
+        if sub == "cudnn" and device.type != "cuda":
+            raise Skip("cuDNN attention needs CUDA")
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        # set_attention_backend also changes a global default and reset_attention_backend sets every
+        # processor to None (FAR's causal processor needs "flex"): save and restore both exactly
+        procs = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+        saved = [p._attention_backend for p in procs]
+        active = _AttentionBackendRegistry._active_backend
+        try:
+            try:
+                model.set_attention_backend(DIFFUSERS_ATTENTION[sub])
+            except Exception as exc:  # noqa: BLE001 - diffusers raises several types for missing backends
+                raise Skip(f"set_attention_backend({DIFFUSERS_ATTENTION[sub]!r}): {type(exc).__name__}: {exc}") from exc
+            for p, b in zip(procs, saved):
+                if hasattr(p, "_SUPPORTED_BACKENDS"):  # FAR self-attention accepts flex only: keep it, switch the rest
+                    p._attention_backend = b
+            yield
+        finally:
+            for p, b in zip(procs, saved):
+                p._attention_backend = b
+            _AttentionBackendRegistry._active_backend = active
+        return
+    import anyflow
+    from anyflow.ops import registry
+
+    backend, _, pin = sub.partition("+")
+    if backend not in ("auto", "torch"):
+        reason = registry.backend_reason(backend)
+        if reason:
+            raise Skip(reason)
+    if pin and device.type != "cuda":
+        raise Skip("cuDNN SDPA needs CUDA")
+    handle = anyflow.enable(model, backend=backend)
+    try:
+        if pin:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                yield
+        else:
+            yield
+    finally:
+        handle.disable()
+
+
+def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: float) -> dict:
+    row = {"variant": variant, "status": "ok", "reason": None, "workloads": []}
+    common.reset_peak_memory(device)
+    try:
+        with applied(model, variant, device):
+            for name, kind, chunk, flops, call in loads:
+                ms = common.median_ms(call, device, iters=iters)
+                row["workloads"].append({
+                    "name": name, "kind": kind, "chunk": chunk, "ms": ms, "tflop": flops / 1e12,
+                    "tflops": flops / ms / 1e9, "of_peak": flops / ms / 1e9 / peak_tflops,
+                })
+    except Skip as exc:
+        row.update(status="skipped", reason=str(exc)[:300], workloads=[])
+        return row
+    except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
+        row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                   workloads=[])
+        return row
+    row["peak_mem_gib"] = common.peak_memory_gib(device)
+    nfes = [w for w in row["workloads"] if w["kind"] == "nfe"]
+    caches = [w for w in row["workloads"] if w["kind"] == "cache"]
+    ms = sum(w["ms"] for w in nfes) / len(nfes)
+    flops = sum(w["tflop"] for w in nfes) / len(nfes) * 1e12
+    row["per_nfe"] = {"median_ms": ms, "nfe_per_s": 1e3 / ms, "tflops": flops / ms / 1e9,
+                      "of_peak": flops / ms / 1e9 / peak_tflops}
+    nfe_sum_s = sum(w["ms"] for w in nfes) / 1e3  # one NFE of every chunk (bidirectional: the NFE)
+    cache_s = sum(w["ms"] for w in caches) / 1e3
+    row["video"] = {str(s): {"nfe": s * len(nfes), "cache_steps": len(caches), "dit_s_no_cache": s * nfe_sum_s,
+                             "dit_s_with_cache": s * nfe_sum_s + cache_s} for s in STEPS}
+    return row
+
+
+def ratios(rows: list[dict], baselines=("diffusers", "diffusers:cudnn")) -> dict:
+    """Speed-ups of every variant over each baseline run in the same process: per NFE and per 4-step video."""
+    ok = {r["variant"]: r for r in rows if r["status"] == "ok"}
+    out = {}
+    for base in baselines:
+        if base not in ok:
+            continue
+        b = ok[base]
+        for name, r in ok.items():
+            if name == base:
+                continue
+            out[f"{name} vs {base}"] = {
+                "per_nfe": b["per_nfe"]["median_ms"] / r["per_nfe"]["median_ms"],
+                "video_4_steps_with_cache": b["video"]["4"]["dit_s_with_cache"] / r["video"]["4"]["dit_s_with_cache"],
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline parts: text encoding and VAE decode
+# ------------------------------------------------------------------------------------------------
+
+
+def time_pipeline_parts(spec: str, mode: str, dtype, device, frames: int, height: int, width: int,
+                        guidance: bool, iters: int) -> dict:
+    if spec == "tiny":
+        from anyflow.testing.tiny import tiny_pipeline
+
+        pipe = tiny_pipeline("far" if mode == "far" else "bidirectional", dtype=dtype).to(device)
+    else:
+        from anyflow.models.loading import load_pipeline
+
+        pipe = load_pipeline(spec, dtype=dtype, device=device)
+    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    z = torch.randn(1, pipe.vae.config.z_dim, (frames - 1) // st + 1, height // ss, width // ss,
+                    generator=torch.Generator().manual_seed(0)).to(device, pipe.vae.dtype)
+    prompt = "a red panda eating bamboo in a misty forest"
+    with torch.no_grad():
+        text_ms = common.median_ms(lambda: pipe.encode_prompt(prompt, do_classifier_free_guidance=guidance,
+                                                              device=device), device, iters=iters)
+        vae_ms = common.median_ms(lambda: pipe.vae.decode(z, return_dict=False), device, iters=max(1, iters // 2))
+    return {"pipeline": spec, "text_encode_ms": text_ms, "vae_decode_ms": vae_ms, "vae_latent": list(z.shape)}
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="1.3B", help="1.3B, 14B, tiny, or a JSON transformer config (default 1.3B)")
+    ap.add_argument("--mode", choices=["bidirectional", "far"], default="bidirectional")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, default=81, help="pixel frames, 4k+1 (latent = (frames - 1) / 4 + 1)")
+    ap.add_argument("--chunk-partition", default=None, help="FAR latent frames per chunk (default 1,3,3,3,3,3,3,2)")
+    ap.add_argument("--guidance", action="store_true", help="CFG on: conditional + unconditional in one batch-2 forward")
+    ap.add_argument("--backends", default="default",
+                    help="comma list of variants (diffusers, diffusers:cudnn|flash|xformers, anyflow:torch|torch+cudnn|"
+                    "triton|cuda|auto; a bare backend name means anyflow:<name>); 'default' = all that may apply")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--iters", type=int, default=5, help="timed repetitions per forward (median)")
+    ap.add_argument("--pipeline", default=None, help="'tiny' or a pipeline folder: also time text encoding + VAE decode")
+    ap.add_argument("--out", default=None, help="folder for nfe_<model>_<mode>[_cfg].json and .md (default: print only)")
+
+
+@torch.no_grad()
+def run(args, command: str) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames must be 4k+1, got {args.frames}")
+    if args.height % 16 or args.width % 16:
+        raise ValueError(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
+    f = (args.frames - 1) // 4 + 1
+    cp = [int(c) for c in args.chunk_partition.split(",")] if args.chunk_partition else list(common.CHUNK_PARTITION)
+    label, cfg = load_config(args.model, args.mode, cp)
+    variants = parse_variants(args.backends)
+    meta = common.run_meta(device, command)
+    pk = common.peaks(device)
+    model = build_transformer(cfg, args.mode, dtype, device)
+    batch = 2 if args.guidance else 1
+    loads = workloads(model, args.mode, (f, args.height // 8, args.width // 8), cp, batch, device, dtype)
+    rows = [time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]) for v in variants]
+    record = {
+        "kind": "nfe", "meta": meta, "peaks": pk,
+        "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                   "guidance": args.guidance, "height": args.height, "width": args.width, "frames": args.frames,
+                   "latent": [f, args.height // 8, args.width // 8],
+                   "chunk_partition": cp if args.mode == "far" else None,
+                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9},
+        "notes": "per-video DiT times are computed from measured per-NFE and per-cache-step times; "
+                 "FAR per-NFE = mean over chunks of per-chunk medians; cache steps are transformer-level "
+                 "re-encodes of the prefix (anyflow's sampler appends instead, so its cache steps are cheaper)",
+        "variants": rows, "ratios": ratios(rows),
+    }
+    del model, loads
+    if args.pipeline:
+        try:
+            record["pipeline"] = time_pipeline_parts(args.pipeline, args.mode, dtype, device, args.frames,
+                                                     args.height, args.width, args.guidance, args.iters)
+        except Exception as exc:  # noqa: BLE001 - recorded, the DiT numbers still stand
+            record["pipeline"] = {"pipeline": args.pipeline, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    md = markdown(record)
+    print(md)
+    if args.out:
+        name = f"nfe_{label}_{args.mode}{'_cfg' if args.guidance else ''}"
+        common.write_json(Path(args.out) / f"{name}.json", record)
+        (Path(args.out) / f"{name}.md").write_text(md)
+    return record
+
+
+def markdown(rec: dict) -> str:
+    c, m, pk = rec["config"], rec["meta"], rec["peaks"]
+    lines = [
+        f"# {c['model']} {c['mode']} {c['dtype']} {c['width']}x{c['height']}x{c['frames']}"
+        f"{' CFG' if c['guidance'] else ''} on {m['device']} ({m['date']})", "",
+        f"`{m['command']}`; torch {m['versions']['torch']}, triton {m['versions']['triton']}, CUDA {m['versions']['cuda']}, "
+        f"driver {m['driver']}; peak {pk['bf16_matmul_tflops']:.1f} TFLOP/s bf16 matmul (measured). {rec['notes']}.", "",
+        "| variant | ms/NFE | NFE/s | TFLOP/s | of peak | peak GiB | DiT s, 4 steps (+cache) | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rec["variants"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['variant']} | | | | | | | {r['status']}: {r['reason']} |")
+            continue
+        p, v = r["per_nfe"], r["video"]["4"]
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        lines.append(f"| {r['variant']} | {p['median_ms']:.2f} | {p['nfe_per_s']:.2f} | {p['tflops']:.3g} | "
+                     f"{100 * p['of_peak']:.1f}% | {mem} | {v['dit_s_no_cache']:.3g} ({v['dit_s_with_cache']:.3g}) | ok |")
+    if rec["ratios"]:
+        lines += ["", "| pair | per NFE | 4-step video incl. cache |", "|---|---|---|"]
+        lines += [f"| {k} | {v['per_nfe']:.2f}x | {v['video_4_steps_with_cache']:.2f}x |" for k, v in rec["ratios"].items()]
+    ok = [r for r in rec["variants"] if r["status"] == "ok"]
+    if ok:
+        lines += ["", "DiT seconds per video (without / with cache steps, computed):", "",
+                  "| variant | " + " | ".join(f"{s} steps" for s in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
+        for r in ok:
+            cells = [f"{r['video'][str(s)]['dit_s_no_cache']:.3g} / {r['video'][str(s)]['dit_s_with_cache']:.3g}" for s in STEPS]
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    p = rec.get("pipeline")
+    if p:
+        lines += ["", f"Pipeline `{p['pipeline']}`: " + (f"error {p['error']}" if "error" in p else
+                  f"text encoding {p['text_encode_ms']:.1f} ms, VAE decode {p['vae_decode_ms']:.1f} ms (latent {p['vae_latent']})")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks nfe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    return run(args, common.command_line("python -m benchmarks nfe", argv))
+

@@ -1,0 +1,147 @@
+"""Smoke test of benchmarks/: every path runs once at tiny sizes on CPU and writes finite, complete JSON.
+
+Times are not asserted (conventions: no test asserts a time); the GPU figures come from
+benchmarks/gpu_harness.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import kernels, nfe, report  # noqa: E402
+from benchmarks.__main__ import main as bench_main  # noqa: E402
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.parametrize("mode,extra", [("bidirectional", ["--guidance"]), ("far", ["--chunk-partition", "1,2"])])
+def test_nfe_tiny(tmp_path, mode, extra):
+    rec = nfe.main(["--model", "tiny", "--mode", mode, "--height", "32", "--width", "32", "--frames", "9",
+                    "--iters", "1", "--backends", "diffusers,diffusers:cudnn,torch,anyflow:cuda,auto",
+                    "--out", str(tmp_path)] + extra)
+    path = next(tmp_path.glob("nfe_tiny_*.json"))
+    assert json.loads(path.read_text())["config"] == rec["config"]
+    assert (path.with_suffix(".md")).is_file()
+    for key in ("date", "command", "device", "driver", "versions"):
+        assert key in rec["meta"]
+    assert _finite(rec["peaks"]["bf16_matmul_tflops"])
+    rows = {r["variant"]: r for r in rec["variants"]}
+    assert rows["diffusers:cudnn"]["status"] == "skipped" and rows["diffusers:cudnn"]["reason"]
+    ok = [r for r in rec["variants"] if r["status"] == "ok"]
+    assert {"diffusers", "anyflow:torch", "anyflow:auto"} <= {r["variant"] for r in ok}
+    n_cache = 1 if mode == "far" else 0
+    for r in ok:
+        assert all(_finite(r["per_nfe"][k]) and r["per_nfe"][k] > 0 for k in ("median_ms", "nfe_per_s", "tflops", "of_peak"))
+        assert sorted(int(s) for s in r["video"]) == [1, 2, 4, 8, 16, 32]
+        v = r["video"]["4"]
+        assert v["cache_steps"] == n_cache and v["dit_s_with_cache"] >= v["dit_s_no_cache"] > 0
+        assert all(_finite(w["ms"]) and w["tflop"] > 0 for w in r["workloads"])
+    assert _finite(rec["ratios"]["anyflow:torch vs diffusers"]["per_nfe"])
+
+
+def test_nfe_custom_config_and_pipeline(tmp_path):
+    from anyflow.testing.tiny import TINY_TRANSFORMER
+
+    cfg = tmp_path / "mini.json"
+    cfg.write_text(json.dumps(dict(TINY_TRANSFORMER, num_layers=1, _class_name="AnyFlowTransformer3DModel")))
+    rec = nfe.main(["--model", str(cfg), "--height", "32", "--width", "32", "--frames", "5", "--iters", "1",
+                    "--backends", "diffusers,torch", "--pipeline", "tiny"])
+    assert rec["config"]["model"] == "mini"
+    p = rec["pipeline"]
+    assert "error" not in p, p
+    assert _finite(p["text_encode_ms"]) and _finite(p["vae_decode_ms"])
+
+
+def test_nfe_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="--backends"):
+        nfe.parse_variants("diffusers,fast")
+    with pytest.raises(ValueError, match="--model"):
+        nfe.load_config("7B", "bidirectional", [1])
+
+
+def test_kernels_smoke_and_report(tmp_path):
+    kernels.main(["--smoke", "--backends", "torch,cuda", "--out", str(tmp_path / "k")])
+    rec = json.loads((tmp_path / "k" / "kernels.json").read_text())
+    assert rec["kind"] == "kernels" and "command" in rec["meta"]
+    assert all(r["ok"] is not False for r in rec["rows"]), [r for r in rec["rows"] if r["ok"] is False]
+    assert all(_finite(r["ms"]) for r in rec["rows"] if r["ms"] is not None)
+    nfe.main(["--model", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--iters", "1",
+              "--backends", "diffusers,torch", "--out", str(tmp_path / "n")])
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n{report.MARKER}\nold\n{report.MARKER}\n\n## After\n")
+    assert bench_main(["report", "--results", str(tmp_path), "--readme", str(readme),
+                       "--markdown", str(tmp_path / "summary.md"), "--plot", str(tmp_path / "nfe.png")]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "No GPU results" in text and text.endswith("## After\n")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "anyflow:torch" in summary and "adaln_modulate" in summary
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "nfe.png").stat().st_size > 0
+
+
+def test_report_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 1
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_pytest_benchmark_suite_cpu_cases():
+    pytest.importorskip("pytest_benchmark")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           str(ROOT / "benchmarks" / "test_bench.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+
+
+@pytest.mark.parametrize("size,bidir,far_s1,far_s4", [("1.3B", 283.0, 442, 944), ("14B", 1678, 3279, 6806)])
+def test_flop_model_matches_performance_doc(size, bidir, far_s1, far_s4):
+    """performance.md 2.1/2.2 at 480x832x81: bidirectional NFE TFLOP and FAR totals (NFEs + 7 cache steps)."""
+    from types import SimpleNamespace
+
+    from benchmarks import common
+
+    cfg = SimpleNamespace(**common.CONFIGS[size], patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4),
+                          full_chunk_limit=3)
+    assert common.model_flops(cfg, 32760, 32760) / 1e12 == pytest.approx(bidir, rel=2e-3)
+    plan = nfe.far_plan(cfg, (21, 60, 104), common.CHUNK_PARTITION)
+    assert [p["k_tokens"] for p in plan if p["kind"] == "nfe"] == [1560, 6240, 10920, 14430, 15600, 16770, 17940, 17550]
+    assert [p["q_tokens"] for p in plan if p["kind"] == "cache"] == [1560, 6240, 9750, 10920, 12090, 13260, 14430]
+    n = sum(p["flops"] for p in plan if p["kind"] == "nfe") / 1e12
+    c = sum(p["flops"] for p in plan if p["kind"] == "cache") / 1e12
+    assert n + c == pytest.approx(far_s1, rel=2e-3)
+    assert 4 * n + c == pytest.approx(far_s4, rel=2e-3)
+
+
+def test_diffusers_attention_variant_restores_state(monkeypatch):
+    """A diffusers attention-backend variant (here the always-available ``_native_math`` standing in for
+    cuDNN) keeps FAR's flex self-attention, runs, and leaves processors and diffusers' global default as found."""
+    import torch
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from anyflow.testing.tiny import tiny_transformer
+
+    monkeypatch.setitem(nfe.DIFFUSERS_ATTENTION, "flash", "_native_math")
+    model = tiny_transformer("far", chunk_partition=(1, 2)).eval()
+    loads = nfe.workloads(model, "far", (3, 4, 4), [1, 2], 1, torch.device("cpu"), torch.float32)
+    procs = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    before = [p._attention_backend for p in procs]
+    active = _AttentionBackendRegistry._active_backend
+    with torch.no_grad():
+        row = nfe.time_variant(model, "diffusers:flash", loads, torch.device("cpu"), 1, 1.0)
+    assert row["status"] == "ok", row["reason"]
+    assert [p._attention_backend for p in procs] == before
+    assert _AttentionBackendRegistry._active_backend == active
