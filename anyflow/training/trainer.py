@@ -160,20 +160,10 @@ class Trainer:
         elif getattr(model, "gradient_checkpointing", False):
             model.disable_gradient_checkpointing()
         patterns = tuple(cfg.trainable)
-        if cfg.lora is not None:  # adapters + lora.extra_trainable + trainable
-            from .lora import apply_lora
-
-            lcfg = dataclasses.replace(cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns)
-            self.named_params = apply_lora(model, lcfg)
-        else:
-            self.named_params = []
-            for name, p in model.named_parameters():
-                train = not patterns or any(s in name for s in patterns)
-                p.requires_grad_(train)
-                if train:
-                    self.named_params.append((name, p))
-        if not self.named_params:
-            raise ValueError(f"trainable={list(patterns)} matches no parameter of the model")
+        lora = None if cfg.lora is None else dataclasses.replace(
+            cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns
+        )
+        self.named_params = _select_trainable(model, lora, patterns, "trainable", "the model")
         params = [p for _, p in self.named_params]
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
@@ -207,19 +197,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             critic.enable_gradient_checkpointing()
         patterns = tuple(self.dmd.critic_trainable)
-        if cfg.lora is not None:  # the critic trains LoRA adapters too (reference §7)
-            from .lora import apply_lora
-
-            self.critic_params = apply_lora(critic, dataclasses.replace(cfg.lora, extra_trainable=patterns))
-        else:
-            self.critic_params = []
-            for name, p in critic.named_parameters():
-                train = not patterns or any(s in name for s in patterns)
-                p.requires_grad_(train)
-                if train:
-                    self.critic_params.append((name, p))
-        if not self.critic_params:
-            raise ValueError(f"critic_trainable={list(patterns)} matches no parameter of the critic")
+        # the critic trains LoRA adapters too (reference §7)
+        lora = None if cfg.lora is None else dataclasses.replace(cfg.lora, extra_trainable=patterns)
+        self.critic_params = _select_trainable(critic, lora, patterns, "critic_trainable", "the critic")
         o = self.dmd.critic_optimizer
         self.critic_optimizer = torch.optim.AdamW([p for _, p in self.critic_params], lr=o.lr, betas=tuple(o.betas),
                                                   weight_decay=o.weight_decay, eps=o.eps)
@@ -520,3 +500,26 @@ class Trainer:
                 return None
         self.load_state_dict(ckpt.load(path))
         return Path(path)
+
+
+def _select_trainable(model, lora_cfg, patterns, arg: str, what: str) -> list:
+    """``(name, param)`` pairs to train: LoRA adapters (+ extra patterns) when ``lora_cfg`` is given, else
+    the parameters whose name contains one of ``patterns`` (all when empty); the rest is frozen.
+
+    Raises:
+        ValueError: nothing matches.
+    """
+    if lora_cfg is not None:
+        from .lora import apply_lora
+
+        named = apply_lora(model, lora_cfg)
+    else:
+        named = []
+        for name, p in model.named_parameters():
+            train = not patterns or any(s in name for s in patterns)
+            p.requires_grad_(train)
+            if train:
+                named.append((name, p))
+    if not named:
+        raise ValueError(f"{arg}={list(patterns)} matches no parameter of {what}")
+    return named
