@@ -2,8 +2,9 @@
 
 The instance keeps its parameters, state dict, config and every class attribute diffusers relies on
 (``_no_split_modules``, ``_keep_in_fp32_modules``, ``_repeated_blocks``, ...): its class is swapped for a
-subclass *of the same name and module* that overrides only ``forward`` (transformers) or ``__call__``
-plus a new ``stream`` (pipelines). ``handle.disable()`` swaps the original class back.
+subclass *of the same name and module* that overrides only ``forward`` (transformers and their blocks,
+so that FSDP2's per-block hooks run) or ``__call__`` plus a new ``stream`` (pipelines).
+``handle.disable()`` swaps the original classes back.
 
 FAR semantics: the mask-free KV-cache inference step attends to the real cached keys only, as the
 official NVlabs/AnyFlow code does. diffusers 0.42.1 pads q/k/v with zeros to a multiple of 128 in that
@@ -52,6 +53,21 @@ def _subclass(cls: type, namespace: dict) -> type:
         sub._anyflow_original_class = cls
         _SUBCLASSES[cls] = sub
     return sub
+
+
+def _block_forward(self, *args):
+    """``forward(layer, x, text, m_rows, segments, self_attention, backend)`` of an enabled block."""
+    return fused.sharded_block_forward(self, *args)
+
+
+_BLOCK = {"forward": _block_forward, "_anyflow_block": True}
+
+
+def _swap_model(model, namespace: dict, backend: str, handle: EnableHandle) -> None:
+    """Swap a transformer and its blocks (a block called as a module, as FSDP2 needs, runs anyflow's forward)."""
+    _swap(model, namespace, backend, handle)
+    for block in model.blocks:
+        _swap(block, _BLOCK, backend, handle)
 
 
 def _swap(obj, namespace: dict, backend: str, handle: EnableHandle) -> None:
@@ -202,15 +218,15 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
     if isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline)):
         from .samplers import pipelines
     if isinstance(obj, AnyFlowFARPipeline):
-        _swap(obj.transformer, {"forward": _lora_scaled(_far_forward)}, name, handle)
+        _swap_model(obj.transformer, {"forward": _lora_scaled(_far_forward)}, name, handle)
         _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream}, name, handle)
     elif isinstance(obj, AnyFlowPipeline):
-        _swap(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
+        _swap_model(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
         _swap(obj, {"__call__": pipelines.bidirectional_call}, name, handle)
     elif isinstance(obj, AnyFlowFARTransformer3DModel):
-        _swap(obj, {"forward": _lora_scaled(_far_forward)}, name, handle)
+        _swap_model(obj, {"forward": _lora_scaled(_far_forward)}, name, handle)
     elif isinstance(obj, AnyFlowTransformer3DModel):
-        _swap(obj, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
+        _swap_model(obj, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
     else:
         raise TypeError(
             "anyflow.enable expects a diffusers AnyFlowPipeline, AnyFlowFARPipeline, AnyFlowTransformer3DModel or "

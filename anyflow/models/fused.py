@@ -25,6 +25,11 @@ import torch.nn.functional as F
 
 from .. import ops
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed
+    FSDPModule = None
+
 #: ``fn(layer, attn_module, q_proj [B, L, H*Dh], k_proj [B, L, H*Dh], v [B, L, H, Dh]) -> [B, L, H*Dh]``
 SelfAttention = Callable[..., torch.Tensor]
 
@@ -184,13 +189,41 @@ def block_forward(block, layer: int, x, h, text: TextContext, mod, next_mod, seg
     return ops.residual_norm(x, y, gate_f, segments, eps, shift=shift, scale=scale, backend=backend)
 
 
+def sharded_block_forward(block, layer: int, x, text: TextContext, m_rows, segments, self_attention, backend=None):
+    """One block that reads only its own parameters: the ``forward`` of an enabled block (FSDP2).
+
+    Under ``fully_shard`` a block's parameters are gathered only inside its own ``__call__``, so the
+    norm1 modulation that :func:`block_forward` receives fused into the previous block's residual is
+    done here instead (one extra elementwise pass per block). Returns ``x`` after the block.
+    """
+    mod = block.scale_shift_table + m_rows.float()
+    h = ops.adaln_modulate(x, mod[:, :, 0], mod[:, :, 1], segments, block.norm1.eps, backend=backend)
+    return block_forward(block, layer, x, h, text, mod, None, segments, self_attention, backend)[0]
+
+
+def _is_sharded(block) -> bool:
+    return FSDPModule is not None and isinstance(block, FSDPModule)
+
+
 def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: SelfAttention, backend=None):
     """All blocks with per-frame modulation ``m_rows`` ``[B, R, 6, d]``; checkpointed per block when the
-    model has gradient checkpointing on and grad is enabled."""
+    model has gradient checkpointing on and grad is enabled.
+
+    Blocks sharded with FSDP2 (:func:`anyflow.training.distributed.shard_model`) are called as modules,
+    ``block(...)``, so FSDP's hooks gather their parameters and reduce their gradients; this needs the
+    block class swapped by :func:`anyflow.enable`. Otherwise the blocks' submodules are used directly.
+    """
     blocks = list(model.blocks)
+    ckpt = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
+    if _is_sharded(blocks[0]):
+        if not getattr(blocks[0], "_anyflow_block", False):
+            raise TypeError("FSDP-sharded blocks need anyflow.enable(model) (their forward must be anyflow's)")
+        for i, block in enumerate(blocks):
+            args = (i, x, text, m_rows, segments, self_attention, backend)
+            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        return x
     mods = [block.scale_shift_table + m_rows.float() for block in blocks]
     h = ops.adaln_modulate(x, mods[0][:, :, 0], mods[0][:, :, 1], segments, blocks[0].norm1.eps, backend=backend)
-    ckpt = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
     for i, block in enumerate(blocks):
         nxt = None
         if i + 1 < len(blocks):

@@ -395,6 +395,9 @@ def finite_difference_derivative(forward, z, v, t, r, text, epsilon: float = 5.0
 def _as_context(forward, text):
     if isinstance(text, fused.TextContext):
         return text
+    prepare = getattr(forward, "prepare_text", None)  # e.g. a sharded model (anyflow.training.distributed)
+    if prepare is not None:
+        return prepare(text)
     return fused.prepare_text(forward.model, text)
 
 
