@@ -439,24 +439,12 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        own = dict(self.named_params)
-        missing = set(own) - set(state["model"])
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable parameters {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state["model"][n])
+        _restore_params(self.named_params, state["model"], "trainable parameters")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
             if "critic" not in state:
                 raise KeyError("checkpoint has no critic state (not an on-policy run)")
-            crit = dict(self.critic_params)
-            missing = set(crit) - set(state["critic"])
-            if missing:
-                raise KeyError(f"checkpoint lacks critic parameters {sorted(missing)[:5]}")
-            with torch.no_grad():
-                for n, p in crit.items():
-                    p.copy_(state["critic"][n])
+            _restore_params(self.critic_params, state["critic"], "critic parameters")
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
             self.critic_lr_scheduler.load_state_dict(state["critic_lr_scheduler"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -523,3 +511,17 @@ def _select_trainable(model, lora_cfg, patterns, arg: str, what: str) -> list:
     if not named:
         raise ValueError(f"{arg}={list(patterns)} matches no parameter of {what}")
     return named
+
+
+def _restore_params(named, saved: dict, what: str) -> None:
+    """Copy ``saved[name]`` into every ``(name, param)`` of ``named``.
+
+    Raises:
+        KeyError: the checkpoint lacks some of them.
+    """
+    missing = sorted({n for n, _ in named} - set(saved))
+    if missing:
+        raise KeyError(f"checkpoint lacks {what} {missing[:5]}")
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(saved[n])
