@@ -25,6 +25,15 @@ ANYFLOW_HOST_DEVICE int64_t frame_slot(int64_t i, int64_t outer, int64_t frames,
 
 ANYFLOW_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Launch geometry of the one-block-per-row kernels: a row of `chunks` vectors, at most `per_thread` per
+// thread and `max_threads` threads, over `rows` rows. Returns false when a row or the grid is too large.
+inline bool row_launch(int64_t chunks, int per_thread, int max_threads, int64_t rows, int* threads) {
+  if (chunks > static_cast<int64_t>(per_thread) * max_threads || rows > 0x7fffffffLL) return false;
+  const int t = static_cast<int>(ceil_div(ceil_div(chunks, per_thread), 32) * 32);
+  *threads = t < 32 ? 32 : t;
+  return true;
+}
+
 #ifdef __CUDACC__
 // Explicit conversions: torch's nvcc flags (-D__CUDA_NO_BFLOAT16_CONVERSIONS__, -D__CUDA_NO_HALF_OPERATORS__
 // ...) disable the implicit bf16/half <-> float operators, and the standalone build must agree.

@@ -115,11 +115,9 @@ int launch(const anyflow_residual_norm_args& a, cudaStream_t stream) {
   }
   vec = vec && (a.x_out == nullptr || anyflow_aligned(a.x_out, 16)) && (a.h_out == nullptr || anyflow_aligned(a.h_out, 16));
   const int64_t chunks = vec ? a.dim / kVec : a.dim;
-  if (chunks > static_cast<int64_t>(kChunks) * kMaxThreads) return ANYFLOW_ERROR_UNSUPPORTED;
-  int threads = static_cast<int>(ceil_div(ceil_div(chunks, kChunks), 32) * 32);
-  threads = threads < 32 ? 32 : threads;
   const int64_t rows = a.batch * a.tokens;
-  if (rows > 0x7fffffffLL) return ANYFLOW_ERROR_UNSUPPORTED;
+  int threads = 0;
+  if (!row_launch(chunks, kChunks, kMaxThreads, rows, &threads)) return ANYFLOW_ERROR_UNSUPPORTED;
   if (vec) {
     residual_norm_kernel<T, kVec, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   } else {

@@ -110,11 +110,9 @@ int launch_qk(const anyflow_rope_args& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned_rows<T>(a, kVec);
   const int64_t chunks = a.heads * a.head_dim / (vec ? kVec : 2);
-  if (chunks > static_cast<int64_t>(kChunks) * kMaxThreads) return ANYFLOW_ERROR_UNSUPPORTED;
-  int threads = static_cast<int>(ceil_div(ceil_div(chunks, kChunks), 32) * 32);
-  threads = threads < 32 ? 32 : threads;
   const int64_t rows = a.batch * a.tokens;
-  if (rows > 0x7fffffffLL) return ANYFLOW_ERROR_UNSUPPORTED;
+  int threads = 0;
+  if (!row_launch(chunks, kChunks, kMaxThreads, rows, &threads)) return ANYFLOW_ERROR_UNSUPPORTED;
   if (vec) {
     qk_norm_rope_kernel<T, kVec, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   } else {
