@@ -6,7 +6,7 @@ import torch
 
 from anyflow.cli import main
 from anyflow.training import checkpoint as ckpt
-from anyflow.training.run import TensorClips
+from anyflow.training.data import TensorClips
 
 
 def _write(path, text):

@@ -12,7 +12,8 @@ from anyflow.models import fused  # noqa: E402
 from anyflow.testing.tiny import tiny_transformer  # noqa: E402
 from anyflow.training.config import STUDENT_LORA_TARGETS, TEACHER_LORA_TARGETS, LoRAConfig, from_dict  # noqa: E402
 from anyflow.training.lora import apply_lora, merged_state_dict  # noqa: E402
-from anyflow.training.trainer import SyntheticClips, Trainer, build_model  # noqa: E402
+from anyflow.training.data import SyntheticClips  # noqa: E402
+from anyflow.training.trainer import Trainer, build_model  # noqa: E402
 
 
 def _randomise(params, seed=0):

@@ -14,7 +14,8 @@ from anyflow.testing.tiny import tiny_transformer
 from anyflow.training import flowmap as fm
 from anyflow.training import onpolicy as op
 from anyflow.training.config import from_dict
-from anyflow.training.trainer import SyntheticClips, Trainer, build_model
+from anyflow.training.data import SyntheticClips
+from anyflow.training.trainer import Trainer, build_model
 
 SHAPE = (2, 3, 16, 8, 8)
 

@@ -10,7 +10,8 @@ import torch
 
 from anyflow.training import checkpoint as ckpt
 from anyflow.training.config import from_dict
-from anyflow.training.trainer import SyntheticClips, Trainer, build_model
+from anyflow.training.data import SyntheticClips
+from anyflow.training.trainer import Trainer, build_model
 
 
 def _negative():

@@ -38,8 +38,13 @@ class ModelConfig:
     Attributes:
         kind: ``"bidirectional"`` (``AnyFlowTransformer3DModel``) or ``"far"`` (``AnyFlowFARTransformer3DModel``).
         pretrained: path of a diffusers-format transformer folder (or a whole AnyFlow checkpoint folder,
-            whose ``transformer/`` is used); ``None`` for :attr:`tiny` models.
+            whose ``transformer/`` is used); ``None`` for :attr:`tiny` / :attr:`arch` models.
         tiny: build :func:`anyflow.testing.tiny.tiny_transformer` (CPU tests) instead of loading.
+        arch: transformer constructor kwargs (the diffusers ``config.json`` keys) of a model built
+            from scratch with diffusers' default initialisation (seeded by :attr:`seed`).
+        init_from: a transformer folder whose parameters of matching name and shape initialise an
+            :attr:`arch` model (e.g. a FAR student from its bidirectional teacher; the FAR-only
+            compressed patch embedding keeps its fresh initialisation).
         seed: init seed of a tiny model.
         gate_value, deltatime_type: the flow-map embedder of a model initialised from a plain Wan
             checkpoint (reference §9 ``flowmap_cfg``: gate 0.25, delta input ``r``).
@@ -48,6 +53,8 @@ class ModelConfig:
     kind: str = "bidirectional"
     pretrained: Optional[str] = None
     tiny: bool = False
+    arch: Optional[dict] = None
+    init_from: Optional[str] = None
     seed: int = 0
     gate_value: float = 0.25
     deltatime_type: str = "r"
@@ -252,6 +259,10 @@ def validate(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` for out-of-range values (called on construction)."""
     _check(cfg.phase in PHASES, "phase", f"one of {PHASES}", cfg.phase)
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"one of {MODEL_KINDS}", cfg.model.kind)
+    _check(cfg.model.arch is None or isinstance(cfg.model.arch, dict), "model.arch", "a mapping of transformer "
+           "config keys", cfg.model.arch)
+    _check(cfg.model.init_from is None or cfg.model.arch is not None, "model.init_from", "used with model.arch",
+           cfg.model.init_from)
     _check(cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size)
     _check(cfg.total_iter >= 0, "total_iter", ">= 0", cfg.total_iter)
     _check(cfg.shift > 0, "shift", "> 0", cfg.shift)

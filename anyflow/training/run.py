@@ -2,11 +2,10 @@
 
 Data sources:
 
-* ``"synthetic"``: :class:`anyflow.training.trainer.SyntheticClips` shaped for the model (smoke runs,
+* ``"synthetic"``: :class:`anyflow.training.data.SyntheticClips` shaped for the model (smoke runs,
   CI); the negative embedding is a fixed random tensor.
-* a ``.pt`` file written with ``torch.save({"latents": [N, F, C, H, W], "text": [N, L, D],
-  "negative": [L, D] or [1, L, D]})`` (precomputed VAE latents and text-encoder embeddings), read
-  by :class:`TensorClips`.
+* a ``.pt`` file of precomputed VAE latents and text-encoder embeddings
+  (:func:`anyflow.training.data.save_dataset`), read by :class:`anyflow.training.data.TensorClips`.
 
 The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl`` and ``checkpoint-*.pt``;
 running the same command again continues from the newest checkpoint bit for bit.
@@ -21,48 +20,12 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig, TrainConfig, dump_config, resolve
-
-
-class TensorClips:
-    """Endless batches ``(latents, text)`` from in-memory tensors, reshuffled every epoch.
-
-    Epoch e visits the samples in the order ``randperm(N)`` of a generator seeded ``(seed, e)``;
-    batch k takes positions ``[k B, (k + 1) B)`` of the concatenated epoch orders, so the state is the
-    batch index alone (``state_dict`` / ``load_state_dict``).
-    """
-
-    def __init__(self, latents: torch.Tensor, text: torch.Tensor, batch_size: int, seed: int = 0):
-        if latents.shape[0] != text.shape[0]:
-            raise ValueError(f"latents ({latents.shape[0]}) and text ({text.shape[0]}) differ in sample count")
-        if latents.ndim != 5 or text.ndim != 3:
-            raise ValueError(f"latents must be [N, F, C, H, W] and text [N, L, D], got {tuple(latents.shape)}, "
-                             f"{tuple(text.shape)}")
-        self.latents, self.text = latents, text
-        self.batch_size, self.seed, self.index = int(batch_size), int(seed), 0
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.latents.shape[0], generator=g)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        n, b = self.latents.shape[0], self.batch_size
-        pos = torch.arange(self.index * b, (self.index + 1) * b)
-        idx = torch.stack([self._order(int(p) // n)[int(p) % n] for p in pos])
-        self.index += 1
-        return self.latents[idx], self.text[idx]
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
+from .data import SyntheticClips, TensorClips, load_dataset
 
 
 def build_transformer(m: ModelConfig, far=None):
-    """The transformer of a :class:`ModelConfig` (tiny random, or a diffusers folder in fp32)."""
+    """The transformer of a :class:`ModelConfig`: tiny random, from scratch (``arch``, optionally
+    initialised from ``init_from``), or a diffusers folder, in fp32."""
     if m.tiny:
         from ..testing.tiny import tiny_transformer
 
@@ -71,14 +34,64 @@ def build_transformer(m: ModelConfig, far=None):
             overrides["chunk_partition"] = tuple(far.chunk_partition)
             overrides["full_chunk_limit"] = far.full_chunk_limit
         return tiny_transformer(m.kind, seed=m.seed, **overrides)
-    if not m.pretrained:
-        raise ValueError("model.pretrained must name a transformer folder unless model.tiny is set")
     from ..models.loading import load_transformer
 
-    folder = Path(m.pretrained)
+    if m.arch is not None:
+        from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+        cls = AnyFlowFARTransformer3DModel if m.kind == "far" else AnyFlowTransformer3DModel
+        arch = dict(m.arch)
+        if m.kind == "far" and far is not None:
+            arch["chunk_partition"] = list(far.chunk_partition)
+            arch["full_chunk_limit"] = far.full_chunk_limit
+        torch.manual_seed(m.seed)
+        model = cls(**arch)
+        if m.init_from is not None:
+            source = load_transformer(_transformer_folder(m.init_from), dtype=torch.float32).state_dict()
+            own = model.state_dict()
+            take = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+            if not take:
+                raise ValueError(f"model.init_from={m.init_from}: no parameter matches the arch model by name and shape")
+            model.load_state_dict(take, strict=False)
+        return model.float()
+    if not m.pretrained:
+        raise ValueError("model.pretrained must name a transformer folder unless model.tiny or model.arch is set")
+    return load_transformer(_transformer_folder(m.pretrained), dtype=torch.float32)
+
+
+def _transformer_folder(path) -> Path:
+    folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
-    return load_transformer(folder, dtype=torch.float32)
+    return folder
+
+
+def export_transformer(trainer, folder, ema: bool = True) -> Path:
+    """Write the trained student as a diffusers transformer folder (``save_pretrained``, safetensors):
+    the EMA weights with LoRA merged (:meth:`Trainer.export_state_dict`) in the model's own class and
+    config, so the folder loads with ``AnyFlow*Transformer3DModel.from_pretrained`` or as
+    ``model.pretrained`` / ``init_from`` / ``dmd.teacher`` of the next phase. Written to a temporary
+    sibling and renamed, so an interrupted export leaves no half folder."""
+    import shutil
+    import tempfile
+
+    state = trainer.export_state_dict(ema=ema)
+    # the diffusers class itself (anyflow.enable() swaps in a same-named subclass)
+    cls = next(c for c in type(trainer.model).__mro__ if c.__module__.startswith("diffusers."))
+    model = cls.from_config(trainer.model.config)
+    model.load_state_dict(state)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def build_data(cfg: TrainConfig, model, data: str, frames: Optional[int] = None, latent_hw=(8, 8)):
@@ -87,20 +100,14 @@ def build_data(cfg: TrainConfig, model, data: str, frames: Optional[int] = None,
         mc = model.config
         if frames is None:
             frames = sum(cfg.far.chunk_partition) if cfg.far is not None else 3
-        from .trainer import SyntheticClips
-
         it = SyntheticClips(cfg.batch_size, frames, mc.in_channels, latent_hw[0], latent_hw[1], text_dim=mc.text_dim,
                             seed=cfg.seed)
         negative = torch.randn(1, 7, mc.text_dim, generator=torch.Generator().manual_seed(cfg.seed + 12345))
         return it, negative
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist (or pass 'synthetic')")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"latents", "text", "negative"} - set(blob)
-    if missing:
-        raise KeyError(f"{path} lacks {sorted(missing)}; expected latents, text, negative")
-    return TensorClips(blob["latents"].float(), blob["text"].float(), cfg.batch_size, cfg.seed), blob["negative"].float()
+    blob = load_dataset(data)
+    it = TensorClips(blob["latents"].float(), blob["text"].float(), cfg.batch_size, cfg.seed,
+                     text_index=blob.get("text_index"))
+    return it, blob["negative"].float()
 
 
 def train_from_config(
@@ -116,7 +123,8 @@ def train_from_config(
 ):
     """Build everything from ``config`` (path, preset, mapping or :class:`TrainConfig`), resume from the
     newest checkpoint in the output folder (unless ``resume`` is false), run ``steps`` steps (default: up
-    to ``total_iter``) and write a final checkpoint. Returns the trainer."""
+    to ``total_iter``) and write a final checkpoint; once ``total_iter`` is reached, also the EMA
+    transformer as ``output_dir/transformer`` (:func:`export_transformer`). Returns the trainer."""
     from .trainer import Trainer
 
     if log_stream == "stdout":
@@ -139,4 +147,6 @@ def train_from_config(
             print(f"resumed from {path} (step {trainer.step})", file=log_stream, flush=True)
     trainer.fit(steps)
     trainer.save()
+    if trainer.step >= cfg.total_iter:
+        export_transformer(trainer, out / "transformer")
     return trainer

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,42 +35,6 @@ from . import consistency as cons
 from . import flowmap as fm
 from . import onpolicy as op
 from .config import ConsistencyConfig, DMDConfig, TrainConfig, resolve, to_dict
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------
-class SyntheticClips:
-    """Endless deterministic ``(latents [B, F, C, H, W], text [B, L, D])`` batches for tests and smoke runs.
-
-    Batch k depends only on ``(seed, k)``; latents are smooth in time (a random start plus a slow random
-    drift per frame) so the clips have some structure. ``state_dict`` / ``load_state_dict`` hold k.
-    """
-
-    def __init__(self, batch_size: int, frames: int, channels: int = 16, height: int = 8, width: int = 8,
-                 text_len: int = 7, text_dim: int = 32, seed: int = 0):
-        self.shape = (batch_size, frames, channels, height, width)
-        self.text_shape = (batch_size, text_len, text_dim)
-        self.seed = seed
-        self.index = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)
-        b, f, c, h, w = self.shape
-        start = torch.randn(b, 1, c, h, w, generator=g)
-        drift = 0.3 * torch.randn(b, f, c, h, w, generator=g).cumsum(1) / math.sqrt(f)
-        text = torch.randn(self.text_shape, generator=g)
-        self.index += 1
-        return start + drift, text
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
 
 
 # ----------------------------------------------------------------------------------------------
