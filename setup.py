@@ -218,6 +218,8 @@ setup(
     + ["anyflow.kernels"]
     + [f"anyflow.kernels.{p}" for p in find_packages(where="kernels")],
     package_dir={"anyflow.kernels": "kernels"},
+    # the shipped default model (anyflow.default_model)
+    package_data={"anyflow": ["assets/*/*.json", "assets/*/*/*.json", "assets/*/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -61,18 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate a video (T2V, or I2V with --image, V2V with --video)")
-    gen.add_argument("--model", required=True, help="diffusers-format AnyFlow folder (upstream or legacy layout)")
+    gen.add_argument("--model", default=None, help="diffusers-format AnyFlow folder (upstream or legacy layout); "
+                     "default: the shipped anyflow-far-mini model, with its size and sampling defaults")
     gen.add_argument("--prompt", required=True, help="text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (used only with --guidance-scale > 1)")
-    gen.add_argument("--steps", type=int, required=True, help="flow-map steps (per chunk for FAR models), >= 1")
+    steps = gen.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None,
+                       help="flow-map steps (per chunk for FAR models), >= 1 (default: the model's, else 4)")
+    steps.add_argument("--grid", type=_chunk_partition, default=None,
+                       help="step counts, e.g. 1,2,4,8,16: sample each from the same noise and write them side by "
+                       "side (a video), or as a frame strip with one row per step count (--out .png)")
     cond = gen.add_mutually_exclusive_group()
     cond.add_argument("--image", default=None, help="first frame for image-to-video")
     cond.add_argument("--video", default=None, help="conditioning clip for video-to-video")
     gen.add_argument("--context-frames", type=int, default=None,
                      help=f"frames read from --video, snapped down to 4k+1 (default {DEFAULT_CONTEXT_FRAMES}, "
                      "reduced when needed so that at least one chunk / latent frame is generated)")
-    gen.add_argument("--height", type=int, default=480, help="multiple of 16 (default 480)")
-    gen.add_argument("--width", type=int, default=832, help="multiple of 16 (default 832)")
+    gen.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's, else 480)")
+    gen.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's, else 832)")
     gen.add_argument("--num-frames", type=int, default=None,
                      help="4k+1 pixel frames; default: what the FAR chunk partition covers, else 81")
     gen.add_argument("--chunk-partition", type=_chunk_partition, default=None,
@@ -84,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                      help="anyflow kernel backend (default auto)")
-    gen.add_argument("--fps", type=float, default=16.0, help="output frame rate (default 16)")
-    gen.add_argument("--out", required=True, help="output video (.mp4, .mkv, .mov, .avi, .webm)")
+    gen.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, else 16)")
+    gen.add_argument("--out", required=True, help="output video (.mp4, .mkv, .mov, .avi, .webm); with --grid also "
+                     "an image (.png, .jpg)")
 
     sub.add_parser("env", help="print the environment and backend report")
 
@@ -115,9 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 
 
+def _resolve_model(args) -> None:
+    """Fill ``args.model`` (default model) and the size / sampling options the user left unset."""
+    from .default_model import default_model_path, model_defaults
+
+    if args.model is None:
+        try:
+            args.model = str(default_model_path())
+        except (FileNotFoundError, ImportError) as exc:
+            raise UsageError(f"no --model given and the default model is unavailable: {exc}") from exc
+    elif not Path(args.model).expanduser().is_dir():
+        raise UsageError(f"--model {args.model}: no such folder")
+    d = model_defaults(Path(args.model).expanduser())
+    for name, key, fallback in (("height", "height", 480), ("width", "width", 832), ("fps", "fps", 16.0),
+                                ("steps", "num_inference_steps", 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, d.get(key, fallback))
+    if args.num_frames is None and "num_frames" in d and args.chunk_partition is None:
+        args.num_frames = d["num_frames"]
+
+
 def _validate_generate(args) -> None:
     """Cheap checks done before any model is loaded."""
-    from .io import VIDEO_SUFFIXES
+    from .io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
@@ -135,15 +162,15 @@ def _validate_generate(args) -> None:
         raise UsageError(f"--fps must be > 0, got {args.fps}")
     if args.guidance_scale < 0:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
-    if not Path(args.model).expanduser().is_dir():
-        raise UsageError(f"--model {args.model}: no such folder")
     for name in ("image", "video"):
         value = getattr(args, name)
         if value is not None and not Path(value).expanduser().is_file():
             raise UsageError(f"--{name} {value}: no such file")
     out = Path(args.out).expanduser()
-    if out.suffix.lower() not in VIDEO_SUFFIXES:
-        raise UsageError(f"--out {args.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
+    allowed = VIDEO_SUFFIXES + (IMAGE_SUFFIXES if args.grid else ())
+    if out.suffix.lower() not in allowed:
+        raise UsageError(f"--out {args.out}: the suffix must be one of {', '.join(allowed)}"
+                         + ("" if args.grid else " (images only with --grid)"))
     if not out.parent.is_dir():
         raise UsageError(f"--out {args.out}: the directory {out.parent} does not exist")
 
@@ -197,9 +224,10 @@ def _generate(args) -> int:
 
     import anyflow
 
-    from .io import read_image, read_video, write_video_atomic
+    from .io import IMAGE_SUFFIXES, frame_strip, read_image, read_video, side_by_side, write_image_atomic, write_video_atomic
     from .models.loading import load_pipeline
 
+    _resolve_model(args)
     _validate_generate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -256,10 +284,23 @@ def _generate(args) -> int:
     from .ops.registry import BackendUnavailableError
 
     try:
-        start = time.perf_counter()
-        frames = pipe(**call).frames[0]
-        total = time.perf_counter() - start
-        write_video_atomic(frames, args.out, fps=args.fps)
+        if args.grid:
+            videos, lines = [], []
+            for n in args.grid:
+                call.update(num_inference_steps=n, generator=torch.Generator("cpu").manual_seed(args.seed))
+                start = time.perf_counter()
+                videos.append(pipe(**call).frames[0])
+                lines.append(_stats_line(pipe.anyflow_stats, time.perf_counter() - start, f"{n} steps"))
+            labels = [f"{n} step" + ("s" if n > 1 else "") for n in args.grid]
+            if Path(args.out).suffix.lower() in IMAGE_SUFFIXES:
+                write_image_atomic(frame_strip(videos, labels), args.out)
+            else:
+                write_video_atomic(side_by_side(videos, labels), args.out, fps=args.fps)
+        else:
+            start = time.perf_counter()
+            frames = pipe(**call).frames[0]
+            total = time.perf_counter() - start
+            write_video_atomic(frames, args.out, fps=args.fps)
     except BackendUnavailableError as exc:  # a forced backend that cannot run on this machine / input
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
     finally:
@@ -267,11 +308,20 @@ def _generate(args) -> int:
         if callable(disable):
             disable()
 
-    stats = pipe.anyflow_stats  # measured by the engine's sampler during this call
+    if args.grid:
+        for line in lines:
+            print(line)
+        print(f"done: {len(args.grid)} samples from one noise -> {args.out}")
+    else:
+        # measured by the engine's sampler during this call
+        print(_stats_line(pipe.anyflow_stats, total, "done") + f" -> {args.out}")
+    return 0
+
+
+def _stats_line(stats, total: float, head: str) -> str:
     cache = f" (+{stats.cache_steps} cache steps)" if stats.cache_steps else ""
     per_nfe = stats.dit_seconds / max(stats.nfe, 1)
-    print(f"done: {stats.nfe} NFE{cache}, {per_nfe:.3f} s/NFE, total {total:.2f} s -> {args.out}")
-    return 0
+    return f"{head}: {stats.nfe} NFE{cache}, {per_nfe:.3f} s/NFE, total {total:.2f} s"
 
 
 # ------------------------------------------------------------------------------------------------

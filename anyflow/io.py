@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["read_image", "read_video", "write_video_atomic", "VIDEO_SUFFIXES"]
+__all__ = ["read_image", "read_video", "write_video_atomic", "write_image_atomic", "side_by_side", "frame_strip",
+           "VIDEO_SUFFIXES", "IMAGE_SUFFIXES"]
 
 #: Containers :func:`write_video_atomic` writes (through ffmpeg).
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
+#: Still images :func:`write_image_atomic` writes (through Pillow).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _check_size(height: int, width: int) -> None:
@@ -188,6 +191,104 @@ def write_video_atomic(frames, path, fps: float = 16) -> Path:
             for frame in data:
                 writer.append_data(frame)
     return path
+
+
+def write_image_atomic(image, path) -> Path:
+    """Write one ``(H, W, 3)`` image (float in ``[0, 1]`` or uint8) with Pillow, atomically.
+
+    Raises:
+        ValueError: unsupported suffix (see :data:`IMAGE_SUFFIXES`), missing directory, bad shape.
+    """
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: output suffix must be one of {', '.join(IMAGE_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: output directory {path.parent} does not exist")
+    data = _as_uint8(image[None] if getattr(image, "ndim", 0) == 3 else image)[0]
+    with atomic_output(path) as tmp:
+        Image.fromarray(data).save(tmp)
+    return path
+
+
+def _label(tile, text: str):
+    """Burn ``text`` into the top-left corner of a uint8 ``(H, W, 3)`` tile (white on a dark box)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(tile)
+    draw = ImageDraw.Draw(img)
+    box = draw.textbbox((1, 0), text)
+    draw.rectangle((0, 0, box[2] + 1, box[3] + 1), fill=(0, 0, 0))
+    draw.text((1, 0), text, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def _videos_uint8(videos) -> list:
+    arrays = [_as_uint8(v) for v in videos]
+    if not arrays:
+        raise ValueError("videos must hold at least one (T, H, W, 3) clip")
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"videos must share one shape, got {sorted({a.shape for a in arrays})}")
+    return arrays
+
+
+def side_by_side(videos, labels, gap: int = 2, multiple: int = 16):
+    """Tile equally shaped clips left to right into one clip, each labelled in its top-left corner.
+
+    Args:
+        videos: sequence of ``(T, H, W, 3)`` clips (float in ``[0, 1]`` or uint8).
+        labels: one string per clip.
+        gap: white pixels between panels.
+        multiple: the width is padded (white, on the right) to a multiple of this, so a video encoder
+            with 16-pixel macro blocks does not rescale the panels.
+
+    Returns:
+        uint8 numpy ``(T, H, W', 3)``, ``W'`` = ``n W + (n - 1) gap`` rounded up to ``multiple``.
+
+    Raises:
+        ValueError: no clip, shapes differ, or ``labels`` has the wrong length.
+    """
+    import numpy as np
+
+    arrays = _videos_uint8(videos)
+    if len(labels) != len(arrays):
+        raise ValueError(f"labels must have one entry per video ({len(arrays)}), got {len(labels)}")
+    t, h, w, _ = arrays[0].shape
+    width = len(arrays) * w + (len(arrays) - 1) * gap
+    out = np.full((t, h, -(-width // multiple) * multiple, 3), 255, np.uint8)
+    for i, (a, lab) in enumerate(zip(arrays, labels)):
+        x = i * (w + gap)
+        out[:, :, x:x + w] = np.stack([_label(f, lab) for f in a])
+    return out
+
+
+def frame_strip(videos, labels, columns: int = 6, gap: int = 2):
+    """One image: a row per clip (labelled), ``columns`` evenly spaced frames of it left to right.
+
+    Returns:
+        uint8 numpy ``(n H + (n - 1) gap, c W + (c - 1) gap, 3)`` with ``c = min(columns, T)``.
+
+    Raises:
+        ValueError: no clip, shapes differ, wrong ``labels`` length, ``columns < 1``.
+    """
+    import numpy as np
+
+    arrays = _videos_uint8(videos)
+    if len(labels) != len(arrays):
+        raise ValueError(f"labels must have one entry per video ({len(arrays)}), got {len(labels)}")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    t, h, w, _ = arrays[0].shape
+    c = min(columns, t)
+    picks = np.linspace(0, t - 1, c).round().astype(int)
+    out = np.full((len(arrays) * h + (len(arrays) - 1) * gap, c * w + (c - 1) * gap, 3), 255, np.uint8)
+    for i, (a, lab) in enumerate(zip(arrays, labels)):
+        for j, k in enumerate(picks):
+            tile = _label(a[k], lab) if j == 0 else a[k]
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
+    return out
 
 
 @contextlib.contextmanager

