@@ -70,11 +70,13 @@ def _link(src: Path, dst: Path) -> None:
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
 
 
-def default_model_path(cache_dir=None) -> Path:
+def default_model_path(cache_dir=None, source=None) -> Path:
     """A complete diffusers folder of the default model (created on first use, then reused).
 
     Args:
         cache_dir: where to assemble it (default ``$ANYFLOW_CACHE``, else ``~/.cache/anyflow``).
+        source: a folder laid out like the shipped one to complete instead (e.g. a fresh build of
+            ``scripts/build_default_model.sh --dest``); default :func:`shipped_folder`.
 
     Returns:
         ``<cache>/anyflow-far-mini-<fingerprint>``: the shipped components plus ``text_encoder`` and
@@ -84,7 +86,8 @@ def default_model_path(cache_dir=None) -> Path:
     Raises:
         FileNotFoundError: the package assets are missing. ImportError: the text-encoder wheel is missing.
     """
-    shipped, text_dir = shipped_folder(), _text_encoder_dir()
+    shipped = shipped_folder() if source is None else Path(source).resolve()
+    text_dir = _text_encoder_dir()
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     target = root / f"{NAME}-{_fingerprint(shipped, text_dir)}"
     if (target / "model_index.json").exists():

@@ -66,20 +66,27 @@ def load_text_encoder():
     return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()
 
 
-def _videos(log):
+#: ``--smoke``: two videos, 2 VAE steps, 2 steps per training stage (checks the recipe end to end).
+SMOKE_VIDEOS = ("1", "2")
+
+
+def _videos(log, smoke=False):
     from .data import load_eval_videos
 
     t0 = time.time()
-    videos = load_eval_videos(HEIGHT, WIDTH)
+    videos = load_eval_videos(HEIGHT, WIDTH, names=SMOKE_VIDEOS if smoke else None)
     log(f"read {len(videos)} videos at {HEIGHT}x{WIDTH} ({time.time() - t0:.1f} s)")
     return videos
 
 
-def stage_vae(work: Path, log=print) -> None:
+def stage_vae(work: Path, log=print, smoke=False) -> None:
+    import dataclasses
+
     from .autoencoder import train_vae
 
-    videos = _videos(log)
-    vae, history = train_vae([v.frames for v in videos], VAE, log=log)
+    videos = _videos(log, smoke)
+    cfg = dataclasses.replace(VAE, steps=2) if smoke else VAE
+    vae, history = train_vae([v.frames for v in videos], cfg, log=log)
     tmp = work / ".vae.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
@@ -87,16 +94,16 @@ def stage_vae(work: Path, log=print) -> None:
     tmp.rename(work / "vae")
 
 
-def stage_data(work: Path, log=print) -> None:
+def stage_data(work: Path, log=print, smoke=False) -> None:
     from diffusers import AutoencoderKLWan
 
     from .data import cut_clips, encode_clips, encode_prompts, save_dataset
 
-    videos = _videos(log)
+    videos = _videos(log, smoke)
     vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
     latents, index = [], []
     for k, v in enumerate(videos):
-        clips = cut_clips(v.frames, NUM_FRAMES, CLIP_STRIDE)
+        clips = cut_clips(v.frames, NUM_FRAMES, CLIP_STRIDE * (8 if smoke else 1))
         clips = torch.cat([clips, clips.flip(-1)])
         latents.append(encode_clips(vae, clips))
         index += [k] * clips.shape[0]
@@ -110,21 +117,24 @@ def stage_data(work: Path, log=print) -> None:
         f"text {tuple(text.shape)}")
 
 
-def stage_config(work: Path, stage: str):
+def stage_config(work: Path, stage: str, smoke: bool = False):
     """The :class:`TrainConfig` of a training stage: ``configs/default-far/<stage>.yaml`` with ``{work}``
-    replaced by the work folder."""
+    replaced by the work folder (``smoke``: 2 steps, no periodic checkpoints)."""
     import yaml
 
     from .config import from_dict
 
-    text = (CONFIG_DIR / f"{stage}.yaml").read_text().replace("{work}", str(Path(work)))
-    return from_dict(yaml.safe_load(text))
+    data = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text().replace("{work}", str(Path(work))))
+    if smoke:
+        data.update(total_iter=2, save_every=0, log_every=1)
+    return from_dict(data)
 
 
-def stage_train(work: Path, stage: str, log=print) -> None:
+def stage_train(work: Path, stage: str, log=print, smoke=False) -> None:
     from .run import train_from_config
 
-    train_from_config(stage_config(work, stage), output_dir=work / stage, data=str(work / "dataset.pt"))
+    train_from_config(stage_config(work, stage, smoke), output_dir=work / stage, data=str(work / "dataset.pt"),
+                      log_stream=None if smoke else "stdout")
 
 
 def assemble(work: Path, dest: Path, log=print) -> Path:
@@ -162,8 +172,9 @@ def assemble(work: Path, dest: Path, log=print) -> Path:
     return dest
 
 
-def build(work, dest, stages=STAGES, log=print) -> None:
-    """Run ``stages`` in order, skipping those whose output exists in ``work``."""
+def build(work, dest, stages=STAGES, log=print, smoke: bool = False) -> None:
+    """Run ``stages`` in order, skipping those whose output exists in ``work`` (``smoke``: a seconds-long
+    check of the recipe, see :data:`SMOKE_VIDEOS`)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt",
@@ -174,13 +185,13 @@ def build(work, dest, stages=STAGES, log=print) -> None:
             log(f"[{stage}] exists, skipped")
             continue
         if stage == "vae":
-            stage_vae(work, log)
+            stage_vae(work, log, smoke)
         elif stage == "data":
-            stage_data(work, log)
+            stage_data(work, log, smoke)
         elif stage == "assemble":
             assemble(work, dest, log)
         else:
-            stage_train(work, stage, log)
+            stage_train(work, stage, log, smoke)
         log(f"[{stage}] {time.time() - t0:.0f} s")
 
 
@@ -190,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--dest", default=str(REPO / "anyflow" / "assets" / "anyflow-far-mini"), help="assembled folder")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--smoke", action="store_true", help="2 videos and 2 steps per stage (a quick check, not a model)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         p.error(f"--stages: unknown {bad}; choose from {STAGES}")
-    build(a.work, a.dest, stages, log=lambda m: print(m, flush=True))
+    build(a.work, a.dest, stages, log=lambda m: print(m, flush=True), smoke=a.smoke)
     return 0
 
 
