@@ -416,6 +416,37 @@ def test_far_kv_cache_is_never_concatenated(monkeypatch):
     assert len(offending) == 1
 
 
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device -> host scalar reads (``.item()``, ``bool(t)``, ``int(t)``: ``aten._local_scalar_dense``),
+    the calls that are a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "far"])
+def test_no_host_sync_per_step(kind):
+    """The sampling loop reads no tensor value on the host per step: the scalar reads of a whole call
+    (prompt encoding, timestep set-up) do not grow with the number of steps."""
+    pipe = _pipe(kind)
+    counts = {}
+    with anyflow.enable(pipe):
+        for steps in (2, 8):
+            with _ScalarReads() as mode:
+                pipe(generator=torch.Generator().manual_seed(0), **_kw(kind, steps, REAL_CP if kind == "far" else None))
+            counts[steps] = mode.count
+    assert counts[2] == counts[8], f"scalar reads grow with the step count: {counts}"
+    with _ScalarReads() as mode:  # the counter is live
+        torch.randn(3).sum().item()
+    assert mode.count == 1
+
+
 def test_kv_capacity_real_partition():
     """480x832 Wan geometry: 1560 full / 390 compressed tokens per frame, full_chunk_limit 3."""
     # chunk 6's NFE: compressed chunks 0-3 (10 frames x 390) + full chunks 4-5 (6 x 1560) + current (3 x 1560)
