@@ -217,6 +217,118 @@ def test_far_rollout_matches_sampler_and_trains(far_model):
 
 
 # ----------------------------------------------------------------------------------------------
+# which rollout segments carry gradient (reference §7.1: parity "all"; "mid" = only S2 differentiated)
+# ----------------------------------------------------------------------------------------------
+class _PerSegmentForward(fm.BidirectionalForward):
+    """Jump i of a bidirectional rollout runs on its own copy i of the student (same weights), so the
+    gradient a copy receives is exactly the parameter gradient that flows through that jump; every
+    output is recorded as ``(i, u)``."""
+
+    def __init__(self, copies):
+        super().__init__(copies[0])
+        self.copies, self.outputs = copies, []
+
+    def prepare_text(self, text):
+        return fused.TextContext(text, text.dtype)  # raw: every copy projects it itself
+
+    def __call__(self, z, t, r, text, backend=None):
+        i = len(self.outputs) % len(self.copies)
+        u = fused.bidirectional_forward(self.copies[i], z, t, r, text.tokens)
+        self.outputs.append((i, u))
+        return u
+
+
+class _PerSegmentFAR(op.FARRollout):
+    """The FAR rollout with jump i of every chunk on copy i (cache steps on copy 0, without grad)."""
+
+    def __init__(self, copies, text, cp):
+        super().__init__(copies[0], text, cp, (8, 8))
+        self.copies, self.raw, self.outputs = copies, text, []
+
+    def velocity(self, k, z, t, r, text=None, snapshot=None):
+        i = self.nfe % len(self.copies)
+        self.nfe += 1
+        model = self.copies[i]
+        f0, f1 = self.session.chunk_frames(k)
+        cos, sin = fused.rope_for(model, f0, f1, self.session.geo.full_grid, False, z.device)
+        attend = self._attend(cos, sin, self.snapshot() if torch.is_grad_enabled() else None)
+        u = fused.far_cached_step(model, z, t, r, fused.prepare_text(model, self.raw), attend, f0)
+        self.outputs.append((i, u))
+        return u
+
+
+def _segment_gradients(kind, mode):
+    """``{segment: (norm of the parameter gradient through it or None, norm of d loss / d its output or
+    None)}`` for ``loss = <w, x_hat>`` of a 3-jump rollout."""
+    g = _gen(8)
+    base = tiny_transformer(kind, seed=2, **({"chunk_partition": CP} if kind == "far" else {})).train()
+    copies = [copy.deepcopy(base) for _ in range(3)]
+    frames = sum(CP) if kind == "far" else 3
+    noise, text = torch.randn(1, frames, 16, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+    w = torch.randn(1, frames, 16, 8, 8, generator=g)
+    params = [p for c in copies for p in c.parameters()]
+    plan = op.rollout_plan(4, 1, 5.0)  # S1 = 1000 -> t_1, S2 = t_1 -> t_2, S3 = t_2 -> 0
+    if kind == "far":
+        rec = _PerSegmentFAR(copies, text, CP)
+        x, _ = rec.run(noise, plan, grad=True, grad_segments=mode, params=params)
+    else:
+        rec = _PerSegmentForward(copies)
+        x, _ = op.bidirectional_rollout(rec, noise, text, plan, grad_segments=mode, params=params)
+    loss = (x * w).sum()
+    tracked = [(i, u) for i, u in rec.outputs if u.requires_grad]
+    du = {}
+    for (i, _), d in zip(tracked, torch.autograd.grad(loss, [u for _, u in tracked], retain_graph=True)):
+        du[i] = du.get(i, 0.0) + float(d.norm())
+    loss.backward()
+    out = {}
+    for i, name in enumerate(op.SEGMENT_NAMES):
+        grads = [p.grad for p in copies[i].parameters() if p.grad is not None]
+        out[name] = (float(torch.stack([q.norm() for q in grads]).norm()) if grads else None, du.get(i))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "far"])
+def test_grad_segments_which_segments_carry_gradient(kind):
+    # "all" (official parity): the parameters get gradient through all three jumps
+    seg = _segment_gradients(kind, "all")
+    assert all(seg[n][0] and seg[n][0] > 0 and seg[n][1] > 0 for n in op.SEGMENT_NAMES), seg
+    # "mid": S1 runs without graph (no parameter gradient, x_hat does not depend on its output);
+    # S3 is differentiated w.r.t. its input only, so x_hat still depends on S2, which alone gives the
+    # parameter gradient
+    seg = _segment_gradients(kind, "mid")
+    assert seg["S1"] == (None, None), seg
+    assert seg["S2"][0] > 0 and seg["S2"][1] > 0, seg
+    assert seg["S3"][0] is None and seg["S3"][1] > 0, seg
+
+
+@pytest.mark.parametrize("mode", ["all", "mid"])
+def test_far_rollout_gradients_with_checkpointing_and_lora(mode):
+    """Per-block activation checkpointing gives the gradients of the plain backward: the recompute
+    (in the backward) reads the cache snapshot of its chunk, not the cache later steps overwrote, and
+    sees the parameters frozen that "mid" froze for S3 in the forward."""
+    from anyflow.training.config import LoRAConfig
+    from anyflow.training.lora import apply_lora
+
+    g = _gen(9)
+    noise, text = torch.randn(1, sum(CP), 16, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+    w = torch.randn(1, sum(CP), 16, 8, 8, generator=g)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_transformer("far", seed=4, chunk_partition=CP).train()
+        named = apply_lora(model, LoRAConfig(rank=4, alpha=4))
+        torch.manual_seed(0)
+        for _, p in named:  # LoRA B starts at zero: make both factors non-trivial
+            torch.nn.init.normal_(p, std=0.1)
+        model.gradient_checkpointing = checkpointing
+        params = [p for _, p in named]
+        x, _ = op.FARRollout(model, text, CP, (8, 8)).run(noise, op.rollout_plan(4, 1, 5.0), grad=True,
+                                                          grad_segments=mode, params=params)
+        grads.append(torch.autograd.grad((x * w).sum(), params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
 def _trainer(over, output_dir=None, log_stream=None):

@@ -16,6 +16,7 @@ Tensor layouts follow diffusers: latents ``[B, F, C, H, W]`` (frames before chan
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
@@ -205,6 +206,32 @@ def _is_sharded(block) -> bool:
     return FSDPModule is not None and isinstance(block, FSDPModule)
 
 
+@contextlib.contextmanager
+def _frozen_by_name(module, names):
+    """``requires_grad=False`` on ``module``'s parameters called ``names`` that currently require grad
+    (looked up now: under FSDP the gathered parameters, not the shards), restored on exit."""
+    own = dict(module.named_parameters())
+    params = [own[n] for n in names if n in own and own[n].requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _checkpoint_block(fn, block, *args):
+    """Activation checkpoint of one block whose recompute sees the parameters frozen that were frozen in
+    the forward (the ``"mid"`` on-policy rollout freezes the student for one jump and unfreezes it before
+    the backward; without the replay the recompute would build a different graph)."""
+    frozen = tuple(n for n, p in block.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    context = lambda: (contextlib.nullcontext(), _frozen_by_name(block, frozen))  # noqa: E731
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+
+
 def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: SelfAttention, backend=None):
     """All blocks with per-frame modulation ``m_rows`` ``[B, R, 6, d]``; checkpointed per block when the
     model has gradient checkpointing on and grad is enabled.
@@ -220,7 +247,7 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
             raise TypeError("FSDP-sharded blocks need anyflow.enable(model) (their forward must be anyflow's)")
         for i, block in enumerate(blocks):
             args = (i, x, text, m_rows, segments, self_attention, backend)
-            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+            x = _checkpoint_block(block, block, *args) if ckpt else block(*args)
         return x
     mods = [block.scale_shift_table + m_rows.float() for block in blocks]
     h = ops.adaln_modulate(x, mods[0][:, :, 0], mods[0][:, :, 1], segments, blocks[0].norm1.eps, backend=backend)
@@ -230,7 +257,7 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
             nxt = (mods[i + 1][:, :, 0], mods[i + 1][:, :, 1], blocks[i + 1].norm1.eps)
         args = (block, i, x, h, text, mods[i], nxt, segments, self_attention, backend)
         if ckpt:
-            x, h = torch.utils.checkpoint.checkpoint(block_forward, *args, use_reentrant=False)
+            x, h = _checkpoint_block(block_forward, block, *args)
         else:
             x, h = block_forward(*args)
     return x

@@ -8,12 +8,14 @@ score is the teacher with CFG (``x0_real = x0_c + s (x0_c - x0_u)``, Self-Forcin
 1 + s), the fake score is the critic, both bidirectional flow-matching models called with r = t on
 the whole clip. The critic is trained by flow matching on (detached) student samples.
 
-Gradient through the rollout (``grad_segments``):
+Gradient through the rollout (``grad_segments``, reference §7.1):
 
-* ``"all"`` (official parity): autograd through all 2-3 jumps.
-* ``"mid"``: S1 runs without gradient; S2 is differentiated; S3 is differentiated with respect to its
-  input only (the student's parameters are frozen for that call), so the parameter gradient comes
-  from S2 alone while x_hat still depends on S2's output.
+* ``"all"`` (official parity): autograd through all 2-3 jumps (the official ``training_rollout`` wraps
+  none of them in no-grad, whatever the name ``grad_timestep`` suggests).
+* ``"mid"``: only S2 gives the student's parameters gradient, the reading of ``grad_timestep`` that
+  §7.1 makes the flag: S1 runs without gradient; S3 is differentiated with respect to its input only
+  (the parameters are frozen for that call, and a checkpointed block's recompute replays the freeze),
+  so x_hat still depends on S2's output (a detached S3 would leave x_hat without any gradient).
 
 FAR students roll out chunk by chunk through a KV cache (:class:`FARRollout`): each chunk gets the
 same (N, g*) and the same 2-3 jumps with gradient; the cache steps re-encode the student's *own*
@@ -157,9 +159,11 @@ class FARRollout:
     """Chunk-wise FAR rollout with a KV cache (reference §7.1 FAR, §7.5), differentiable per chunk.
 
     Every chunk k runs the plan's 2-3 jumps; each jump is one NFE of the chunk attending to the cached
-    keys/values of the finished prefix (read, detached, cloned so later cache steps cannot invalidate
-    the saved tensors) and to itself; nothing is written to the cache during a jump. After chunk k the
-    cache step re-encodes chunks 0..k from the student's own (detached) output without gradient.
+    keys/values of the finished prefix and to itself; nothing is written to the cache during a jump.
+    With gradient the NFEs read a copy of the cached prefix taken at the start of the chunk
+    (:meth:`snapshot`), so the backward, and the recompute of checkpointed blocks, see the cache of the
+    forward although later cache steps overwrite it. After chunk k the cache step re-encodes chunks
+    0..k from the student's own (detached) output without gradient.
     """
 
     def __init__(self, model, text, chunk_partition, latent_hw, backend=None):
@@ -173,17 +177,29 @@ class FARRollout:
         self.backend = backend
         self.nfe = 0
 
-    def _attend(self, cos, sin):
+    def snapshot(self):
+        """Per layer ``(keys, values)`` ``[B, H, L_cached, Dh]``: copies of the cached prefix.
+
+        A differentiable NFE attends to these instead of the live cache: the backward (and the recompute
+        of a checkpointed block, which runs in the backward) must see the cache as it was in the
+        forward, while later cache steps overwrite and extend it. One copy serves all NFEs of a chunk.
+        """
+        cache = self.session.cache
+        n = cache.num_cached
+        return [(cache.k[layer, :, :, :n].clone(), cache.v[layer, :, :, :n].clone())
+                for layer in range(cache.k.shape[0])]
+
+    def _attend(self, cos, sin, snapshot=None):
         cache, backend = self.session.cache, self.backend
+        start = cache.num_cached
 
         def fn(layer, attn, q, k, v):
-            start = cache.num_cached
             kr = fused.norm_rope(attn, k, "k", cos, sin, backend).transpose(1, 2)
             qr = fused.norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
-            keys, values = cache.segments(layer, start)
-            if torch.is_grad_enabled():
-                keys = [x.detach().clone() for x in keys]
-                values = [x.detach().clone() for x in values]
+            if snapshot is None:
+                keys, values = cache.segments(layer, start)
+            else:
+                keys, values = [snapshot[layer][0]], [snapshot[layer][1]]
             kk = torch.cat([*[x.to(kr.dtype) for x in keys], kr], dim=2)
             vv = torch.cat([*[x.to(v.dtype) for x in values], v.transpose(1, 2)], dim=2)
             o = F.scaled_dot_product_attention(qr, kk, vv)
@@ -191,12 +207,17 @@ class FARRollout:
 
         return fn
 
-    def velocity(self, k: int, z, t, r, text=None):
+    def velocity(self, k: int, z, t, r, text=None, snapshot=None):
+        """One NFE of chunk ``k``: ``z`` ``[B, F_k, C, H, W]``, per-frame ``t``, ``r`` ``[B, F_k]`` ->
+        mean velocity ``[B, F_k, C, H, W]`` (with graph when grad is enabled, attending to ``snapshot``
+        (:meth:`snapshot`; taken here when not given) rather than the live cache)."""
         f0, f1 = self.session.chunk_frames(k)
         cos, sin = fused.rope_for(self.model, f0, f1, self.session.geo.full_grid, False, z.device)
         self.nfe += 1
         text = self.text if text is None else text
-        return fused.far_cached_step(self.model, z, t, r, text, self._attend(cos, sin), f0, self.backend)
+        if snapshot is None and torch.is_grad_enabled():
+            snapshot = self.snapshot()
+        return fused.far_cached_step(self.model, z, t, r, text, self._attend(cos, sin, snapshot), f0, self.backend)
 
     def run(self, noise: torch.Tensor, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all", params=()):
         """Roll out all chunks from ``noise`` ``[B, F_total, C, H, W]``; returns ``(x_hat fp32, nfe)``."""
@@ -208,11 +229,12 @@ class FARRollout:
             f0, f1 = self.session.chunk_frames(k)
             z = noise[:, f0:f1].float()
             b, f = z.shape[:2]
+            snapshot = self.snapshot() if grad else None
             for name, t_from, t_to in plan.segments:
                 with _segment_context(name, grad, grad_segments, params):
                     t = torch.full((b, f), t_from, dtype=torch.float64, device=z.device)
                     r = torch.full((b, f), t_to, dtype=torch.float64, device=z.device)
-                    u = self.velocity(k, z.to(dtype), t, r, _segment_text(name, grad_segments, self.text))
+                    u = self.velocity(k, z.to(dtype), t, r, _segment_text(name, grad_segments, self.text), snapshot)
                     z = _jump(z, u, t_from, t_to)
             chunks.append(z)
             if k < len(cp) - 1:
