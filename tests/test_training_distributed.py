@@ -1,5 +1,8 @@
-"""FSDP2 data parallelism: 2 processes (gloo, CPU) give the loss and gradients of 1 process on the global batch."""
+"""FSDP2 data parallelism on the CPU (gloo): 2 processes give the loss, gradients and updated parameters of
+1 process on the same global batch (bidirectional forward, FAR pretrain trainer, FAR on-policy rollout);
+sharded checkpoints load exactly."""
 
+import os
 import socket
 
 import pytest
@@ -14,6 +17,13 @@ import torch.multiprocessing as mp
 SHAPE = (4, 2, 16, 8, 8)  # global batch B, F, C, H, W
 PARAMS = ("blocks.0.attn1.to_q.weight", "blocks.1.scale_shift_table", "blocks.1.ffn.net.2.weight",
           "condition_embedder.text_embedder.linear_1.weight", "patch_embedding.weight", "proj_out.weight")
+FAR_PARAMS = PARAMS + ("far_patch_embedding.weight", "condition_embedder.delta_embedder.linear_2.weight")
+#: FAR pretrain with compressed context (long_context_ratio 1: n ~ U{3, 4, 5} chunks of (1, 1, 2, 2, 2)) and the
+#: extra bidirectional loss every step; Adam's eps keeps the first updates away from sign(grad), where a
+#: gradient entry near zero could flip between reduction orders.
+FAR_CFG = {"preset": "tiny-far", "total_iter": 3, "optimizer": {"eps": 1e-3},
+           "far": {"long_context_ratio": 1.0, "bidirectional_modeling_prob": 1.0}}
+FAR_GLOBAL_BATCH = 4
 
 
 def _batch():
@@ -31,11 +41,12 @@ def _batch():
     return cfg, x, noise, t, r, pairs.kind, text, neg
 
 
-def _model():
+def _model(kind="bidirectional"):
     import anyflow
     from anyflow.testing.tiny import tiny_transformer
 
-    model = tiny_transformer("bidirectional", seed=3).train()
+    extra = {"chunk_partition": (1, 1, 2, 2, 2)} if kind == "far" else {}
+    model = tiny_transformer(kind, seed=3, **extra).train()
     anyflow.enable(model, backend="torch")
     return model
 
@@ -48,26 +59,94 @@ def _loss(forward, rows, all_reduce=None):
     return fm.flow_map_loss(forward, x, noise, t, r, kind, text, neg, cfg, fm.TrainWeighting("beta08"), all_reduce)
 
 
+def _far_trainer(batch_size, fsdp=False, model_seed=None):
+    from anyflow.training.config import from_dict
+    from anyflow.training.data import SyntheticClips
+    from anyflow.training.trainer import Trainer, build_model
+
+    cfg = from_dict({**FAR_CFG, "batch_size": batch_size})
+    if model_seed is not None:
+        cfg.model.seed = model_seed
+    data = SyntheticClips(FAR_GLOBAL_BATCH, sum(cfg.far.chunk_partition), seed=1)  # the global batch
+    negative = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(123))
+    return Trainer(build_model(cfg), cfg, data, negative, log_stream=None, fsdp=fsdp)
+
+
+def _rollout_grads(model, rows, mode):
+    """Gradients of ``mean_b sum(w * x_hat)`` of a FAR rollout (S1, S2, S3 on every chunk) over ``rows``."""
+    from anyflow.training import onpolicy as op
+
+    g = torch.Generator().manual_seed(4)
+    b = FAR_GLOBAL_BATCH
+    noise, text = torch.randn(b, 8, 16, 8, 8, generator=g), torch.randn(b, 7, 32, generator=g)
+    w = torch.randn(b, 8, 16, 8, 8, generator=g)
+    params = [p for p in model.parameters()]
+    model.zero_grad()
+    ro = op.FARRollout(model, text[rows], (1, 1, 2, 2, 2), (8, 8), "torch")
+    x, nfe = ro.run(noise[rows], op.rollout_plan(4, 1, 5.0), grad=True, grad_segments=mode, params=params)
+    ((x * w[rows]).sum() / x.shape[0]).backward()  # a local mean: FSDP averages over processes
+    return x.detach(), nfe
+
+
+def _full(t):
+    from anyflow.training.distributed import full_tensor
+
+    return None if t is None else full_tensor(t).detach().clone()
+
+
 def _worker(rank, world, port, path):
     from anyflow.training import distributed as D
 
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
+        out = {}
+        # 1. bidirectional flow-map loss, with and without per-block checkpointing
         model = D.shard_model(_model())
         n = SHAPE[0] // world
         results = []
         for checkpointing in (False, True):  # the checkpointed block call re-gathers in the backward
             model.gradient_checkpointing = checkpointing
             model.zero_grad()
-            out = _loss(D.ShardedForward(model), slice(rank * n, (rank + 1) * n), D.all_reduce_sum)
-            out.loss.backward()
-            loss = D.all_reduce_sum(out.loss.detach()) / world
+            loss = _loss(D.ShardedForward(model), slice(rank * n, (rank + 1) * n), D.all_reduce_sum)
+            loss.loss.backward()
             params = dict(model.named_parameters())
-            grads = {name: params[name].grad.full_tensor() for name in PARAMS}  # collective: every rank
-            results.append({"loss": loss, "grads": grads})
+            results.append({"loss": D.all_reduce_sum(loss.loss.detach()) / world,
+                            "grads": {name: _full(params[name].grad) for name in PARAMS}})  # collective
+        out["bidirectional"] = results
+
+        # 2. FAR on-policy rollout through the KV cache, "all" and "mid" gradients
+        far = D.shard_model(_model("far"))
+        m = FAR_GLOBAL_BATCH // world
+        rows = slice(rank * m, (rank + 1) * m)
+        named = dict(far.named_parameters())
+        for mode in ("all", "mid"):
+            x, nfe = _rollout_grads(far, rows, mode)
+            xs = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(xs, x)
+            out[f"rollout_{mode}"] = {"x": torch.cat(xs), "nfe": nfe,
+                                      "grads": {name: _full(named[name].grad) for name in FAR_PARAMS}}
+
+        # 3. the FAR pretrain trainer: 3 steps on its slice of the global batch
+        trainer = _far_trainer(FAR_GLOBAL_BATCH // world, fsdp=True)
+        records = trainer.fit()
+        out["far_losses"] = [r["loss"] for r in records]
+        out["far_extra"] = [r["loss_bidirectional"] for r in records]
+        out["far_params"] = {n: _full(p) for n, p in trainer.named_params}
+        # a sharded checkpoint restores exactly into a fresh sharded trainer (other initial weights)
+        state = trainer.state_dict()  # collective
+        fresh = _far_trainer(FAR_GLOBAL_BATCH // world, fsdp=True, model_seed=11)
+        fresh.load_state_dict(state)
+        again = fresh.state_dict()
+        same = all(torch.equal(state["model"][k], again["model"][k]) for k in state["model"])
+        same &= all(torch.equal(state["ema"]["shadow"][k], again["ema"]["shadow"][k]) for k in state["ema"]["shadow"])
+        same &= all(torch.equal(v, again["optimizer"]["state"][i][k])
+                    for i, s in state["optimizer"]["state"].items() for k, v in s.items())
+        out["restore_exact"] = bool(same) and again["step"] == state["step"]
+        out["next_loss"] = [trainer.train_step()["loss"], fresh.train_step()["loss"]]
         if rank == 0:
-            torch.save(results, path)
+            torch.save(out, path)
     finally:
         dist.destroy_process_group()
 
@@ -78,23 +157,56 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_fsdp2_two_processes_match_one(tmp_path):
-    from anyflow.training.flowmap import BidirectionalForward
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
-    path = str(tmp_path / "rank0.pt")
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fsdp") / "rank0.pt")
     mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
-    results = torch.load(path)
+    return torch.load(path)
+
+
+def test_fsdp2_bidirectional_loss_matches_one_process(two_process_results):
+    from anyflow.training.flowmap import BidirectionalForward
 
     model = _model()  # one process, the whole batch, no sharding (blocks run fused)
     out = _loss(BidirectionalForward(model), slice(None))
     out.loss.backward()
     params = dict(model.named_parameters())
-    for got in results:
+    for got in two_process_results["bidirectional"]:
         torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=0)
         for name in PARAMS:
-            ref = params[name].grad
-            err = (got["grads"][name] - ref).abs().max() / ref.abs().max()
-            assert err < 1e-5, (name, float(err))
+            assert _rel(got["grads"][name], params[name].grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["all", "mid"])
+def test_fsdp2_far_rollout_gradients_match_one_process(two_process_results, mode):
+    got = two_process_results[f"rollout_{mode}"]
+    model = _model("far")
+    x, nfe = _rollout_grads(model, slice(None), mode)
+    assert got["nfe"] == nfe == 15  # 5 chunks x 3 jumps
+    assert _rel(got["x"], x) < 1e-5
+    params = dict(model.named_parameters())
+    assert got["grads"]["far_patch_embedding.weight"] is None  # compressed patches: cache steps only (no grad)
+    for name in FAR_PARAMS[:-2] + FAR_PARAMS[-1:]:
+        assert _rel(got["grads"][name], params[name].grad) < 1e-5, (mode, name)
+
+
+def test_fsdp2_far_pretrain_trainer_matches_one_process(two_process_results):
+    res = two_process_results
+    one = _far_trainer(FAR_GLOBAL_BATCH)  # one process, batch = the global batch
+    records = one.fit()
+    for a, b in zip(res["far_losses"], [r["loss"] for r in records]):
+        assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+    for a, b in zip(res["far_extra"], [r["loss_bidirectional"] for r in records]):
+        assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+    for name, p in one.named_params:
+        assert _rel(res["far_params"][name], p.detach()) < 1e-5, name
+    # the restored trainer holds the same state and takes the same next step
+    assert res["restore_exact"]
+    assert res["next_loss"][0] == res["next_loss"][1]
 
 
 def test_enable_swaps_and_restores_block_classes():
@@ -118,3 +230,22 @@ def test_enable_swaps_and_restores_block_classes():
     torch.testing.assert_close(y, fused.run_blocks(model, x, text, m_rows, segs, attend, "torch"), rtol=1e-5, atol=1e-5)
     handle.disable()
     assert [type(b) for b in model.blocks] == original
+
+
+def test_single_process_helpers_without_process_group():
+    from anyflow.training import distributed as D
+
+    assert D.init_from_env() is None or dist.is_initialized()  # WORLD_SIZE unset under pytest
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        D.world_size_from_env({"WORLD_SIZE": "two"})
+    assert D.world_size_from_env({}) == 1
+    model = _model()
+    assert not D.is_sharded(model) and D.compute_dtype(model) == torch.float32
+    assert D.run_sharded(model, lambda m, a: (m, a), 3) == (model, 3)
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    D.load_full_(p, torch.ones(3, 2))
+    assert torch.equal(p.detach(), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="shape"):
+        D.load_full_(p, torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="process group"):
+        D.shard_model(model)

@@ -245,6 +245,11 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
     if _is_sharded(blocks[0]):
         if not getattr(blocks[0], "_anyflow_block", False):
             raise TypeError("FSDP-sharded blocks need anyflow.enable(model) (their forward must be anyflow's)")
+        # FSDP's pre-forward hook hands a block an autograd alias of a grad-requiring input (size-1 dims
+        # may get other strides) but does not run in a checkpoint's recompute; a strided input (a single
+        # patchify is a transpose) can then take another matmul path in the recompute and fail the
+        # checkpoint's saved-tensor check. A contiguous input looks the same to both.
+        x = x.contiguous()
         for i, block in enumerate(blocks):
             args = (i, x, text, m_rows, segments, self_attention, backend)
             x = _checkpoint_block(block, block, *args) if ckpt else block(*args)

@@ -1,72 +1,393 @@
 """Data-parallel training with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-:func:`shard_model` shards an :func:`anyflow.enable`-d transformer per block and at the root;
-:class:`ShardedForward` is the training forward for it (the model is called as a module so FSDP's
-hooks gather parameters and reduce-scatter gradients); :func:`all_reduce_sum` is the ``all_reduce``
-of :func:`anyflow.training.flowmap.flow_map_loss` (the re-scaling mean over the global batch).
+:func:`shard_model` shards an :func:`anyflow.enable`-d transformer (bidirectional or FAR) per block and
+puts its remaining parameters (patch embeddings, time / text embedders, output head) in a root unit that
+wraps the transformer. Everything that reads the model runs *inside* that root's ``__call__``
+(:func:`run_sharded`), so FSDP's hooks gather the root parameters before and reduce their gradients
+after, and the blocks are called as modules (:func:`anyflow.models.fused.run_blocks`), so each block's
+hooks gather and reduce its own parameters. :class:`ShardedForward` and :class:`ShardedFARWindowForward`
+are the training forwards of a sharded model (bidirectional, and the FAR window with clean copies and
+compressed context); :class:`anyflow.training.onpolicy.FARRollout` routes its KV-cache NFEs and cache
+steps through :func:`run_sharded` itself.
 
-Each process computes the loss of its own slice of the global batch, averaged over that slice;
-FSDP averages the gradients over processes, so with equal slices the result is the gradient of the
-global-batch mean, as one process on the whole batch.
+Each process computes the loss of its own slice of the global batch, averaged over that slice; FSDP
+averages the gradients over processes, so with equal slices the result is the gradient of the
+global-batch mean, as one process on the whole batch. Every process must make the same sequence of
+model calls (FSDP's collectives pair up by order); the trainer guarantees it by drawing all randomness
+for the global batch on every process (same generator) and by :attr:`ShardedForward.uniform_calls`.
+
+Checkpoint helpers (:func:`full_tensor`, :func:`load_full_`, :func:`gather_optimizer_state`,
+:func:`shard_optimizer_state`) convert between sharded ``DTensor`` state and the plain full tensors of
+a one-process checkpoint, so checkpoints are the same format whatever the number of processes.
+:func:`init_from_env` / :func:`destroy` wrap ``torch.distributed`` set-up for ``torchrun``.
+
+Nothing here initialises ``torch.distributed`` at import.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..models import fused
-from .flowmap import BidirectionalForward
+from .flowmap import BidirectionalForward, FARWindowForward
+
+#: Attribute of a sharded transformer holding its FSDP root (set by :func:`shard_model`).
+_ROOT_ATTR = "_anyflow_fsdp_root"
+
+
+class _Root(torch.nn.Module):
+    """The root FSDP unit of a sharded transformer: ``root(fn, *args)`` runs ``fn(transformer, *args)``
+    inside the root's ``__call__`` (so FSDP gathers the transformer's non-block parameters first)."""
+
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype):
+        super().__init__()
+        self.transformer = model
+        self.compute_dtype = compute_dtype
+        self.active = False
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.transformer, *args, **kwargs)
+
+
+def mixed_precision_policy(enabled: bool):
+    """The FSDP2 mixed-precision policy of a training run, or ``None`` when ``enabled`` is false.
+
+    bf16 parameters in the forward/backward (gathered from fp32 master shards) and fp32 gradient
+    reduction: ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32,
+    cast_forward_inputs=False)``. FSDP's input casting is off because it would also cast the
+    timesteps to bf16 (the official trainer's bias, reference §10.1 #1); the sharded forwards cast
+    latents and text to bf16 themselves and keep t, r in fp32.
+    """
+    if not enabled:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
-    """Apply FSDP2 ``fully_shard`` to every transformer block, then to the root (in place).
+    """Apply FSDP2 ``fully_shard`` to every transformer block and to a root unit around the model (in place).
+
+    Call it after LoRA injection and the choice of trainable parameters, before building the optimiser
+    (whose parameters must be the sharded ones). The root unit is resharded after every call, so a
+    parameter is full only inside a call, and ``requires_grad`` changes made between calls (the
+    ``"mid"`` rollout freezes the student for one jump) reach the gathered parameters.
 
     Args:
         model: an ``AnyFlowTransformer3DModel`` / ``AnyFlowFARTransformer3DModel`` enabled with
             :func:`anyflow.enable` (its blocks must run anyflow's forward when called as modules).
-        mp_policy: optional ``torch.distributed.fsdp.MixedPrecisionPolicy``, e.g.
-            ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`` for bf16
-            parameters in the forward and fp32 gradient reduction; ``None``: the parameters' dtype.
+        mp_policy: optional ``torch.distributed.fsdp.MixedPrecisionPolicy`` (see
+            :func:`mixed_precision_policy`); ``None``: compute in the parameters' dtype.
 
     Returns:
-        ``model`` (its class and its blocks' classes now FSDP subclasses; parameters are sharded DTensors).
+        ``model``: its blocks are FSDP modules, its parameters sharded ``DTensor``s (same names); use it
+        through :func:`run_sharded`, :class:`ShardedForward` or :class:`ShardedFARWindowForward`.
+
+    Raises:
+        TypeError: the model is not enabled with :func:`anyflow.enable`.
+        ValueError: the model is already sharded.
+        RuntimeError: ``torch.distributed`` is not initialised.
     """
     from torch.distributed.fsdp import fully_shard
 
     if not all(getattr(b, "_anyflow_block", False) for b in model.blocks):
         raise TypeError("shard_model needs a transformer enabled with anyflow.enable(model)")
+    if is_sharded(model):
+        raise ValueError("model is already sharded")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_model needs an initialised torch.distributed process group")
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    dtype = next(model.parameters()).dtype
+    if mp_policy is not None and mp_policy.param_dtype is not None:
+        dtype = mp_policy.param_dtype
+    root = _Root(model, dtype)
+    fully_shard(root, reshard_after_forward=True, **kw)
+    object.__setattr__(model, _ROOT_ATTR, root)  # not a submodule: the root owns the model, not vice versa
     return model
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` was sharded by :func:`shard_model`."""
+    return isinstance(model, torch.nn.Module) and model.__dict__.get(_ROOT_ATTR) is not None
+
+
+def compute_dtype(model) -> torch.dtype:
+    """dtype the model computes in: the FSDP ``param_dtype`` of a sharded model, else its parameters' dtype."""
+    root = model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
+    if root is not None:
+        return root.compute_dtype
+    return next(model.parameters()).dtype
+
+
+def run_sharded(model, fn: Callable, *args, **kwargs):
+    """``fn(model, *args, **kwargs)``, inside the FSDP root of a sharded model (directly otherwise).
+
+    Nested calls run directly (the root is already gathered). ``fn`` must reach the blocks through
+    :func:`anyflow.models.fused.run_blocks` (or call them as modules).
+    """
+    root = model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
+    if root is None or root.active:
+        return fn(model, *args, **kwargs)
+    root.active = True
+    try:
+        return root(fn, *args, **kwargs)
+    finally:
+        root.active = False
+
+
+# ----------------------------------------------------------------------------------------------
+# training forwards of a sharded model
+# ----------------------------------------------------------------------------------------------
+def _raw_text(text) -> torch.Tensor:
+    return text.tokens if isinstance(text, fused.TextContext) else text
+
+
+def _bidirectional(model, z, t, r, raw, backend):
+    return fused.bidirectional_forward(model, z, t, r, raw, backend=backend)
 
 
 @dataclass
 class ShardedForward(BidirectionalForward):
     """:class:`~anyflow.training.flowmap.BidirectionalForward` of a :func:`shard_model`-ed model.
 
-    The model is called as a module, ``model(...)``, so FSDP's hooks run. The text projection must
-    run inside that call too (FSDP reduces the root's gradients once the gradient of the root's
-    inputs is complete), so the :class:`~anyflow.models.fused.TextContext` of this forward carries
-    the raw prompt embeddings ``[B, L, text_dim]`` and every call projects them (row selection and
-    concatenation commute with the per-token projection). The ops backend is the one given to
-    :func:`anyflow.enable` (the ``backend`` argument of a call is ignored).
+    Each call runs inside the FSDP root (:func:`run_sharded`). The text projection must run inside that
+    call too (FSDP reduces the root's gradients once the gradient of the root's inputs is complete), so
+    the :class:`~anyflow.models.fused.TextContext` of this forward carries the raw prompt embeddings
+    ``[B, L, text_dim]`` and every call projects them (row selection and concatenation commute with the
+    per-token projection). Latents and text are cast to the compute dtype (bf16 under the mixed-precision
+    policy); timesteps stay fp32.
     """
 
-    def prepare_text(self, text: torch.Tensor) -> fused.TextContext:
-        return fused.TextContext(text, text.dtype)
+    #: every process runs the same passes whatever its samples (see :func:`anyflow.training.flowmap.flow_map_loss`)
+    uniform_calls: ClassVar[bool] = True
+
+    def prepare_text(self, text) -> fused.TextContext:
+        raw = _raw_text(text)
+        return fused.TextContext(raw, raw.dtype)
 
     def __call__(self, z, t, r, text, backend: Optional[str] = None):
-        return self.model(z, t, r, text.tokens, return_dict=False)[0]
+        dtype = compute_dtype(self.model)
+        return run_sharded(self.model, _bidirectional, z.to(dtype), t, r, _raw_text(text).to(dtype),
+                           backend or self.backend)
 
 
+def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit, backend):
+    return fused.far_sequence_forward(
+        model, hidden, cp, t, r, raw, full_limit=full_limit, clean_hidden_states=clean, clean_timestep=clean_t,
+        backend=backend,
+    )
+
+
+@dataclass
+class ShardedFARWindowForward(FARWindowForward):
+    """:class:`~anyflow.training.flowmap.FARWindowForward` of a :func:`shard_model`-ed FAR model.
+
+    Same sequence ``[compressed clean context | noisy window | clean copy]`` and training mask
+    (reference §5.2); the call runs inside the FSDP root with the raw text projected inside it (as
+    :class:`ShardedForward`), context, window and clean copy cast to the compute dtype.
+    """
+
+    uniform_calls: ClassVar[bool] = True
+
+    def prepare_text(self, text) -> fused.TextContext:
+        raw = _raw_text(text)
+        return fused.TextContext(raw, raw.dtype)
+
+    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+        dtype = compute_dtype(self.model)
+        hidden, tt, rr, clean, clean_t = self.sequence(z.to(dtype), t, r)
+        return run_sharded(self.model, _far_window, hidden, self.chunk_partition, tt, rr, _raw_text(text).to(dtype),
+                           clean, clean_t, self.full_limit, backend or self.backend)
+
+
+def sharded_forward(forward):
+    """The sharded twin of a :class:`BidirectionalForward` / :class:`FARWindowForward` whose model is
+    sharded (same fields); any other forward is returned unchanged."""
+    if not is_sharded(getattr(forward, "model", None)) or getattr(forward, "uniform_calls", False):
+        return forward
+    if isinstance(forward, FARWindowForward):
+        return ShardedFARWindowForward(**{f.name: getattr(forward, f.name) for f in dataclasses.fields(forward)})
+    if isinstance(forward, BidirectionalForward):
+        return ShardedForward(forward.model, forward.backend)
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------
+# collectives and sharded <-> full state
+# ----------------------------------------------------------------------------------------------
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``t`` over the processes of ``group`` (a copy; ``t`` is unchanged)."""
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded ``DTensor`` (a collective: every process must call it), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local_view(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a ``DTensor`` parameter as a plain tensor sharing its storage (in-place
+    optimiser updates show through), else ``p`` itself."""
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def gather_shard(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reassemble the whole tensor from per-process shards ``local`` laid out as ``like`` (a sharded
+    ``DTensor``; collective); returns ``local`` when ``like`` is a plain tensor."""
+    if not _is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    dt = DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
+                            stride=like.stride())
+    return dt.full_tensor().to(local.device)
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor):
+    """``full`` laid out as ``like``: a ``DTensor`` with this process's shard when ``like`` is one (no
+    communication: every process holds ``full``), else ``full`` on ``like``'s device and dtype."""
+    full = full.to(like.device, like.dtype)
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def load_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a (possibly sharded) parameter in place.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    if tuple(full.shape) != tuple(param.shape):
+        raise ValueError(f"full must have the parameter's shape {tuple(param.shape)}, got {tuple(full.shape)}")
+    param.copy_(shard_of(full, param))
+
+
+def gather_optimizer_state(state: dict) -> dict:
+    """``optimizer.state_dict()`` with every sharded tensor gathered to a whole CPU tensor (collective);
+    unchanged (the same objects) when nothing is sharded."""
+    if not any(_is_dtensor(v) for s in state["state"].values() for v in s.values()):
+        return state
+    out = {}
+    for i, s in state["state"].items():
+        out[i] = {k: full_tensor(v).cpu() if _is_dtensor(v) else v for k, v in s.items()}
+    return {**state, "state": out}
+
+
+def shard_optimizer_state(state: dict, params) -> dict:
+    """Inverse of :func:`gather_optimizer_state` for an optimiser over ``params`` (in its param-group
+    order): whole tensors shaped like a sharded parameter become ``DTensor``s laid out like it."""
+    params = list(params)
+    if not any(_is_dtensor(p) for p in params):
+        return state
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"optimizer state has {len(ids)} parameters, the optimizer {len(params)}")
+    out = {}
+    for i, p in zip(ids, params):
+        s = state["state"].get(i)
+        if s is None:
+            continue
+        out[i] = {k: shard_of(v, p) if (_is_dtensor(p) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape)
+                                         and k != "step") else v for k, v in s.items()}
+    return {**state, "state": out}
+
+
+# ----------------------------------------------------------------------------------------------
+# process group set-up (torchrun)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the data-parallel group.
+
+    Attributes:
+        rank, world_size: global rank and number of processes.
+        local_rank: rank on this node (the CUDA device index).
+        device: the training device (``cuda:<local_rank>`` with NCCL, CPU with gloo).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env(env=None) -> int:
+    """``WORLD_SIZE`` of the environment (set by ``torchrun``), 1 when unset.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is not a positive integer.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("WORLD_SIZE", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {raw!r}")
+    return n
+
+
+def init_from_env(backend: Optional[str] = None) -> Optional[DistContext]:
+    """Initialise the default process group from the ``torchrun`` environment when ``WORLD_SIZE > 1``.
+
+    The backend is NCCL when CUDA is available (each process then uses ``cuda:LOCAL_RANK``), else gloo
+    on the CPU; ``backend`` overrides. An already initialised group is reused.
+
+    Returns:
+        :class:`DistContext`, or ``None`` for a single process (nothing is initialised).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is unavailable in this torch build.
+        ValueError: bad ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``.
+    """
+    world = world_size_from_env()
+    if world == 1:
+        return None
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    try:
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ValueError(f"RANK / LOCAL_RANK must be integers, got {os.environ.get('RANK')!r} / "
+                         f"{os.environ.get('LOCAL_RANK')!r}") from None
+    use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def destroy() -> None:
+    """Destroy the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -16,6 +16,7 @@ comes from an explicit ``torch.Generator`` (CPU), which makes training reproduci
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -257,22 +258,27 @@ class FARWindowForward:
     full_limit: int
     backend: Optional[str] = None
 
-    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+    def sequence(self, z, t, r):
+        """The model inputs of a call: ``(hidden [B, F_ctx + F_win, C, H, W], t, r [B, F_ctx + F_win],
+        clean [B, F_win, C, H, W], clean_t [B, F_win])``, context at t = r = 0, in ``z``'s dtype."""
         b, fc = z.shape[0], self.context.shape[1]
         zeros = t.new_zeros(b, fc)
         hidden = torch.cat([self.context.to(z.dtype), z], 1) if fc else z
+        return (hidden, torch.cat([zeros, t], 1), torch.cat([zeros, r], 1), self.clean.to(z.dtype),
+                t.new_zeros(b, self.clean.shape[1]))
+
+    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+        hidden, tt, rr, clean, clean_t = self.sequence(z, t, r)
         return fused.far_sequence_forward(
-            self.model, hidden, self.chunk_partition, torch.cat([zeros, t], 1), torch.cat([zeros, r], 1), text,
-            full_limit=self.full_limit, clean_hidden_states=self.clean.to(z.dtype),
-            clean_timestep=t.new_zeros(b, self.clean.shape[1]), backend=backend or self.backend,
+            self.model, hidden, self.chunk_partition, tt, rr, text, full_limit=self.full_limit,
+            clean_hidden_states=clean, clean_timestep=clean_t, backend=backend or self.backend,
         )
 
     def take(self, index: torch.Tensor) -> "FARWindowForward":
-        """The wrapper for batch rows ``index`` (context and clean copy selected alike; repeats allowed)."""
+        """The wrapper for batch rows ``index`` (context and clean copy selected alike; repeats allowed;
+        same class, so a sharded subclass stays sharded)."""
         index = index.to(self.clean.device)
-        return FARWindowForward(
-            self.model, self.chunk_partition, self.context[index], self.clean[index], self.full_limit, self.backend
-        )
+        return dataclasses.replace(self, context=self.context[index], clean=self.clean[index])
 
 
 def sample_num_chunks(far: FARConfig, generator: torch.Generator) -> int:
@@ -401,8 +407,16 @@ def _as_context(forward, text):
     return fused.prepare_text(forward.model, text)
 
 
-def _sample_rows(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Samples whose target needs dU/dt: some frame with t != r (the rest are multiplied by zero)."""
+def _sample_rows(t: torch.Tensor, r: torch.Tensor, forward=None) -> torch.Tensor:
+    """Samples whose target needs dU/dt: some frame with t != r (the rest are multiplied by zero).
+
+    A forward with ``uniform_calls`` (a sharded model, :mod:`anyflow.training.distributed`) gets every
+    row: FSDP's collectives need the same model calls on every process, and a process whose slice holds
+    only diffusion samples would otherwise skip the derivative pass (for those rows t - r = 0, so the
+    target is unchanged).
+    """
+    if getattr(forward, "uniform_calls", False):
+        return torch.arange(t.shape[0])
     return torch.nonzero((t != r).any(dim=1).cpu()).flatten()
 
 
@@ -414,7 +428,7 @@ def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch
     official objective does for the guidance-fused prediction.
     """
     text = _as_context(forward, text)
-    rows = _sample_rows(t, r)
+    rows = _sample_rows(t, r, forward)
     _, du = _no_grad_passes(forward, z, v, t, r, text, None, rows, FlowMapConfig(**{**cfg.__dict__, "fuse_guidance_scale": 1.0}))
     target = v.float().clone()
     if rows.numel():
@@ -518,7 +532,7 @@ def flow_map_loss(
     z = noise_latents(x, noise, t)
     v = noise.float() - x.float()
     u_cond = forward(z, t, r, text)
-    rows = _sample_rows(t, r)
+    rows = _sample_rows(t, r, forward)
     u_uncond, du = _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg)
     u_hat = guidance_fuse(u_cond, u_uncond, cfg.fuse_guidance_scale)
     target = v
@@ -624,14 +638,23 @@ def prepare_far(
 
 def bidirectional_modeling_loss(
     model, latents, text, negative, *, shift: float, guidance_scale: float, generator: torch.Generator, backend=None,
+    forward=None, rows: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """FAR's extra bidirectional flow-matching loss on the whole clip (reference §6 FAR variant):
-    t ~ logit-normal then shifted, r = t, guidance-fused, unweighted MSE to v."""
+    t ~ logit-normal then shifted, r = t, guidance-fused, unweighted MSE to v.
+
+    ``forward`` replaces ``BidirectionalForward(model, backend)`` (e.g. the sharded forward of
+    :mod:`anyflow.training.distributed`); with ``rows`` the draws are made for the whole (global) batch
+    and the loss is computed on those rows only (one process's slice).
+    """
     b, f = latents.shape[:2]
     t = sample_logit_normal(b, shift, generator)[:, None].expand(b, f).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     neg = expand_negative(negative, text)
-    return flow_matching_loss(BidirectionalForward(model, backend), latents, noise, t, text, neg, guidance_scale)
+    if rows is not None:
+        latents, text, t, noise, neg = (a[rows.to(a.device)] for a in (latents, text, t, noise, neg))
+    forward = BidirectionalForward(model, backend) if forward is None else forward
+    return flow_matching_loss(forward, latents, noise, t, text, neg, guidance_scale)
 
 
 # ----------------------------------------------------------------------------------------------

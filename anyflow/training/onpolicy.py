@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import fused
+from ..samplers.kv_cache import FARKVCache
+from .distributed import compute_dtype, is_sharded, run_sharded
 from .flowmap import (
     BidirectionalForward,
     LossOutput,
@@ -146,7 +148,7 @@ def bidirectional_rollout(
     text = _as_context(forward, text)
     z = noise.float()
     b, f = z.shape[:2]
-    dtype = next(forward.model.parameters()).dtype
+    dtype = compute_dtype(forward.model)
     for name, t_from, t_to in plan.segments:
         with _segment_context(name, grad, grad_segments, params):
             t = torch.full((b, f), t_from, device=z.device)
@@ -164,17 +166,45 @@ class FARRollout:
     (:meth:`snapshot`), so the backward, and the recompute of checkpointed blocks, see the cache of the
     forward although later cache steps overwrite it. After chunk k the cache step re-encodes chunks
     0..k from the student's own (detached) output without gradient.
+
+    A model sharded with :func:`anyflow.training.distributed.shard_model` works too: every NFE and
+    every cache step runs inside the FSDP root (:func:`~anyflow.training.distributed.run_sharded`), the
+    NFE projecting the raw prompt itself (so the root's gradients are reduced after the backward), in
+    the FSDP compute dtype (the KV cache too).
+
+    Args:
+        model: ``AnyFlowFARTransformer3DModel`` (the student).
+        text: ``[B, L, text_dim]`` prompt embeddings (a projected TextContext is accepted unsharded only).
+        chunk_partition: latent frames per chunk; latent_hw: latent (height, width).
+
+    Raises:
+        TypeError: a TextContext for a sharded model.
     """
 
     def __init__(self, model, text, chunk_partition, latent_hw, backend=None):
         from ..samplers.far import FARSession
 
         self.model = model
-        self.text = _as_context(BidirectionalForward(model), text)
-        with torch.no_grad():
-            cache_text = fused.TextContext(self.text.tokens.detach(), self.text.raw_dtype)
-        self.session = FARSession(model, cache_text, chunk_partition, latent_hw, backend)
         self.backend = backend
+        self.dtype = compute_dtype(model)
+        self.sharded = is_sharded(model)
+        if self.sharded:
+            if isinstance(text, fused.TextContext):
+                raise TypeError("text must be the raw [B, L, D] prompt embeddings for a sharded model, "
+                                "got a TextContext")
+            raw = text.to(self.dtype)
+            self.text = fused.TextContext(raw, raw.dtype)  # raw: projected inside every NFE
+            with torch.no_grad():
+                cache_text = run_sharded(model, fused.prepare_text, raw)
+        else:
+            self.text = _as_context(BidirectionalForward(model), text)
+            with torch.no_grad():
+                cache_text = fused.TextContext(self.text.tokens.detach(), self.text.raw_dtype)
+        self.session = FARSession(model, cache_text, chunk_partition, latent_hw, backend)
+        cache = self.session.cache
+        if cache.k.dtype != self.dtype:  # a sharded model's parameters are fp32 shards, it computes in bf16
+            self.session.cache = FARKVCache(cache.k.shape[0], cache.k.shape[1], cache.k.shape[2], cache.k.shape[4],
+                                            cache.capacity, self.dtype, cache.k.device)
         self.nfe = 0
 
     def snapshot(self):
@@ -217,13 +247,21 @@ class FARRollout:
         text = self.text if text is None else text
         if snapshot is None and torch.is_grad_enabled():
             snapshot = self.snapshot()
-        return fused.far_cached_step(self.model, z, t, r, text, self._attend(cos, sin, snapshot), f0, self.backend)
+        attend = self._attend(cos, sin, snapshot)
+        if self.sharded:
+            return run_sharded(self.model, _sharded_nfe, z, t, r, text.tokens, attend, f0, self.backend)
+        return fused.far_cached_step(self.model, z, t, r, text, attend, f0, self.backend)
+
+    def cache_step(self, k: int, prefix: torch.Tensor) -> None:
+        """Make chunks ``0..k`` context from ``prefix`` ``[B, >= F, C, H, W]`` (no gradient)."""
+        with torch.no_grad():
+            run_sharded(self.model, _cache_step, self.session, k, prefix)
 
     def run(self, noise: torch.Tensor, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all", params=()):
         """Roll out all chunks from ``noise`` ``[B, F_total, C, H, W]``; returns ``(x_hat fp32, nfe)``."""
         cp = self.session.cp
         fused.check_chunk_partition(cp, noise.shape[1])
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.dtype
         chunks = []
         for k in range(len(cp)):
             f0, f1 = self.session.chunk_frames(k)
@@ -238,10 +276,17 @@ class FARRollout:
                     z = _jump(z, u, t_from, t_to)
             chunks.append(z)
             if k < len(cp) - 1:
-                with torch.no_grad():
-                    prefix = torch.cat([c.detach() for c in chunks], dim=1).to(dtype)
-                    self.session.cache_step(k, prefix)
+                self.cache_step(k, torch.cat([c.detach() for c in chunks], dim=1).to(dtype))
         return torch.cat(chunks, dim=1), self.nfe
+
+
+def _sharded_nfe(model, z, t, r, raw_text, attend, first_frame, backend):
+    text = fused.prepare_text(model, raw_text)
+    return fused.far_cached_step(model, z, t, r, text, attend, first_frame, backend)
+
+
+def _cache_step(model, session, k, prefix):
+    session.cache_step(k, prefix)
 
 
 # ----------------------------------------------------------------------------------------------

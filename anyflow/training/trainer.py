@@ -15,7 +15,18 @@ flow-matching loss, clip, its own AdamW). Bidirectional and FAR students; teache
 bidirectional models judging the whole clip.
 
 LoRA adapters through ``peft`` (:mod:`.lora`) when ``config.lora`` is set (student and critic).
-Not here: FSDP2 / ``torchrun``.
+
+Data parallelism (``fsdp=True``, :mod:`.distributed`): the student, the critic and the teacher are
+sharded with FSDP2 (the teacher too, as it is as large as the student; being frozen it costs one
+all-gather per call and no reduction). Every process reads the *global* batch from its data iterator
+and draws all randomness of the step for the global batch from the same generator (identical on every
+process), then trains on its own rows ``[rank * B, (rank + 1) * B)`` (B = global / world_size): the
+pair kinds are those of the global sample index, the FAR chunk count, rollout plan and coins agree
+across processes, and a run on P processes takes the steps of one process on the same global batch
+(up to the floating-point order of the gradient reduction). bf16 mixed precision is FSDP's policy
+(bf16 gathered parameters, fp32 reduction, fp32 master shards) instead of autocast. Checkpoints hold
+whole tensors (gathered; written by rank 0), the same format as a one-process run, and load into any
+number of processes. The consistency phase is single-process only.
 """
 
 from __future__ import annotations
@@ -32,9 +43,13 @@ import torch
 
 from . import checkpoint as ckpt
 from . import consistency as cons
+from . import distributed as D
 from . import flowmap as fm
 from . import onpolicy as op
 from .config import ConsistencyConfig, DMDConfig, TrainConfig, resolve, to_dict
+
+#: Logged losses averaged over processes in data-parallel runs (present on every process alike).
+GLOBAL_LOSSES = ("loss", "loss_forward", "loss_bidirectional", "loss_dmd", "loss_critic")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +78,8 @@ class Trainer:
             on the training device); trained in place.
         config: :class:`TrainConfig`, preset name, mapping or YAML path.
         data: iterator of ``(latents [B, F, C, H, W], text [B, L, D])``; its ``state_dict`` /
-            ``load_state_dict``, when present, are checkpointed.
+            ``load_state_dict``, when present, are checkpointed. With several processes B is the global
+            batch (a multiple of ``world_size``); each process trains on its slice.
         negative_embedding: ``[L, D]`` / ``[1, L, D]`` negative-prompt embedding (text dropout, guidance
             fusion, teacher CFG).
         teacher: ``v(z, t, text)`` flow-matching velocity for the consistency phase (distillation);
@@ -74,11 +90,17 @@ class Trainer:
         output_dir: checkpoints and ``log.jsonl`` (default ``config.output_dir``; ``None``: no files).
         log_stream: where log lines are printed (``None``: silent).
         rank, world_size, all_reduce: the process's place in a data-parallel group (pair kinds by global
-            index; the re-scaling mean summed by ``all_reduce``). Defaults: one process.
+            index; the re-scaling mean summed by ``all_reduce``). Defaults: one process, or the initialised
+            process group with ``fsdp``.
+        fsdp: shard student, critic and teacher with FSDP2 (:func:`.distributed.shard_model`; the models
+            are :func:`anyflow.enable`-d with ``config.backend``); needs an initialised process group and
+            the models on the training device.
 
     Raises:
         ValueError: ``phase="onpolicy"`` without ``real_score``.
         ValueError: the model kind does not match ``config.model.kind``; nothing to train.
+        ValueError: ``fsdp`` with the consistency phase.
+        RuntimeError: ``fsdp`` without an initialised process group.
     """
 
     def __init__(
@@ -96,6 +118,7 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         all_reduce: Optional[Callable] = None,
+        fsdp: bool = False,
     ):
         cfg = resolve(config)
         if cfg.phase == "onpolicy" and real_score is None:
@@ -112,7 +135,19 @@ class Trainer:
         self.data = data
         self.negative = negative_embedding
         self.teacher = teacher
+        if fsdp:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
+            if cfg.phase == "consistency":
+                raise ValueError("phase 'consistency' is single-process only (fsdp=True given)")
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            all_reduce = all_reduce or D.all_reduce_sum
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.fsdp = fsdp
         self.output_dir = Path(output_dir or cfg.output_dir) if (output_dir or cfg.output_dir) else None
         self.log_stream = log_stream
         self.backend = cfg.backend
@@ -127,6 +162,8 @@ class Trainer:
             cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns
         )
         self.named_params = _select_trainable(model, lora, patterns, "trainable", "the model")
+        if fsdp:
+            self.named_params = self._shard(model, self.named_params)
         params = [p for _, p in self.named_params]
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
@@ -134,7 +171,8 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: s / warmup if s < warmup else 1.0
         )
-        self.ema = ckpt.EMA(self.named_params, cfg.ema.decay, cfg.ema.warmup_steps)
+        # sharded: the EMA keeps this process's shards (views that follow the optimiser's in-place updates)
+        self.ema = ckpt.EMA([(n, D.local_view(p)) for n, p in self.named_params], cfg.ema.decay, cfg.ema.warmup_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.weighting = fm.TrainWeighting(cfg.flowmap.weight_type, cfg.shift)
         self.consistency_cfg = cfg.consistency or ConsistencyConfig()
@@ -142,6 +180,15 @@ class Trainer:
         self.real_score = self.critic = None
         if cfg.phase == "onpolicy":
             self._init_onpolicy(real_score, critic)
+
+    def _shard(self, model, named):
+        """Enable and FSDP2-shard ``model``; ``named`` re-bound to the sharded parameters (same names)."""
+        import anyflow
+
+        anyflow.enable(model, backend=self.cfg.backend)
+        D.shard_model(model, D.mixed_precision_policy(self.cfg.mixed_precision))
+        own = dict(model.named_parameters())
+        return [(n, own[n]) for n, _ in named]
 
     def _init_onpolicy(self, real_score, critic):
         """Teacher (frozen, eval) and critic (trainable; default: a copy of the teacher) with its AdamW."""
@@ -163,6 +210,9 @@ class Trainer:
         # the critic trains LoRA adapters too (reference §7)
         lora = None if cfg.lora is None else dataclasses.replace(cfg.lora, extra_trainable=patterns)
         self.critic_params = _select_trainable(critic, lora, patterns, "critic_trainable", "the critic")
+        if self.fsdp:
+            self.critic_params = self._shard(critic, self.critic_params)
+            self._shard(real_score, [])
         o = self.dmd.critic_optimizer
         self.critic_optimizer = torch.optim.AdamW([p for _, p in self.critic_params], lr=o.lr, betas=tuple(o.betas),
                                                   weight_decay=o.weight_decay, eps=o.eps)
@@ -170,14 +220,56 @@ class Trainer:
         self.critic_lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.critic_optimizer, lambda s: s / warmup if s < warmup else 1.0
         )
-        self.real_forward = fm.BidirectionalForward(real_score, self.backend)
-        self.critic_forward = fm.BidirectionalForward(critic, self.backend)
+        self.real_forward = D.sharded_forward(fm.BidirectionalForward(real_score, self.backend))
+        self.critic_forward = D.sharded_forward(fm.BidirectionalForward(critic, self.backend))
 
     # -- one step ---------------------------------------------------------------------------------
     def _autocast(self, device):
-        if not self.cfg.mixed_precision:
+        if not self.cfg.mixed_precision or self.fsdp:  # sharded: FSDP's bf16 policy instead
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def _rows(self, global_batch: int) -> Optional[torch.Tensor]:
+        """This process's rows of a global batch (``None`` for one process).
+
+        Raises:
+            ValueError: the global batch is not a multiple of ``world_size``.
+        """
+        if self.world_size == 1:
+            return None
+        if global_batch % self.world_size:
+            raise ValueError(f"the data iterator's batch ({global_batch}) must be a multiple of world_size "
+                             f"({self.world_size}): it is the global batch")
+        n = global_batch // self.world_size
+        return torch.arange(self.rank * n, (self.rank + 1) * n)
+
+    @staticmethod
+    def _take(rows, *tensors):
+        if rows is None:
+            return tensors
+        return tuple(x[rows.to(x.device)] for x in tensors)
+
+    def _local_inputs(self, si: fm.StepInputs) -> fm.StepInputs:
+        """This process's rows of a step drawn for the global batch, with the sharded forward if sharded."""
+        rows = self._rows(si.x.shape[0])
+        if rows is None:
+            return dataclasses.replace(si, forward=D.sharded_forward(si.forward))
+        x, noise, t, r, text = self._take(rows, si.x, si.noise, si.t, si.r, si.text)
+        return dataclasses.replace(si, forward=D.sharded_forward(si.forward.take(rows)), x=x, noise=noise, t=t, r=r,
+                                   kind=si.kind[rows], text=text, dropped=si.dropped[rows])
+
+    def _average_losses(self, record: dict) -> None:
+        """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over processes (the
+        global-batch value); other statistics (e.g. per-kind losses) stay this process's."""
+        if self.world_size == 1 or self.all_reduce is None:
+            return
+        keys = [k for k in GLOBAL_LOSSES if k in record]  # the same keys on every process (global coins)
+        if not keys:
+            return
+        device = next(self.model.parameters()).device
+        values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=device)
+        for k, v in zip(keys, (self.all_reduce(values) / self.world_size).tolist()):
+            record[k] = v
 
     def _losses(self, latents, text):
         """Yield the step's losses one by one (each is backpropagated before the next is built)."""
@@ -190,12 +282,13 @@ class Trainer:
         """The forward flow-map loss (reference §6), bidirectional or FAR (+ FAR's bidirectional modeling)."""
         cfg, g = self.cfg, self.generator
         fmc = cfg.flowmap
-        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g, rank=self.rank,
-                  world_size=self.world_size, backend=self.backend)
+        # drawn for the global batch (pair kinds by global index), then this process's rows
+        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g, backend=self.backend)
         if self.far:
             si = fm.prepare_far(self.model, latents, text, self.negative, fmc, cfg.far, **kw)
         else:
             si = fm.prepare_bidirectional(self.model, latents, text, self.negative, fmc, **kw)
+        si = self._local_inputs(si)
         neg = fm.expand_negative(self.negative, si.text) if fmc.fuse_guidance_scale != 1.0 else None
         out = fm.flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, neg, fmc,
                                self.weighting, self.all_reduce)
@@ -207,7 +300,9 @@ class Trainer:
             if coin:
                 extra = fm.bidirectional_modeling_loss(
                     self.model, latents, text, self.negative, shift=cfg.shift,
-                    guidance_scale=fmc.fuse_guidance_scale, generator=g, backend=self.backend)
+                    guidance_scale=fmc.fuse_guidance_scale, generator=g, backend=self.backend,
+                    forward=D.sharded_forward(fm.BidirectionalForward(self.model, self.backend)),
+                    rows=self._rows(latents.shape[0]))
                 extra.stats = {"loss_bidirectional": extra.stats["loss"]}
                 yield extra
 
@@ -226,7 +321,11 @@ class Trainer:
             b, f = x.shape[:2]
             t = fm.sample_logit_normal(b, cfg.shift, g)[:, None].expand(b, f).to(x.device)
             noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-            yield fm.flow_matching_loss(fwd, x, noise, t, text)
+            rows = self._rows(b)
+            if rows is not None:
+                fwd = fwd.take(rows)
+                x, noise, t, text = self._take(rows, x, noise, t, text)
+            yield fm.flow_matching_loss(D.sharded_forward(fwd), x, noise, t, text)
         elif cfg.phase == "consistency":
             noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
             neg = fm.expand_negative(self.negative, text)
@@ -242,25 +341,30 @@ class Trainer:
         if self.far:
             ro = op.FARRollout(self.model, text, self.cfg.far.chunk_partition, noise.shape[-2:], self.backend)
             return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
-        return op.bidirectional_rollout(fm.BidirectionalForward(self.model, self.backend), noise, text, plan,
-                                        grad=grad, grad_segments=self.dmd.grad_segments, params=params)
+        return op.bidirectional_rollout(D.sharded_forward(fm.BidirectionalForward(self.model, self.backend)), noise,
+                                        text, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
 
     def _rollout_frames(self, latents) -> int:
         return sum(self.cfg.far.chunk_partition) if self.far else latents.shape[1]
 
     def _generator_losses(self, latents, text):
-        """DMD on the first ``dmd_batch_size`` samples, then (co-training) the forward loss on all."""
+        """DMD on the first ``dmd_batch_size`` samples (of each process's slice), then (co-training) the
+        forward loss on all; draws are made for the global DMD batch (``dmd_batch_size * world_size``)."""
         cfg, g, d = self.cfg, self.generator, self.dmd
-        nb = min(d.dmd_batch_size, latents.shape[0])
+        rows = self._rows(latents.shape[0])
+        local_text = text if rows is None else self._take(rows, text)[0]
+        nb = min(d.dmd_batch_size, local_text.shape[0])
+        dmd_rows = None if rows is None else torch.arange(self.rank * nb, (self.rank + 1) * nb)
         dev = latents.device
-        shape = (nb, self._rollout_frames(latents)) + tuple(latents.shape[2:])
+        shape = (nb * self.world_size, self._rollout_frames(latents)) + tuple(latents.shape[2:])
         plan = op.sample_plan(d.rollout_steps, cfg.shift, g)
-        noise = torch.randn(shape, generator=g).to(dev)
-        x_hat, nfe = self._rollout(noise, text[:nb], plan, grad=True)
-        t = op.sample_dmd_timesteps(nb, cfg.shift, g, d.min_timestep, d.max_timestep)
-        t = t[:, None].expand(nb, shape[1]).to(dev)
+        noise, = self._take(dmd_rows, torch.randn(shape, generator=g).to(dev))
+        x_hat, nfe = self._rollout(noise, local_text[:nb], plan, grad=True)
+        t = op.sample_dmd_timesteps(shape[0], cfg.shift, g, d.min_timestep, d.max_timestep)
+        t = t[:, None].expand(shape[0], shape[1]).to(dev)
         dmd_noise = torch.randn(shape, generator=g).to(dev)
-        out = op.dmd_generator_loss(x_hat, dmd_noise, t, text[:nb], self.negative, self.real_forward,
+        t, dmd_noise = self._take(dmd_rows, t, dmd_noise)
+        out = op.dmd_generator_loss(x_hat, dmd_noise, t, local_text[:nb], self.negative, self.real_forward,
                                     self.critic_forward, real_guidance_scale=d.real_guidance_scale,
                                     dmd_weight=d.dmd_weight)
         out.stats.update(rollout_steps=plan.num_steps, rollout_grad_step=plan.grad_step, rollout_nfe=nfe)
@@ -275,10 +379,11 @@ class Trainer:
         cfg, g, d = self.cfg, self.generator, self.dmd
         latents, text = next(self.data)
         latents, text = latents.to(device), text.to(device)
-        b = latents.shape[0]
+        b = latents.shape[0]  # global batch: draws for all of it, then this process's rows
+        rows = self._rows(b)
         shape = (b, self._rollout_frames(latents)) + tuple(latents.shape[2:])
         plan = op.sample_plan(d.rollout_steps, cfg.shift, g)
-        noise = torch.randn(shape, generator=g).to(device)
+        noise, text = self._take(rows, torch.randn(shape, generator=g).to(device), text)
         self.critic_optimizer.zero_grad(set_to_none=True)
         with self._autocast(device):
             self.model.eval()
@@ -290,13 +395,16 @@ class Trainer:
             t = op.sample_critic_timesteps(b, cfg.shift, g, d.min_timestep, d.max_timestep)
             t = t[:, None].expand(b, shape[1]).to(device)
             eps = torch.randn(shape, generator=g).to(device)
+            t, eps = self._take(rows, t, eps)
             out = op.critic_loss(self.critic_forward, x, eps, t, text)
         out.loss.backward()
         params = [p for _, p in self.critic_params]
         norm = torch.nn.utils.clip_grad_norm_(params, d.critic_optimizer.max_grad_norm)
         self.critic_optimizer.step()
         self.critic_lr_scheduler.step()
-        return {**out.stats, "critic_grad_norm": float(norm), "critic_lr": self.critic_optimizer.param_groups[0]["lr"],
+        self._average_losses(out.stats)
+        return {**out.stats, "critic_grad_norm": float(D.full_tensor(norm)),
+                "critic_lr": self.critic_optimizer.param_groups[0]["lr"],
                 "critic_rollout_steps": plan.num_steps, "critic_rollout_grad_step": plan.grad_step}
 
     def _onpolicy_step(self, device) -> dict:
@@ -316,11 +424,13 @@ class Trainer:
                 total += float(out.loss.detach())
                 record.update(out.stats)
             params = [p for _, p in self.named_params]
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+            record["grad_norm"] = float(D.full_tensor(norm))
             self.optimizer.step()
             self.lr_scheduler.step()
             self.ema.update(self.step)
             record["loss"] = total
+            self._average_losses(record)
         record.update(self._critic_step(device))
         return record
 
@@ -349,11 +459,12 @@ class Trainer:
             out.loss.backward()
             record.update(out.stats)
         params = [p for _, p in self.named_params]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.ema.update(self.step)
         self.step += 1
+        self._average_losses(record)
         record["grad_norm"] = float(grad_norm)
         record["time_s"] = time.perf_counter() - start
         self._log(record)
@@ -384,34 +495,50 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The checkpoint: whole tensors whatever the sharding (gathering them is a collective: with
+        ``fsdp`` every process must call this)."""
         state = {
             "step": self.step,
-            "model": {n: p.detach().cpu().clone() for n, p in self.named_params},
-            "optimizer": self.optimizer.state_dict(),
+            "model": _full_params(self.named_params),
+            "optimizer": D.gather_optimizer_state(self.optimizer.state_dict()),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": self._ema_state(),
             "rng": ckpt.rng_state({"train": self.generator}),
             "config": to_dict(self.cfg),
         }
         if hasattr(self.data, "state_dict"):
             state["data"] = self.data.state_dict()
         if self.critic is not None:
-            state["critic"] = {n: p.detach().cpu().clone() for n, p in self.critic_params}
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+            state["critic"] = _full_params(self.critic_params)
+            state["critic_optimizer"] = D.gather_optimizer_state(self.critic_optimizer.state_dict())
             state["critic_lr_scheduler"] = self.critic_lr_scheduler.state_dict()
         return state
 
+    def _ema_state(self) -> dict:
+        state = self.ema.state_dict()
+        if not self.fsdp:
+            return state
+        own = dict(self.named_params)
+        return {**state, "shadow": {n: D.gather_shard(s, own[n]).cpu() for n, s in state["shadow"].items()}}
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint of :meth:`state_dict` (written by any number of processes)."""
         _restore_params(self.named_params, state["model"], "trainable parameters")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(D.shard_optimizer_state(state["optimizer"], [p for _, p in self.named_params]))
         if self.critic is not None:
             if "critic" not in state:
                 raise KeyError("checkpoint has no critic state (not an on-policy run)")
             _restore_params(self.critic_params, state["critic"], "critic parameters")
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            self.critic_optimizer.load_state_dict(
+                D.shard_optimizer_state(state["critic_optimizer"], [p for _, p in self.critic_params]))
             self.critic_lr_scheduler.load_state_dict(state["critic_lr_scheduler"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.ema.load_state_dict(state["ema"])
+        ema = state["ema"]
+        if self.fsdp:
+            own = dict(self.named_params)
+            ema = {**ema, "shadow": {n: D.local_view(D.shard_of(s, own[n])) if n in own else s
+                                     for n, s in ema["shadow"].items()}}
+        self.ema.load_state_dict(ema)
         ckpt.set_rng_state(state["rng"], {"train": self.generator})
         if "data" in state and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
@@ -420,9 +547,15 @@ class Trainer:
     @torch.no_grad()
     def export_state_dict(self, ema: bool = True, dtype=None) -> dict:
         """The student's plain weights (LoRA adapters merged, original names), with the EMA values of
-        the trainable parameters swapped in when ``ema`` (the official ``ema`` export)."""
+        the trainable parameters swapped in when ``ema`` (the official ``ema`` export).
+
+        With ``fsdp`` the whole weights are gathered (a collective: every process must call this) and
+        only rank 0 gets them; the other processes get ``{}``.
+        """
         from .lora import merged_state_dict
 
+        if self.fsdp:
+            return self._export_sharded(ema, dtype)
         saved = {n: p.detach().clone() for n, p in self.named_params}
         try:
             if ema:
@@ -435,22 +568,64 @@ class Trainer:
             for n, v in saved.items():
                 own[n].copy_(v)
 
+    def _export_sharded(self, ema: bool, dtype) -> dict:
+        """Gather every weight (EMA swapped in), then merge on rank 0 in an unsharded twin of the student."""
+        from .lora import apply_lora, merged_state_dict
+
+        full = {n: D.full_tensor(v.detach()).cpu() for n, v in self.model.state_dict().items()}
+        if ema:
+            own = dict(self.named_params)
+            for n, s in self.ema.shadow.items():
+                full[n] = D.gather_shard(s, own[n]).cpu()
+        if self.rank != 0:
+            return {}
+        cls = getattr(type(self.model), "_anyflow_original_class", type(self.model))
+        with torch.device("meta"):  # no initialisation: every tensor is assigned from the gathered state
+            twin = cls.from_config(self.model.config)
+            if self.cfg.lora is not None:
+                apply_lora(twin, self.cfg.lora)
+        twin.load_state_dict(full, assign=True)
+        return merged_state_dict(twin, dtype)
+
     def save(self, path=None) -> Path:
-        """Write a checkpoint atomically (default ``output_dir/checkpoint-<step>.pt``)."""
+        """Write a checkpoint atomically (default ``output_dir/checkpoint-<step>.pt``).
+
+        With ``fsdp`` every process must call it (the state is gathered); rank 0 writes, and the call
+        returns once the file is in place on every process.
+        """
         if path is None:
             if self.output_dir is None:
                 raise ValueError("save() needs a path when the trainer has no output_dir")
             path = ckpt.checkpoint_path(self.output_dir, self.step)
-        return ckpt.atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.rank == 0:
+            ckpt.atomic_save(state, path)
+        if self.fsdp:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return Path(path)
 
     def resume(self, path=None) -> Optional[Path]:
-        """Load ``path`` (default: the latest checkpoint in ``output_dir``); returns it, or ``None``."""
+        """Load ``path`` (default: the latest checkpoint in ``output_dir``, as rank 0 sees it); returns it,
+        or ``None``."""
         if path is None:
             path = ckpt.latest_checkpoint(self.output_dir) if self.output_dir is not None else None
+            if self.fsdp:  # every process must load the same file
+                import torch.distributed as dist
+
+                box = [None if path is None else str(path)]
+                dist.broadcast_object_list(box, src=0)
+                path = box[0]
             if path is None:
                 return None
         self.load_state_dict(ckpt.load(path))
         return Path(path)
+
+
+def _full_params(named) -> dict:
+    """``{name: whole tensor on the CPU}`` (gathered from the shards of sharded parameters)."""
+    return {n: D.full_tensor(p.detach()).cpu().clone() for n, p in named}
 
 
 def _select_trainable(model, lora_cfg, patterns, arg: str, what: str) -> list:
@@ -485,6 +660,5 @@ def _restore_params(named, saved: dict, what: str) -> None:
     missing = sorted({n for n, _ in named} - set(saved))
     if missing:
         raise KeyError(f"checkpoint lacks {what} {missing[:5]}")
-    with torch.no_grad():
-        for n, p in named:
-            p.copy_(saved[n])
+    for n, p in named:
+        D.load_full_(p, saved[n])
