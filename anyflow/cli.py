@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
-    train = sub.add_parser("train", help="train / distil from a YAML config (resumes from its output folder)")
+    train = sub.add_parser("train", help="train / distil from a YAML config (resumes from its output folder); "
+                           "under torchrun (e.g. torchrun --nproc_per_node 8 -m anyflow train CONFIG) FSDP2 data "
+                           "parallel with batch_size per process")
     train.add_argument("config", help="YAML config (`preset: NAME` plus overrides) or a preset name")
     train.add_argument("--output-dir", default=None, help="run folder (default: the config's output_dir, "
                        "else runs/<name>)")
@@ -376,7 +378,8 @@ def _train(args) -> int:
         raise UsageError(f"--data must be 'synthetic' or an existing .pt file, got {args.data}")
     trainer = train_from_config(cfg, output_dir=args.output_dir, data=args.data, steps=args.steps,
                                 resume=not args.no_resume)
-    print(f"step {trainer.step}: checkpoint in {trainer.output_dir}")
+    if trainer.rank == 0:  # under torchrun every process runs this
+        print(f"step {trainer.step}: checkpoint in {trainer.output_dir}")
     return 0
 
 

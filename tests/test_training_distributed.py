@@ -1,9 +1,13 @@
 """FSDP2 data parallelism on the CPU (gloo): 2 processes give the loss, gradients and updated parameters of
 1 process on the same global batch (bidirectional forward, FAR pretrain trainer, FAR on-policy rollout);
-sharded checkpoints load exactly."""
+sharded checkpoints load exactly; ``anyflow train`` under ``torchrun`` writes a checkpoint that a
+1-process run resumes from."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +28,11 @@ FAR_PARAMS = PARAMS + ("far_patch_embedding.weight", "condition_embedder.delta_e
 FAR_CFG = {"preset": "tiny-far", "total_iter": 3, "optimizer": {"eps": 1e-3},
            "far": {"long_context_ratio": 1.0, "bidirectional_modeling_prob": 1.0}}
 FAR_GLOBAL_BATCH = 4
+#: FAR on-policy with LoRA, per-block checkpointing and the "mid" rollout; global batch 2, every sample in DMD
+ONPOLICY_CFG = {"preset": "tiny-far", "phase": "onpolicy", "total_iter": 2, "gradient_checkpointing": True,
+                "lora": {"rank": 4, "alpha": 4, "extra_trainable": ["far_patch_embedding"]},
+                "optimizer": {"eps": 1e-3}, "far": {"long_context_ratio": 1.0},
+                "dmd": {"rollout_steps": [4], "grad_segments": "mid", "critic_optimizer": {"lr": 1e-3, "eps": 1e-3}}}
 
 
 def _batch():
@@ -70,6 +79,21 @@ def _far_trainer(batch_size, fsdp=False, model_seed=None):
     data = SyntheticClips(FAR_GLOBAL_BATCH, sum(cfg.far.chunk_partition), seed=1)  # the global batch
     negative = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(123))
     return Trainer(build_model(cfg), cfg, data, negative, log_stream=None, fsdp=fsdp)
+
+
+def _onpolicy_trainer(world, overrides=None):
+    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.training.config import from_dict
+    from anyflow.training.data import SyntheticClips
+    from anyflow.training.trainer import Trainer, build_model
+
+    over = {**ONPOLICY_CFG, **(overrides or {}), "batch_size": 2 // world}
+    over["dmd"] = {**ONPOLICY_CFG["dmd"], "dmd_batch_size": 2 // world}
+    cfg = from_dict(over)
+    negative = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(123))
+    torch.manual_seed(0)  # peft initialises LoRA A from the global generator
+    return Trainer(build_model(cfg), cfg, SyntheticClips(2, 8, seed=2), negative, log_stream=None, fsdp=world > 1,
+                   real_score=tiny_transformer("bidirectional", seed=7))
 
 
 def _rollout_grads(model, rows, mode):
@@ -145,6 +169,13 @@ def _worker(rank, world, port, path):
                     for i, s in state["optimizer"]["state"].items() for k, v in s.items())
         out["restore_exact"] = bool(same) and again["step"] == state["step"]
         out["next_loss"] = [trainer.train_step()["loss"], fresh.train_step()["loss"]]
+
+        # 4. the FAR on-policy trainer (DMD + critic + co-trained forward loss), then bf16 under FSDP's policy
+        trainer = _onpolicy_trainer(world)
+        out["onpolicy"] = trainer.fit()
+        out["onpolicy_params"] = [{n: _full(p) for n, p in named}  # student, critic (names overlap)
+                                  for named in (trainer.named_params, trainer.critic_params)]
+        out["onpolicy_bf16"] = _onpolicy_trainer(world, {"mixed_precision": True, "total_iter": 1}).fit()
         if rank == 0:
             torch.save(out, path)
     finally:
@@ -207,6 +238,54 @@ def test_fsdp2_far_pretrain_trainer_matches_one_process(two_process_results):
     # the restored trainer holds the same state and takes the same next step
     assert res["restore_exact"]
     assert res["next_loss"][0] == res["next_loss"][1]
+
+
+def test_fsdp2_far_onpolicy_trainer_matches_one_process(two_process_results):
+    res = two_process_results
+    one = _onpolicy_trainer(1)
+    records = one.fit()
+    for got, ref in zip(res["onpolicy"], records):
+        for key in ("loss", "loss_dmd", "loss_forward", "loss_critic", "grad_norm", "critic_grad_norm"):
+            assert abs(got[key] - ref[key]) <= 1e-5 * abs(ref[key]), (key, got[key], ref[key])
+    for got, named in zip(res["onpolicy_params"], (one.named_params, one.critic_params)):  # student, critic
+        for name, p in named:
+            assert _rel(got[name], p.detach()) < 1e-5, name
+    # bf16 parameters in the forward (fp32 master shards, fp32 reduction): close to fp32, not equal
+    bf16, fp32 = res["onpolicy_bf16"][0], records[0]
+    for key in ("loss", "loss_critic"):
+        assert abs(bf16[key] - fp32[key]) <= 2e-2 * abs(fp32[key]) and bf16[key] != fp32[key], key
+
+
+def test_torchrun_anyflow_train_checkpoint_resumes_in_one_process(tmp_path):
+    from anyflow.training import checkpoint as ckpt
+    from anyflow.training.run import train_from_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("preset: tiny-far\nbatch_size: 1\ntotal_iter: 2\nfar: {bidirectional_modeling_prob: 0.5}\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "anyflow", "train", str(cfg), "--output-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 2: checkpoint in") == 1  # rank 0 alone reports
+    state = ckpt.load(ckpt.latest_checkpoint(out))
+    assert state["step"] == 2 and state["data"] == {"index": 2}
+    assert all(not hasattr(v, "device_mesh") for v in state["model"].values())  # whole tensors
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    # rank 0 exported the EMA transformer (whole weights)
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    exported = AnyFlowFARTransformer3DModel.from_pretrained(out / "transformer").state_dict()
+    for name, v in state["ema"]["shadow"].items():
+        assert torch.equal(exported[name], v), name
+    # one process picks the run up from the 2-process checkpoint
+    cfg.write_text(cfg.read_text().replace("total_iter: 2", "total_iter: 3"))
+    trainer = train_from_config(str(cfg), output_dir=out, log_stream=None)
+    assert trainer.step == 3 and trainer.world_size == 1
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
 
 
 def test_enable_swaps_and_restores_block_classes():

@@ -13,6 +13,7 @@ running the same command again continues from the newest checkpoint bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
@@ -124,29 +125,56 @@ def train_from_config(
     """Build everything from ``config`` (path, preset, mapping or :class:`TrainConfig`), resume from the
     newest checkpoint in the output folder (unless ``resume`` is false), run ``steps`` steps (default: up
     to ``total_iter``) and write a final checkpoint; once ``total_iter`` is reached, also the EMA
-    transformer as ``output_dir/transformer`` (:func:`export_transformer`). Returns the trainer."""
+    transformer as ``output_dir/transformer`` (:func:`export_transformer`). Returns the trainer.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on CUDA, each
+    process on ``cuda:LOCAL_RANK``; gloo on the CPU), student, critic and teacher are FSDP2-sharded,
+    ``config.batch_size`` is per process (the global batch is ``batch_size * WORLD_SIZE``, every
+    process reading it and training on its slice), and rank 0 alone logs and writes the config, the
+    checkpoints (whole tensors, loadable by any number of processes) and the exported transformer.
+    The process group is destroyed before returning.
+    """
+    from . import distributed as D
     from .trainer import Trainer
 
-    if log_stream == "stdout":
-        log_stream = sys.stdout
-    cfg = resolve(config)
-    out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_transformer(cfg.model, cfg.far)
-    teacher = None
-    if cfg.phase == "onpolicy":
-        if cfg.dmd is None or cfg.dmd.teacher is None:
-            raise ValueError("phase 'onpolicy' needs dmd.teacher (the real score model) in the config")
-        teacher = build_transformer(cfg.dmd.teacher)
-    it, negative = build_data(cfg, model, data, frames, latent_hw)
-    dump_config(cfg, out / "config.yaml")
-    trainer = Trainer(model, cfg, it, negative, real_score=teacher, output_dir=out, log_stream=log_stream)
-    if resume:
-        path = trainer.resume()
-        if path is not None and log_stream is not None:
-            print(f"resumed from {path} (step {trainer.step})", file=log_stream, flush=True)
-    trainer.fit(steps)
-    trainer.save()
-    if trainer.step >= cfg.total_iter:
-        export_transformer(trainer, out / "transformer")
-    return trainer
+    ctx = D.init_from_env()
+    try:
+        main = ctx is None or ctx.is_main
+        if log_stream == "stdout":
+            log_stream = sys.stdout
+        if not main:
+            log_stream = None
+        cfg = resolve(config)
+        out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
+        out.mkdir(parents=True, exist_ok=True)
+        model = build_transformer(cfg.model, cfg.far)
+        teacher = None
+        if cfg.phase == "onpolicy":
+            if cfg.dmd is None or cfg.dmd.teacher is None:
+                raise ValueError("phase 'onpolicy' needs dmd.teacher (the real score model) in the config")
+            teacher = build_transformer(cfg.dmd.teacher)
+        world = 1 if ctx is None else ctx.world_size
+        data_cfg = cfg if world == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * world)
+        it, negative = build_data(data_cfg, model, data, frames, latent_hw)
+        if main:
+            dump_config(cfg, out / "config.yaml")
+        if ctx is not None:
+            model = model.to(ctx.device)
+            teacher = None if teacher is None else teacher.to(ctx.device)
+        trainer = Trainer(model, cfg, it, negative, real_score=teacher, output_dir=out, log_stream=log_stream,
+                          fsdp=ctx is not None)
+        if resume:
+            path = trainer.resume()
+            if path is not None and log_stream is not None:
+                print(f"resumed from {path} (step {trainer.step})", file=log_stream, flush=True)
+        trainer.fit(steps)
+        trainer.save()
+        if trainer.step >= cfg.total_iter:
+            if main:
+                export_transformer(trainer, out / "transformer")
+            else:  # the export gathers the sharded weights: every process takes part
+                trainer.export_state_dict()
+        return trainer
+    finally:
+        if ctx is not None:
+            D.destroy()
