@@ -15,9 +15,13 @@ clips (Frechet distance and kernel MMD on fixed PCA features). It writes ``resul
 ``results.md``, ``anystep.png`` and ``samples.png`` into ``--out``.
 
 "Latent" space: no VAE. A clip of ``frames`` RGB frames at ``height x width`` pixels in [0, 1] is
-mapped to [-1, 1], folded space-to-depth 4x4 (3 -> 48 channels at height/4 x width/4) and normalised
-per channel with the mean and standard deviation of the training clips, so the model space is an
-invertible per-channel affine map of the pixels (:class:`PixelSpace`).
+mapped to [-1, 1], folded space-to-depth ``fold x fold`` (3 -> 3 fold^2 channels at height/fold x
+width/fold) and normalised per channel with the mean and standard deviation of the training clips, so
+the model space is an invertible per-channel affine map of the pixels (:class:`PixelSpace`). The full
+study uses 16x28 px folded 2x2 (12 channels at 8x14): with the transformer's 2x2 patches a token then
+carries 48 values, fewer than the model width (128). At 32x56 px folded 4x4 a token carries 192 values,
+and a velocity-predicting transformer 128 wide cannot pass the noise part of its target through the
+patch embedding (the final samples keep a third of the noise; see docs/anystep/README.md).
 
 Data: the last ``holdout`` frames of every video are held out (the real reference set); training
 clips are cut from the frames before them, with horizontal flips (the held-out set is flipped alike,
@@ -67,8 +71,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 #: Step counts of the evaluation.
 STEPS = (1, 2, 4, 8, 16, 32)
-#: Space-to-depth factor of the pixel "latent" space.
-FOLD = 4
 #: Method keys in table order: (key, label).
 METHODS = (
     ("teacher", "teacher, Euler ODE"),
@@ -96,6 +98,10 @@ class Size:
     Attributes:
         videos: video stems to use (``None``: all eight).
         height, width, frames: clip size in pixels and frames (16 fps, no temporal subsampling).
+        fold: space-to-depth factor of the pixel "latent" space (3 fold^2 channels).
+        shift: flow shift k of every phase and sampler grid, ``t = 1000 k s / (1 + (k - 1) s)``. Wan's
+            5 suits 480p latents; at 8x14 latents it would leave t < 200 almost untrained (with the
+            teacher's logit-normal draws P(t < 200) = 0.001 at k = 5, 0.08 at k = 1).
         holdout: trailing frames of every video kept out of training (the held-out real clips).
         stride, holdout_stride: frame step between training / held-out clip starts.
         text_len: prompt tokens kept.
@@ -111,9 +117,11 @@ class Size:
     """
 
     videos: Optional[tuple] = None
-    height: int = 32
-    width: int = 56
+    height: int = 16
+    width: int = 28
     frames: int = 9
+    fold: int = 2
+    shift: float = 1.0
     holdout: int = 20
     stride: int = 2
     holdout_stride: int = 1
@@ -123,11 +131,11 @@ class Size:
         num_layers=4, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64))
     batch_size: int = 8
     dmd_batch_size: int = 4
-    teacher_iters: int = 1500
-    pretrain_iters: int = 400
-    onpolicy_iters: int = 150
+    teacher_iters: int = 2000
+    pretrain_iters: int = 300
+    onpolicy_iters: int = 100
     consistency_iters: Optional[int] = None
-    eval_per_caption: int = 6
+    eval_per_caption: int = 5
     reference_steps: int = 128
     pca_dim: int = 32
     save_every: int = 250
@@ -151,7 +159,7 @@ SMOKE = Size(
 # --------------------------------------------------------------------------------------------------
 # pixel "latent" space
 # --------------------------------------------------------------------------------------------------
-def space_to_depth(x: torch.Tensor, k: int = FOLD) -> torch.Tensor:
+def space_to_depth(x: torch.Tensor, k: int) -> torch.Tensor:
     """``[..., C, H, W]`` -> ``[..., C k k, H / k, W / k]`` (channel index ``c k^2 + dy k + dx``)."""
     *lead, c, h, w = x.shape
     if h % k or w % k:
@@ -162,7 +170,7 @@ def space_to_depth(x: torch.Tensor, k: int = FOLD) -> torch.Tensor:
     return x.reshape(*lead, c * k * k, h // k, w // k)
 
 
-def depth_to_space(x: torch.Tensor, k: int = FOLD) -> torch.Tensor:
+def depth_to_space(x: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`space_to_depth`."""
     *lead, ck, h, w = x.shape
     c = ck // (k * k)
@@ -174,28 +182,29 @@ def depth_to_space(x: torch.Tensor, k: int = FOLD) -> torch.Tensor:
 
 @dataclass
 class PixelSpace:
-    """Pixels ``[N, F, 3, H, W]`` in [0, 1] <-> model latents ``[N, F, 48, H/4, W/4]``:
+    """Pixels ``[N, F, 3, H, W]`` in [0, 1] <-> model latents ``[N, F, 3 k^2, H / k, W / k]`` (k = ``fold``):
     ``z = (space_to_depth(2 x - 1) - mean_c) / std_c`` with per-channel training statistics."""
 
-    mean: torch.Tensor  # [48]
-    std: torch.Tensor  # [48]
+    mean: torch.Tensor  # [3 k^2]
+    std: torch.Tensor  # [3 k^2]
+    fold: int
 
     @classmethod
-    def fit(cls, pixels: torch.Tensor) -> "PixelSpace":
+    def fit(cls, pixels: torch.Tensor, fold: int) -> "PixelSpace":
         """Channel statistics of the folded training clips."""
-        z = space_to_depth(pixels * 2 - 1).transpose(0, 2).flatten(1)  # [48, rest]
-        return cls(z.mean(1), z.std(1))
+        z = space_to_depth(pixels * 2 - 1, fold).transpose(0, 2).flatten(1)  # [3 k^2, rest]
+        return cls(z.mean(1), z.std(1), fold)
 
     def _view(self, v):
         return v.view(1, 1, -1, 1, 1)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] -> normalised latents."""
-        return (space_to_depth(pixels * 2 - 1) - self._view(self.mean)) / self._view(self.std)
+        return (space_to_depth(pixels * 2 - 1, self.fold) - self._view(self.mean)) / self._view(self.std)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels (not clamped)."""
-        return (depth_to_space(latents.float() * self._view(self.std) + self._view(self.mean)) + 1) / 2
+        return (depth_to_space(latents.float() * self._view(self.std) + self._view(self.mean), self.fold) + 1) / 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
     """Cut, fold and encode the real clips once; later calls read the files back.
 
     Writes ``train.pt`` (the ``anyflow train --data`` format: ``latents``, ``text`` table,
-    ``text_index``, ``negative``, plus ``pixel_mean`` / ``pixel_std``), ``heldout.pt`` (``latents``,
+    ``text_index``, ``negative``, plus ``pixel_mean`` / ``pixel_std`` / ``fold``), ``heldout.pt`` (``latents``,
     ``text_index``) and ``meta.json`` (captions, clip counts, the frame split).
 
     Returns:
@@ -249,14 +258,14 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
             split[v.name] = {"frames": v.frames.shape[0], "train_frames": [0, cut], "heldout_frames": [cut, v.frames.shape[0]],
                              "train_clips": 2 * a.shape[0], "heldout_clips": 2 * b.shape[0]}
         train, held = torch.cat(train), torch.cat(held)
-        space = PixelSpace.fit(train)
+        space = PixelSpace.fit(train, size.fold)
         text, negative = encode_captions([v.caption for v in videos], size.text_len)
         save_dataset(train_path, space.encode(train), text, negative, text_index=torch.tensor(train_idx),
-                     pixel_mean=space.mean, pixel_std=space.std)
+                     pixel_mean=space.mean, pixel_std=space.std, fold=torch.tensor(size.fold))
         torch.save({"latents": space.encode(held), "text_index": torch.tensor(held_idx)}, held_path)
         meta = {"captions": [v.caption for v in videos], "videos": [v.name for v in videos], "split": split,
                 "train_clips": int(train.shape[0]), "heldout_clips": int(held.shape[0]),
-                "clip": {"frames": size.frames, "height": size.height, "width": size.width, "fps": 16},
+                "clip": {"frames": size.frames, "height": size.height, "width": size.width, "fps": 16, "fold": size.fold},
                 "latent": list(space.encode(train[:1]).shape[2:]), "text_len": size.text_len,
                 "seconds": time.perf_counter() - start}
         meta_path.write_text(json.dumps(meta, indent=2))
@@ -264,7 +273,7 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
             f"({meta['seconds']:.1f} s)")
     blob = load_dataset(train_path)
     return {"train": train_path, "heldout": held_path, "meta": json.loads(meta_path.read_text()),
-            "space": PixelSpace(blob["pixel_mean"], blob["pixel_std"])}
+            "space": PixelSpace(blob["pixel_mean"], blob["pixel_std"], int(blob["fold"]))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,12 +281,12 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
 # --------------------------------------------------------------------------------------------------
 def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
     return dict(name=name, phase=phase, batch_size=size.batch_size, total_iter=total, seed=seed,
-                mixed_precision=False, gradient_checkpointing=False, shift=5.0, drop_text_ratio=0.1,
+                mixed_precision=False, gradient_checkpointing=False, shift=size.shift, drop_text_ratio=0.1,
                 flowmap={"fuse_guidance_scale": 1.0}, save_every=size.save_every, log_every=size.log_every,
                 backend="torch")
 
 
-def phase_configs(size: Size, runs: Path, text_dim: int = 384, channels: int = 3 * FOLD * FOLD) -> dict:
+def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
     """The four phase configs (``anyflow.training`` mappings) of the study, keyed by run folder name.
 
     Teacher from scratch (official teacher recipe, higher LR for a from-scratch model); AnyFlow
@@ -285,6 +294,7 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384, channels: int = 3
     EMA with the official rollout steps {2, 4, 8, 16, 50}, betas (0, 0.999), critic = a copy of the
     teacher. Full fine-tuning (no LoRA); fp32; no guidance anywhere (module docstring).
     """
+    channels = 3 * size.fold ** 2
     arch = dict(size.arch, in_channels=channels, out_channels=channels, text_dim=text_dim)
     teacher = str(runs / "teacher" / "transformer")
     pretrain = str(runs / "anyflow_pretrain" / "transformer")
@@ -617,7 +627,7 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
 
     models = {"teacher": load_model(runs / "teacher" / "transformer")}
     start = time.perf_counter()
-    ref = make_sampler("euler", models["teacher"])(noise, text, size.reference_steps)
+    ref = make_sampler("euler", models["teacher"], size.shift)(noise, text, size.reference_steps)
     ref_pix = space.decode(ref)
     log(f"eval: teacher {size.reference_steps}-step reference ({time.perf_counter() - start:.1f} s)")
     # the data floor: as many real training clips as generated ones, against the held-out clips
@@ -630,7 +640,7 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
         folder, kind = METHOD_MODELS[key]
         if folder not in models:
             models[folder] = load_model(runs / folder / "transformer")
-        sample = make_sampler(kind, models[folder], seed=seed)
+        sample = make_sampler(kind, models[folder], size.shift, seed=seed)
         for n in steps:
             t0 = time.perf_counter()
             x = sample(noise, text, n)

@@ -36,18 +36,21 @@ def _have_inputs():
 def test_space_to_depth_round_trip_and_normalisation():
     g = torch.Generator().manual_seed(0)
     pix = torch.rand(3, 5, 3, 32, 56, generator=g)
-    z = anystep.space_to_depth(pix)
+    z = anystep.space_to_depth(pix, 4)
     assert z.shape == (3, 5, 48, 8, 14)
     # channel c * 16 + dy * 4 + dx holds pixel (4 i + dy, 4 j + dx) of colour c
     assert torch.equal(z[1, 2, 2 * 16 + 3 * 4 + 1, 5, 7], pix[1, 2, 2, 4 * 5 + 3, 4 * 7 + 1])
-    assert torch.equal(anystep.depth_to_space(z), pix)
-    space = anystep.PixelSpace.fit(pix)
-    lat = space.encode(pix)
-    torch.testing.assert_close(lat.transpose(0, 2).flatten(1).mean(1), torch.zeros(48), atol=1e-5, rtol=0)
-    torch.testing.assert_close(lat.transpose(0, 2).flatten(1).std(1), torch.ones(48), atol=1e-5, rtol=0)
-    torch.testing.assert_close(space.decode(lat), pix, atol=1e-5, rtol=0)
+    assert torch.equal(anystep.depth_to_space(z, 4), pix)
+    for fold in (2, 4):
+        space = anystep.PixelSpace.fit(pix, fold)
+        lat = space.encode(pix)
+        c = 3 * fold ** 2
+        assert lat.shape == (3, 5, c, 32 // fold, 56 // fold)
+        torch.testing.assert_close(lat.transpose(0, 2).flatten(1).mean(1), torch.zeros(c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(lat.transpose(0, 2).flatten(1).std(1), torch.ones(c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(space.decode(lat), pix, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="multiples"):
-        anystep.space_to_depth(torch.rand(1, 1, 3, 30, 56))
+        anystep.space_to_depth(torch.rand(1, 1, 3, 30, 56), 4)
 
 
 def test_distances():
