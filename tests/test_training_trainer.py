@@ -63,6 +63,21 @@ def test_resume_is_bit_exact(case, tmp_path):
     _assert_same_state(straight, resumed)
 
 
+def test_resume_after_an_interruption_logs_each_step_once(tmp_path):
+    """A run killed after logging past its last checkpoint: the resumed run drops those records and logs
+    the steps again, so log.jsonl has one record per step."""
+    import json
+
+    cfg = {"preset": "tiny", "total_iter": 4, "save_every": 2}
+    a = _trainer(cfg, output_dir=tmp_path)
+    a.fit(3)  # checkpoint at step 2, log records 1..3, then "killed"
+    b = _trainer(cfg, output_dir=tmp_path)
+    assert b.resume() is not None and b.step == 2
+    b.fit(2)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_checkpoint_restores_global_rng_and_loads_weights_only(tmp_path):
     tr = _trainer({"preset": "tiny", "total_iter": 1})
     torch.manual_seed(5), random.seed(5), np.random.seed(5)

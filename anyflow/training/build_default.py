@@ -40,8 +40,9 @@ CLIP_STRIDE = 4
 MAX_SEQUENCE_LENGTH = 512
 #: The VAE of the shipped model.
 VAE = VAEConfig()
-#: Decoder refinement after the latents are fixed (encoder frozen).
-DECODER = VAEConfig(steps=600, lr=1e-3, seed=1)
+#: Decoder refinement passes after the latents are fixed (encoder frozen): short windows first, then
+#: whole clips, so the causal feature cache is trained over all latent frames of a sample.
+DECODER_PASSES = (VAEConfig(steps=600, lr=1e-3, seed=1), VAEConfig(steps=300, window=NUM_FRAMES, lr=5e-4, seed=2))
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "default-far"
@@ -106,14 +107,21 @@ def stage_decoder(work: Path, log=print, smoke=False) -> None:
     from .autoencoder import train_vae
 
     videos = _videos(log, smoke)
-    vae = AutoencoderKLWan.from_pretrained(work / "vae")
-    cfg = dataclasses.replace(DECODER, steps=2) if smoke else DECODER
-    vae, history = train_vae([v.frames for v in videos], cfg, log=log, vae=vae, decoder_only=True)
-    tmp = work / ".decoder.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    (tmp / "history.json").write_text(json.dumps(history, indent=1))
-    tmp.rename(work / "decoder")
+    source = work / "vae"
+    for k, cfg in enumerate(DECODER_PASSES, 1):
+        out = work / f"decoder-{k}"
+        if not (out / "config.json").is_file():
+            vae = AutoencoderKLWan.from_pretrained(source)
+            cfg = dataclasses.replace(cfg, steps=2) if smoke else cfg
+            vae, history = train_vae([v.frames for v in videos], cfg, log=log, vae=vae, decoder_only=True)
+            tmp = work / f".decoder-{k}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            vae.save_pretrained(tmp)
+            (tmp / "history.json").write_text(json.dumps(history, indent=1))
+            tmp.rename(out)
+        source = out
+    shutil.copytree(source, work / ".decoder.tmp", dirs_exist_ok=True)
+    (work / ".decoder.tmp").rename(work / "decoder")
 
 
 def stage_data(work: Path, log=print, smoke=False) -> None:
@@ -163,7 +171,7 @@ def assemble(work: Path, dest: Path, log=print) -> Path:
     """Write the diffusers ``AnyFlowFARPipeline`` folder ``dest`` from the finished stages (atomically)."""
     from diffusers import FlowMapEulerDiscreteScheduler
 
-    dest = Path(dest)
+    work, dest = Path(work), Path(dest)
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -620,7 +620,24 @@ class Trainer:
             if path is None:
                 return None
         self.load_state_dict(ckpt.load(path))
+        self._truncate_log()
         return Path(path)
+
+    def _truncate_log(self) -> None:
+        """Drop ``log.jsonl`` records of steps after the resumed one (an interrupted run logged them
+        past its last checkpoint; the resumed run logs them again)."""
+        if self.output_dir is None or self.rank != 0:
+            return
+        log = Path(self.output_dir) / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(keep) != len(lines):
+            from ..io import atomic_output
+
+            with atomic_output(log) as tmp:
+                Path(tmp).write_text("".join(line + "\n" for line in keep))
 
 
 def _full_params(named) -> dict:
