@@ -2,7 +2,8 @@
 
 One command trains, on clips cut from the real evaluation videos of ``../shared/data/anyflow_eval``:
 
-1. a flow-matching **teacher** from scratch (reference §8);
+1. a flow-matching **teacher** from scratch (reference §8), in two stages: a constant learning rate,
+   then a lower one (the trainer's schedule is warm-up + constant; the second stage is the decay);
 2. **AnyFlow**: the forward flow-map pretrain initialised from the teacher (§6), then the on-policy
    Flow Map Backward Simulation with DMD against the teacher (§7);
 3. the **consistency baseline** (consistency distillation of the same teacher,
@@ -107,11 +108,15 @@ class Size:
         text_len: prompt tokens kept.
         arch: transformer constructor kwargs (``in_channels`` / ``text_dim`` are filled in).
         batch_size, dmd_batch_size: samples per step and DMD samples per generator step.
-        teacher_iters, pretrain_iters, onpolicy_iters: optimiser steps of each phase.
+        teacher_iters, pretrain_iters, onpolicy_iters: optimiser steps of each phase (the teacher's
+            include its ``teacher_decay_iters`` at the lower learning rate).
+        teacher_decay_iters: steps of the teacher's second stage.
         consistency_iters: optimiser steps of the baseline (``None``: pretrain + on-policy).
         eval_per_caption: generated clips per caption in the evaluation.
         reference_steps: Euler steps of the teacher's reference ODE solution.
         pca_dim: PCA features of the distribution distances.
+        bootstrap: resamples of the FD's bootstrap standard deviation.
+        student_ode_steps: Euler steps of the AnyFlow students' own ODE (a reference point).
         save_every: checkpoint period of the phases.
         log_every: print period of the phases.
     """
@@ -132,12 +137,15 @@ class Size:
     batch_size: int = 8
     dmd_batch_size: int = 4
     teacher_iters: int = 2000
+    teacher_decay_iters: int = 300
     pretrain_iters: int = 300
     onpolicy_iters: int = 100
     consistency_iters: Optional[int] = None
     eval_per_caption: int = 5
     reference_steps: int = 128
     pca_dim: int = 32
+    bootstrap: int = 100
+    student_ode_steps: int = 32
     save_every: int = 250
     log_every: int = 50
 
@@ -151,8 +159,8 @@ SMOKE = Size(
     videos=("1", "5"), frames=5, holdout=8, stride=12, holdout_stride=2, text_len=16,
     arch=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32,
               num_layers=1, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=32),
-    batch_size=2, dmd_batch_size=1, teacher_iters=3, pretrain_iters=3, onpolicy_iters=3, consistency_iters=3,
-    eval_per_caption=2, reference_steps=128, pca_dim=4, save_every=0, log_every=0,
+    batch_size=2, dmd_batch_size=1, teacher_iters=5, teacher_decay_iters=2, pretrain_iters=3, onpolicy_iters=3, consistency_iters=3,
+    eval_per_caption=2, reference_steps=128, pca_dim=4, bootstrap=5, student_ode_steps=4, save_every=0, log_every=0,
 )
 
 
@@ -287,9 +295,10 @@ def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
 
 
 def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
-    """The four phase configs (``anyflow.training`` mappings) of the study, keyed by run folder name.
+    """The phase configs (``anyflow.training`` mappings) of the study, keyed by run folder name.
 
-    Teacher from scratch (official teacher recipe, higher LR for a from-scratch model); AnyFlow
+    Teacher from scratch (official teacher recipe, higher LR for a from-scratch model) in two stages,
+    LR 1e-3 then 2e-4 from the first stage's EMA (``teacher`` is the final one); AnyFlow
     pretrain and the consistency baseline start from the teacher's EMA; on-policy from the pretrain
     EMA with the official rollout steps {2, 4, 8, 16, 50}, betas (0, 0.999), critic = a copy of the
     teacher. Full fine-tuning (no LoRA); fp32; no guidance anywhere (module docstring).
@@ -299,10 +308,15 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
     teacher = str(runs / "teacher" / "transformer")
     pretrain = str(runs / "anyflow_pretrain" / "transformer")
     cfgs = {
-        "teacher": dict(_common(size, "anystep-teacher", "teacher", size.teacher_iters, 1),
-                        model={"kind": "bidirectional", "arch": arch, "seed": 0},
-                        optimizer={"lr": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 100},
-                        ema={"decay": 0.995, "warmup_steps": 100}),
+        "teacher_stage1": dict(_common(size, "anystep-teacher-stage1", "teacher",
+                                       size.teacher_iters - size.teacher_decay_iters, 1),
+                               model={"kind": "bidirectional", "arch": arch, "seed": 0},
+                               optimizer={"lr": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 100},
+                               ema={"decay": 0.995, "warmup_steps": 100}),
+        "teacher": dict(_common(size, "anystep-teacher", "teacher", size.teacher_decay_iters, 5),
+                        model={"kind": "bidirectional", "pretrained": str(runs / "teacher_stage1" / "transformer")},
+                        optimizer={"lr": 2e-4, "betas": [0.9, 0.95], "warmup_steps": 0},
+                        ema={"decay": 0.99, "warmup_steps": 0}),
         "anyflow_pretrain": dict(_common(size, "anystep-anyflow-pretrain", "pretrain", size.pretrain_iters, 2),
                                  model={"kind": "bidirectional", "pretrained": teacher},
                                  optimizer={"lr": 3e-4, "betas": [0.9, 0.95], "warmup_steps": 50},
@@ -599,10 +613,15 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
     """Every method at every step count from the same noise (``eval_per_caption`` clips per caption):
     distance to the teacher's ``reference_steps``-step Euler solution and to the held-out real clips.
 
+    Per row also ``rel_l2_self`` (distance to the same method's own sample at the largest step count:
+    does the sampler converge, whatever it converges to) and ``fd_std`` (bootstrap standard deviation
+    of the FD over the generated clips). Reference points: the teacher's reference solution, the
+    AnyFlow students' own probability-flow ODE (their velocity at r = t, ``student_ode_steps`` Euler
+    steps: where their many-step samples head), and real training clips, all against the held-out set.
+
     Returns:
-        the results mapping written to ``results.json`` (``rows``: one per method and step count;
-        ``reference``: the teacher's reference solution and the real training clips against the
-        held-out set; ``samples``: pixel clips for the figure).
+        the results mapping written to ``results.json`` (``rows``, ``reference``, ``samples``: pixel
+        clips for the figure).
     """
     from anyflow.training.data import load_dataset
 
@@ -623,7 +642,11 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
 
     def distribution(pix):
         f = feats(pix.clamp(0, 1))
-        return {"fd": frechet_distance(f, f_held), "mmd2": mmd2(f, f_held, gamma)}
+        g = torch.Generator().manual_seed(seed + 2)
+        boot = [frechet_distance(f[torch.randint(0, f.shape[0], (f.shape[0],), generator=g)], f_held)
+                for _ in range(size.bootstrap)]
+        return {"fd": frechet_distance(f, f_held), "fd_std": float(torch.tensor(boot).std()),
+                "mmd2": mmd2(f, f_held, gamma)}
 
     models = {"teacher": load_model(runs / "teacher" / "transformer")}
     start = time.perf_counter()
@@ -641,17 +664,27 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
         if folder not in models:
             models[folder] = load_model(runs / folder / "transformer")
         sample = make_sampler(kind, models[folder], size.shift, seed=seed)
+        outs = {}
         for n in steps:
             t0 = time.perf_counter()
-            x = sample(noise, text, n)
+            x = outs[n] = sample(noise, text, n)
             pix = space.decode(x)
             row = {"method": key, "steps": n, "nfe": n, "rel_l2": relative_l2(x, ref),
                    "pixel_rmse": pixel_rmse(pix, ref_pix), **distribution(pix),
                    "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - t0}
             rows.append(row)
             samples[(key, n)] = pix[::size.eval_per_caption][:2]
-            log(f"eval: {key:17s} {n:2d} steps  rel_l2 {row['rel_l2']:.4f}  FD {row['fd']:.2f}  "
-                f"MMD2 {row['mmd2']:.4f}  ({row['seconds']:.1f} s)")
+            log(f"eval: {key:17s} {n:2d} steps  rel_l2 {row['rel_l2']:.4f}  FD {row['fd']:.2f} "
+                f"+- {row['fd_std']:.2f}  MMD2 {row['mmd2']:.4f}  ({row['seconds']:.1f} s)")
+        for row in rows[-len(steps):]:
+            row["rel_l2_self"] = relative_l2(outs[row["steps"]], outs[max(steps)])
+    reference["student_ode"] = {}
+    for key in ("anyflow_pretrain", "anyflow"):
+        x = make_sampler("euler", models[key], size.shift)(noise, text, size.student_ode_steps)
+        reference["student_ode"][key] = {"steps": size.student_ode_steps, "rel_l2": relative_l2(x, ref),
+                                         **distribution(space.decode(x))}
+        log(f"eval: {key} own ODE ({size.student_ode_steps} Euler steps at r = t): rel_l2 to the teacher's "
+            f"{reference['student_ode'][key]['rel_l2']:.4f}")
     return {"rows": rows, "reference": reference, "samples": samples, "eval_clips": int(idx.numel()),
             "heldout_clips": int(held_pix.shape[0]), "pca_dim": size.pca_dim, "mmd_gamma": gamma}
 
@@ -671,25 +704,43 @@ def monotone_report(results, metric: str, key: str, steps=STEPS) -> dict:
 
 
 def markdown_table(results, steps=STEPS) -> str:
-    """The Markdown tables of ``results.md``: rel. L2 to the teacher's reference, FD and MMD^2 to the
-    held-out real clips, per method (rows) and step count (columns)."""
-    head = "| method | " + " | ".join(f"{n}" for n in steps) + " |\n|---|" + "---:|" * len(steps) + "\n"
-    out = []
-    for metric, title, fmt in (("rel_l2", "Relative L2 to the teacher's {ref}-step ODE solution (same noise; lower is closer)", "{:.4f}"),
-                               ("fd", "Frechet distance to the held-out real clips (PCA-{pca} pixel features; lower is better)", "{:.2f}"),
-                               ("mmd2", "Kernel MMD^2 to the held-out real clips (same features, Gaussian kernel; lower is better)", "{:.4f}"),
-                               ("pixel_rmse", "Pixel RMSE to the teacher's reference (8-bit levels)", "{:.2f}")):
-        lines = [f"**{title.format(ref=results['reference']['teacher_reference']['steps'], pca=results['pca_dim'])}**",
-                 "", head.rstrip("\n")]
-        for key, label in METHODS:
-            lines.append(f"| {label} | " + " | ".join(fmt.format(_row(results, key, n)[metric]) for n in steps) + " |")
-        out.append("\n".join(lines))
+    """The Markdown tables of ``results.md``, per method (rows) and step count (columns): rel. L2 to the
+    teacher's reference, FD (+- bootstrap std) and MMD^2 to the held-out real clips, rel. L2 to the
+    method's own largest-step sample, pixel RMSE to the teacher's reference; then the reference points."""
+    head = "| method | " + " | ".join(f"{n}" for n in steps) + " |\n|---|" + "---:|" * len(steps)
     ref = results["reference"]
-    out.append(
-        f"Reference points: teacher {ref['teacher_reference']['steps']}-step ODE: FD {ref['teacher_reference']['fd']:.2f}, "
-        f"MMD^2 {ref['teacher_reference']['mmd2']:.4f}; {ref['real_training_clips']['count']} real training clips: "
-        f"FD {ref['real_training_clips']['fd']:.2f}, MMD^2 {ref['real_training_clips']['mmd2']:.4f} "
-        f"(the data floor at this sample size).")
+    tables = (
+        ("rel_l2", "Relative L2 to the teacher's {ref}-step ODE solution from the same noise (lower is closer)",
+         lambda r: f"{r['rel_l2']:.3f}"),
+        ("fd", "Frechet distance to the held-out real clips, PCA-{pca} pixel features (lower is better; +- bootstrap std)",
+         lambda r: f"{r['fd']:.1f} +- {r['fd_std']:.1f}"),
+        ("mmd2", "Kernel MMD^2 to the held-out real clips (same features, Gaussian kernel; lower is better)",
+         lambda r: f"{r['mmd2']:.4f}"),
+        ("rel_l2_self", "Relative L2 to the same method's own {last}-step sample (convergence of the sampler)",
+         lambda r: f"{r['rel_l2_self']:.3f}"),
+        ("pixel_rmse", "Pixel RMSE to the teacher's {ref}-step ODE solution (8-bit levels)",
+         lambda r: f"{r['pixel_rmse']:.1f}"),
+    )
+    out = []
+    for metric, title, fmt in tables:
+        title = title.format(ref=ref["teacher_reference"]["steps"], pca=results["pca_dim"], last=max(steps))
+        lines = [f"**{title}**", "", head]
+        for key, label in METHODS:
+            lines.append(f"| {label} | " + " | ".join(fmt(_row(results, key, n)) for n in steps) + " |")
+        out.append("\n".join(lines))
+    lines = ["**Reference points** (same noise and clip count, against the held-out real clips)", "",
+             "| | rel. L2 to the teacher's reference | FD | MMD^2 |", "|---|---:|---:|---:|",
+             f"| teacher, {ref['teacher_reference']['steps']}-step Euler ODE (the reference) | 0 | "
+             f"{ref['teacher_reference']['fd']:.1f} +- {ref['teacher_reference']['fd_std']:.1f} | "
+             f"{ref['teacher_reference']['mmd2']:.4f} |"]
+    labels = dict(METHODS)
+    for key, r in ref.get("student_ode", {}).items():
+        lines.append(f"| {labels[key]}: own ODE (u at r = t, {r['steps']} Euler steps) | {r['rel_l2']:.3f} | "
+                     f"{r['fd']:.1f} +- {r['fd_std']:.1f} | {r['mmd2']:.4f} |")
+    real = ref["real_training_clips"]
+    lines.append(f"| {real['count']} real training clips (the floor at this sample size) | - | "
+                 f"{real['fd']:.1f} +- {real['fd_std']:.1f} | {real['mmd2']:.4f} |")
+    out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
@@ -779,7 +830,7 @@ def run_study(out: Path, size: Size, log: Callable = print, log_stream=sys.stdou
     cfgs = phase_configs(size, runs)
     teacher = runs / "teacher" / "transformer"
     phases = {}
-    for name in ("teacher", "anyflow_pretrain", "anyflow", "consistency"):
+    for name in cfgs:
         log(f"phase {name}: {cfgs[name]['total_iter']} steps")
         res = run_phase(cfgs[name], runs / name, str(data["train"]), track_grads=track_grads, log_stream=log_stream,
                         consistency_teacher=str(teacher) if name == "consistency" else None)
@@ -792,7 +843,8 @@ def run_study(out: Path, size: Size, log: Callable = print, log_stream=sys.stdou
     results["data"]["split"] = data["meta"]["split"]
     results["machine"] = machine_info()
     results["size"] = dataclasses.asdict(size)
-    results["monotone"] = {key: {m: monotone_report(results, m, key) for m in ("rel_l2", "fd")} for key, _ in METHODS}
+    results["monotone"] = {key: {m: monotone_report(results, m, key) for m in ("rel_l2", "fd", "mmd2", "rel_l2_self")}
+                           for key, _ in METHODS}
     results["wall_seconds"] = time.perf_counter() - start
     samples = results.pop("samples")
     (out / "results.json").write_text(json.dumps(results, indent=2))

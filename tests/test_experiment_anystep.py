@@ -97,11 +97,11 @@ def test_smoke_run(tmp_path):
     finally:
         torch.set_num_threads(torch_threads)
     checks = json.loads((tmp_path / "smoke.json").read_text())
-    phases = ["teacher", "anyflow_pretrain", "anyflow", "consistency",
+    phases = ["teacher_stage1", "teacher", "anyflow_pretrain", "anyflow", "consistency",
               "far_teacher", "far_pretrain", "far_onpolicy", "far_consistency"]
     for name in phases:
         c = checks[name]
-        assert c["steps"] >= 3, name
+        assert c["steps"] >= 2, name
         assert c["finite_losses"], name
         assert c["grads_reach_params"], (name, c["params_without_grad"])
         assert c["resume_equal"], name
