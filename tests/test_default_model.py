@@ -74,47 +74,56 @@ def test_plain_diffusers_and_anyflow_same_latents(model_dir, defaults, steps):
     assert rel <= 1e-5, rel
 
 
-def _tv(video: np.ndarray) -> tuple[float, float]:
-    """(mean |frame_{t+1} - frame_t|, mean |pixel - right/lower neighbour|) of (T, H, W, 3) in [0, 1]."""
-    temporal = np.abs(np.diff(video, axis=0)).mean()
-    spatial = 0.5 * (np.abs(np.diff(video, axis=1)).mean() + np.abs(np.diff(video, axis=2)).mean())
-    return float(temporal), float(spatial)
+def _coherence(z: torch.Tensor) -> tuple[float, float]:
+    """(mean Pearson correlation of consecutive frames, correlation of horizontally / vertically adjacent
+    values) of a latent clip ``[F, C, H, W]``: about 0 for the i.i.d. initial noise, high for video."""
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    temporal = sum(corr(z[i], z[i + 1]) for i in range(z.shape[0] - 1)) / (z.shape[0] - 1)
+    spatial = 0.5 * (corr(z[..., 1:, :], z[..., :-1, :]) + corr(z[..., 1:], z[..., :-1]))
+    return temporal, spatial
 
 
-def test_real_caption_gives_a_video_not_noise(model_dir, defaults):
-    """A 4-step T2V sample from a real caption is coherent in time and smooth in space far beyond the
-    decoded initial noise, and closer (mean colour statistics, L2) to the real clips than to that noise."""
+@pytest.mark.parametrize("caption", [0, 2])
+def test_real_caption_gives_a_video_not_noise(model_dir, defaults, caption):
+    """A 4-step T2V sample from a real caption is a video, not noise.
+
+    Measures (stated): in latent space, the correlation of consecutive frames and of adjacent positions
+    (:func:`_coherence`) - about 0 for the initial noise the sampler starts from, 0.4-0.6 / 0.8-0.95 for
+    the encoded real clip of the same caption; the sample must be far above the noise (> 0.3 / > 0.4) and
+    closer to the real clip than to the noise in that (temporal, spatial) plane. In pixels, the mean
+    absolute change between consecutive frames and between neighbouring pixels must be at least 5x below
+    that of uniform noise.
+    """
     import anyflow
     from anyflow.io import read_video
+    from anyflow.training.data import encode_clips, eval_data_root
 
-    prompt, video_name = _caption(0)
+    prompt, video_name = _caption(caption)
     pipe = anyflow.load_pipeline(model_dir)
     anyflow.enable(pipe)
     h, w, f = defaults["height"], defaults["width"], defaults["num_frames"]
-    gen = pipe(**_call(defaults, prompt, 4, output_type="np")).frames[0]
-    assert gen.shape == (f, h, w, 3) and np.isfinite(gen).all()
-    # the initial noise of the same seed, decoded by the same VAE (what 0 steps would show)
-    lat = pipe(**_call(defaults, prompt, 4, output_type="latent")).frames
-    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(0))
-    from anyflow.training.data import decode_latents
-
-    noise_px = decode_latents(pipe.vae, noise.permute(0, 2, 1, 3, 4))[0].permute(0, 2, 3, 1).numpy()
-    from anyflow.training.data import eval_data_root
-
-    real = read_video(eval_data_root() / "videos" / video_name, h, w)[0].permute(0, 2, 3, 1).numpy()
-    t_gen, s_gen = _tv(gen)
-    t_noise, s_noise = _tv(noise_px)
-    t_real, s_real = _tv(real[:f])
-    assert t_gen < 0.5 * t_noise, (t_gen, t_noise, t_real)
-    assert s_gen < 0.7 * s_noise, (s_gen, s_noise, s_real)
-
-    def stats(v):  # per-channel mean and std over the clip
-        return np.concatenate([v.mean(axis=(0, 1, 2)), v.std(axis=(0, 1, 2))])
-
-    real_stats = np.stack([stats(real[s:s + f]) for s in range(0, real.shape[0] - f + 1, 8)])
-    d_real = np.linalg.norm(real_stats - stats(gen), axis=1).min()
-    d_noise = np.linalg.norm(stats(noise_px) - stats(gen))
+    out = pipe(**_call(defaults, prompt, 4, output_type="latent")).frames[0]  # [C, F, H', W']
+    latents = out.permute(1, 0, 2, 3)
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).permute(1, 0, 2, 3)
+    real = read_video(eval_data_root() / "videos" / video_name, h, w)[0][:f]
+    real_latents = encode_clips(pipe.vae, real[None])[0]
+    gen_c, noise_c, real_c = _coherence(latents), _coherence(noise), _coherence(real_latents)
+    print(f"[coherence] sample {gen_c}, initial noise {noise_c}, real clip {real_c}")
+    assert abs(noise_c[0]) < 0.05 and abs(noise_c[1]) < 0.05
+    assert gen_c[0] > 0.3 and gen_c[1] > 0.4, (gen_c, noise_c, real_c)
+    d_real = float(np.hypot(gen_c[0] - real_c[0], gen_c[1] - real_c[1]))
+    d_noise = float(np.hypot(gen_c[0] - noise_c[0], gen_c[1] - noise_c[1]))
     assert d_real < d_noise, (d_real, d_noise)
+
+    video = pipe(**_call(defaults, prompt, 4, output_type="np")).frames[0]
+    assert video.shape == (f, h, w, 3) and np.isfinite(video).all()
+    uniform = np.random.default_rng(0).random(video.shape)
+    for axis in (0, 1, 2):  # time, rows, columns
+        assert np.abs(np.diff(video, axis=axis)).mean() < 0.2 * np.abs(np.diff(uniform, axis=axis)).mean()
 
 
 def test_cli_generate_without_model_and_grid(tmp_path, monkeypatch, model_dir):
