@@ -9,6 +9,9 @@ Examples::
         --image first_frame.jpg --out i2v.mp4
     anyflow env
 
+``generate`` without ``--model`` uses the shipped default model (:mod:`anyflow.default_model`) with its size and
+sampling defaults; ``--grid 1,2,4,8,16`` samples each step count from the same noise into one video or PNG strip.
+
 ``generate`` ends with ``done: N NFE (+C cache steps), X s/NFE, total Y s -> OUT``: N counts the
 denoising transformer forwards (one per step, per chunk for FAR; a CFG batch counts once), C the FAR
 KV-cache steps, X the sampler's denoising-loop time (cache steps included) divided by N, Y the
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                      help="default: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.add_argument("--threads", type=int, default=None,
+                     help="CPU intra-op threads (default: the idle cores by the 1-minute load average, >= 1; "
+                     "threads beyond the idle cores make PyTorch's CPU kernels wait on each other)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                      help="anyflow kernel backend (default auto)")
     gen.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, else 16)")
@@ -239,6 +245,8 @@ def _generate(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(args.threads))
 
     try:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)
@@ -318,6 +326,23 @@ def _generate(args) -> int:
         # measured by the engine's sampler during this call
         print(_stats_line(pipe.anyflow_stats, total, "done") + f" -> {args.out}")
     return 0
+
+
+def _cpu_threads(requested) -> int:
+    """``--threads``, else the cores not busy with other work (1-minute load average), at least 1."""
+    import os
+
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--threads must be >= 1, got {requested}")
+        return requested
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):  # not available on this platform
+        busy = 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 def _stats_line(stats, total: float, head: str) -> str:

@@ -170,3 +170,21 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "anyflow", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "generate" in out.stdout and "make-tiny" in out.stdout and "env" in out.stdout
+
+
+def test_cpu_threads_follow_idle_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from anyflow.cli import UsageError, _cpu_threads
+
+    assert _cpu_threads(3) == 3
+    with pytest.raises(UsageError, match="--threads must be >= 1"):
+        _cpu_threads(0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 0.0, 0.0))
+    assert _cpu_threads(None) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert _cpu_threads(None) == 1
