@@ -2,8 +2,9 @@
 
 One command trains, on clips cut from the real evaluation videos of ``../shared/data/anyflow_eval``:
 
-1. a flow-matching **teacher** from scratch (reference §8), in two stages: a constant learning rate,
-   then a lower one (the trainer's schedule is warm-up + constant; the second stage is the decay);
+1. a flow-matching **teacher** from scratch (the v-loss of reference §8, with the students' time
+   draw, see :func:`phase_configs`), in two stages: a constant learning rate, then a lower one (the
+   trainer's schedule is warm-up + constant; the second stage is the decay);
 2. **AnyFlow**: the forward flow-map pretrain initialised from the teacher (§6), then the on-policy
    Flow Map Backward Simulation with DMD against the teacher (§7);
 3. the **consistency baseline** (consistency distillation of the same teacher,
@@ -117,6 +118,7 @@ class Size:
         pca_dim: PCA features of the distribution distances.
         bootstrap: resamples of the FD's bootstrap standard deviation.
         student_ode_steps: Euler steps of the AnyFlow students' own ODE (a reference point).
+        velocity_loss_t: timesteps of the held-out flow-matching loss diagnostic.
         save_every: checkpoint period of the phases.
         log_every: print period of the phases.
     """
@@ -146,6 +148,7 @@ class Size:
     pca_dim: int = 32
     bootstrap: int = 100
     student_ode_steps: int = 32
+    velocity_loss_t: tuple = (20, 100, 300, 500, 700, 900, 980, 1000)
     save_every: int = 250
     log_every: int = 50
 
@@ -287,6 +290,10 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
 # --------------------------------------------------------------------------------------------------
 # phase configs
 # --------------------------------------------------------------------------------------------------
+#: The teacher's objective: flow matching on diffusion pairs only (r = t: no derivative pass), unweighted.
+TEACHER_FLOWMAP = {"fuse_guidance_scale": 1.0, "diffusion_ratio": 1.0, "consistency_ratio": 0.0, "weight_type": "uniform"}
+
+
 def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
     return dict(name=name, phase=phase, batch_size=size.batch_size, total_iter=total, seed=seed,
                 mixed_precision=False, gradient_checkpointing=False, shift=size.shift, drop_text_ratio=0.1,
@@ -297,8 +304,11 @@ def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
 def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
     """The phase configs (``anyflow.training`` mappings) of the study, keyed by run folder name.
 
-    Teacher from scratch (official teacher recipe, higher LR for a from-scratch model) in two stages,
-    LR 1e-3 then 2e-4 from the first stage's EMA (``teacher`` is the final one); AnyFlow
+    Teacher from scratch in two stages, LR 1e-3 then 2e-4 from the first stage's EMA (``teacher`` is
+    the final one). It is plain flow matching (every pair a diffusion pair, r = t, unweighted) run
+    through the pretrain code path, so t is drawn as max(u1, u2) like the students' pairs: the official
+    teacher's logit-normal t (reference §8) almost never reaches t > 950 at shift 1, where the first
+    sampling step starts, and such a teacher is worse there than its own students (see the README). AnyFlow
     pretrain and the consistency baseline start from the teacher's EMA; on-policy from the pretrain
     EMA with the official rollout steps {2, 4, 8, 16, 50}, betas (0, 0.999), critic = a copy of the
     teacher. Full fine-tuning (no LoRA); fp32; no guidance anywhere (module docstring).
@@ -308,12 +318,14 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
     teacher = str(runs / "teacher" / "transformer")
     pretrain = str(runs / "anyflow_pretrain" / "transformer")
     cfgs = {
-        "teacher_stage1": dict(_common(size, "anystep-teacher-stage1", "teacher",
+        "teacher_stage1": dict(_common(size, "anystep-teacher-stage1", "pretrain",
                                        size.teacher_iters - size.teacher_decay_iters, 1),
+                               flowmap=TEACHER_FLOWMAP,
                                model={"kind": "bidirectional", "arch": arch, "seed": 0},
                                optimizer={"lr": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 100},
                                ema={"decay": 0.995, "warmup_steps": 100}),
-        "teacher": dict(_common(size, "anystep-teacher", "teacher", size.teacher_decay_iters, 5),
+        "teacher": dict(_common(size, "anystep-teacher", "pretrain", size.teacher_decay_iters, 5),
+                        flowmap=TEACHER_FLOWMAP,
                         model={"kind": "bidirectional", "pretrained": str(runs / "teacher_stage1" / "transformer")},
                         optimizer={"lr": 2e-4, "betas": [0.9, 0.95], "warmup_steps": 0},
                         ema={"decay": 0.99, "warmup_steps": 0}),
@@ -678,6 +690,10 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
                 f"+- {row['fd_std']:.2f}  MMD2 {row['mmd2']:.4f}  ({row['seconds']:.1f} s)")
         for row in rows[-len(steps):]:
             row["rel_l2_self"] = relative_l2(outs[row["steps"]], outs[max(steps)])
+    reference["velocity_loss"] = velocity_losses(
+        {k: models[k] for k in ("teacher", "anyflow_pretrain", "anyflow")}, held["latents"][::2],
+        blob["text"][held["text_index"][::2]], size.velocity_loss_t, seed)
+    log("eval: held-out flow-matching loss per t " + json.dumps(reference["velocity_loss"]))
     reference["student_ode"] = {}
     for key in ("anyflow_pretrain", "anyflow"):
         x = make_sampler("euler", models[key], size.shift)(noise, text, size.student_ode_steps)
@@ -692,6 +708,24 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def velocity_losses(models: dict, x: torch.Tensor, text: torch.Tensor, ts, seed: int = 0) -> dict:
+    """Held-out flow-matching loss ``mean (u(z_t, t, r = t) - (eps - x))^2`` of each model at fixed t
+    (one noise draw shared by all models): where in time a velocity field is good or bad."""
+    from anyflow.models import fused
+    from anyflow.training.flowmap import noise_latents
+
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 3))
+    out = {k: {} for k in models}
+    for tv in ts:
+        t = torch.full(x.shape[:2], float(tv))
+        z = noise_latents(x, eps, t)
+        for k, m in models.items():
+            u = fused.bidirectional_forward(m, z, t, t, text, backend="torch")
+            out[k][str(tv)] = float((u.float() - (eps - x)).pow(2).mean())
+    return out
+
+
 def _row(results, key, n):
     return next(r for r in results["rows"] if r["method"] == key and r["steps"] == n)
 
@@ -741,6 +775,15 @@ def markdown_table(results, steps=STEPS) -> str:
     lines.append(f"| {real['count']} real training clips (the floor at this sample size) | - | "
                  f"{real['fd']:.1f} +- {real['fd_std']:.1f} | {real['mmd2']:.4f} |")
     out.append("\n".join(lines))
+    vl = ref.get("velocity_loss")
+    if vl:
+        ts = list(next(iter(vl.values())))
+        lines = ["**Held-out flow-matching loss of the velocity at r = t, per t** (every other held-out clip, "
+                 "one noise draw)", "",
+                 "| model | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---|" + "---:|" * len(ts)]
+        for key, losses in vl.items():
+            lines.append(f"| {SHORT[key]} | " + " | ".join(f"{losses[t]:.3f}" for t in ts) + " |")
+        out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
