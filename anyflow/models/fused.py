@@ -207,11 +207,10 @@ def _is_sharded(block) -> bool:
 
 
 @contextlib.contextmanager
-def _frozen_by_name(module, names):
-    """``requires_grad=False`` on ``module``'s parameters called ``names`` that currently require grad
-    (looked up now: under FSDP the gathered parameters, not the shards), restored on exit."""
-    own = dict(module.named_parameters())
-    params = [own[n] for n in names if n in own and own[n].requires_grad]
+def frozen_parameters(params):
+    """Temporarily set ``requires_grad=False`` on those of ``params`` that require grad (autograd then
+    tracks the inputs only); restored on exit."""
+    params = [p for p in params if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
@@ -219,6 +218,15 @@ def _frozen_by_name(module, names):
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _frozen_by_name(module, names):
+    """:func:`frozen_parameters` of ``module``'s parameters called ``names``, looked up on entry (under FSDP
+    the gathered parameters of that moment, not the shards)."""
+    own = dict(module.named_parameters())
+    with frozen_parameters([own[n] for n in names if n in own]):
+        yield
 
 
 def _checkpoint_block(fn, block, *args):

@@ -154,8 +154,20 @@ def _bidirectional(model, z, t, r, raw, backend):
     return fused.bidirectional_forward(model, z, t, r, raw, backend=backend)
 
 
+class _RawTextInside:
+    """Shared by the sharded forwards: the same passes on every process, and a text context holding the raw
+    prompt embeddings, projected inside each FSDP root call."""
+
+    #: every process runs the same passes whatever its samples (see :func:`anyflow.training.flowmap.flow_map_loss`)
+    uniform_calls: ClassVar[bool] = True
+
+    def prepare_text(self, text) -> fused.TextContext:
+        raw = _raw_text(text)
+        return fused.TextContext(raw, raw.dtype)
+
+
 @dataclass
-class ShardedForward(BidirectionalForward):
+class ShardedForward(_RawTextInside, BidirectionalForward):
     """:class:`~anyflow.training.flowmap.BidirectionalForward` of a :func:`shard_model`-ed model.
 
     Each call runs inside the FSDP root (:func:`run_sharded`). The text projection must run inside that
@@ -165,13 +177,6 @@ class ShardedForward(BidirectionalForward):
     per-token projection). Latents and text are cast to the compute dtype (bf16 under the mixed-precision
     policy); timesteps stay fp32.
     """
-
-    #: every process runs the same passes whatever its samples (see :func:`anyflow.training.flowmap.flow_map_loss`)
-    uniform_calls: ClassVar[bool] = True
-
-    def prepare_text(self, text) -> fused.TextContext:
-        raw = _raw_text(text)
-        return fused.TextContext(raw, raw.dtype)
 
     def __call__(self, z, t, r, text, backend: Optional[str] = None):
         dtype = compute_dtype(self.model)
@@ -187,19 +192,13 @@ def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit, backen
 
 
 @dataclass
-class ShardedFARWindowForward(FARWindowForward):
+class ShardedFARWindowForward(_RawTextInside, FARWindowForward):
     """:class:`~anyflow.training.flowmap.FARWindowForward` of a :func:`shard_model`-ed FAR model.
 
     Same sequence ``[compressed clean context | noisy window | clean copy]`` and training mask
     (reference §5.2); the call runs inside the FSDP root with the raw text projected inside it (as
     :class:`ShardedForward`), context, window and clean copy cast to the compute dtype.
     """
-
-    uniform_calls: ClassVar[bool] = True
-
-    def prepare_text(self, text) -> fused.TextContext:
-        raw = _raw_text(text)
-        return fused.TextContext(raw, raw.dtype)
 
     def __call__(self, z, t, r, text, backend: Optional[str] = None):
         dtype = compute_dtype(self.model)

@@ -88,19 +88,6 @@ def sample_plan(steps: Sequence[int], shift: float, generator: torch.Generator) 
     return rollout_plan(n, g, shift)
 
 
-@contextlib.contextmanager
-def frozen_parameters(params):
-    """Temporarily set ``requires_grad=False`` on ``params`` (autograd then tracks inputs only)."""
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _segment_context(name: str, grad: bool, grad_segments: str, params):
     """Grad mode of one jump: see the module docstring."""
     if not grad:
@@ -112,7 +99,7 @@ def _segment_context(name: str, grad: bool, grad_segments: str, params):
     if name == "S1":
         return torch.no_grad()
     if name == "S3":
-        return frozen_parameters(params)
+        return fused.frozen_parameters(params)
     return contextlib.nullcontext()
 
 
