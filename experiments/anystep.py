@@ -81,6 +81,8 @@ METHODS = (
     ("consistency", "consistency distillation, multistep sampling"),
     ("consistency_det", "consistency distillation, deterministic sampling"),
 )
+#: Captions (rows) of the sample figure.
+SAMPLE_ROWS = 4
 #: Short method names of the sample figure.
 SHORT = {"teacher": "teacher", "anyflow_pretrain": "AF pretrain", "anyflow": "AnyFlow", "consistency": "CD",
          "consistency_det": "CD det."}
@@ -670,7 +672,8 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
     reference = {"teacher_reference": {"steps": size.reference_steps, **distribution(ref_pix)},
                  "real_training_clips": {"count": int(pick.numel()), **distribution(train_pix[pick])}}
 
-    rows, samples = [], {"reference": ref_pix[::size.eval_per_caption][:2]}
+    first_held = [int((held["text_index"] == c).nonzero()[0]) for c in range(min(k, SAMPLE_ROWS))]
+    rows, samples = [], {"reference": ref_pix[::size.eval_per_caption][:SAMPLE_ROWS], "real": held_pix[first_held]}
     for key, _ in METHODS:
         folder, kind = METHOD_MODELS[key]
         if folder not in models:
@@ -685,7 +688,7 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
                    "pixel_rmse": pixel_rmse(pix, ref_pix), **distribution(pix),
                    "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - t0}
             rows.append(row)
-            samples[(key, n)] = pix[::size.eval_per_caption][:2]
+            samples[(key, n)] = pix[::size.eval_per_caption][:SAMPLE_ROWS]
             log(f"eval: {key:17s} {n:2d} steps  rel_l2 {row['rel_l2']:.4f}  FD {row['fd']:.2f} "
                 f"+- {row['fd_std']:.2f}  MMD2 {row['mmd2']:.4f}  ({row['seconds']:.1f} s)")
         for row in rows[-len(steps):]:
@@ -788,7 +791,8 @@ def markdown_table(results, steps=STEPS) -> str:
 
 
 def plot(results, path: Path, steps=STEPS) -> None:
-    """Two panels over the step count: rel. L2 to the teacher's reference, FD to the held-out clips."""
+    """Three panels over the step count: rel. L2 to the teacher's reference, FD (with its bootstrap
+    std as error bars) and MMD^2 to the held-out real clips."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -796,49 +800,57 @@ def plot(results, path: Path, steps=STEPS) -> None:
 
     styles = {"teacher": ("k", "o", "-"), "anyflow_pretrain": ("tab:blue", "s", "-"), "anyflow": ("tab:red", "D", "-"),
               "consistency": ("tab:green", "^", "-"), "consistency_det": ("tab:green", "v", "--")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, ylabel in ((axes[0], "rel_l2", f"rel. L2 to teacher {results['reference']['teacher_reference']['steps']}-step ODE"),
-                               (axes[1], "fd", f"FD to held-out real clips (PCA-{results['pca_dim']})")):
-        for key, label in METHODS:
+    ref = results["reference"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = ((axes[0], "rel_l2", f"rel. L2 to the teacher's {ref['teacher_reference']['steps']}-step ODE solution"),
+              (axes[1], "fd", f"FD to held-out real clips (PCA-{results['pca_dim']}), +- bootstrap std"),
+              (axes[2], "mmd2", "MMD$^2$ to held-out real clips"))
+    for ax, metric, ylabel in panels:
+        for j, (key, label) in enumerate(METHODS):
             c, m, ls = styles[key]
-            ax.plot(steps, [_row(results, key, n)[metric] for n in steps], color=c, marker=m, ls=ls, label=label)
-        if metric == "fd":
-            ref = results["reference"]
-            ax.axhline(ref["teacher_reference"]["fd"], color="k", ls="--", lw=1, label="teacher reference ODE")
-            ax.axhline(ref["real_training_clips"]["fd"], color="gray", ls=":", lw=1, label="real training clips")
+            ys = [_row(results, key, n)[metric] for n in steps]
+            if metric == "fd":  # spread the error bars of the methods a little along x
+                xs = [n * 1.045 ** (j - 2) for n in steps]
+                ax.errorbar(xs, ys, yerr=[_row(results, key, n)["fd_std"] for n in steps], color=c, marker=m,
+                            ls=ls, capsize=2, lw=1.2, elinewidth=0.7, label=label)
+            else:
+                ax.plot(steps, ys, color=c, marker=m, ls=ls, label=label)
+        if metric in ("fd", "mmd2"):
+            ax.axhline(ref["teacher_reference"][metric], color="k", ls="--", lw=1, label="teacher reference ODE")
+            ax.axhline(ref["real_training_clips"][metric], color="gray", ls=":", lw=1, label="real training clips")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(steps))
         ax.set_xticklabels([str(n) for n in steps])
-        ax.set_yscale("log")
+        if metric == "rel_l2":
+            ax.set_yscale("log")
         ax.set_xlabel("sampling steps (NFE)")
-        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_samples(results, path: Path, show=(1, 4, 32)) -> None:
-    """Middle frame of two generated clips (two captions) per method at a few step counts, next to the
-    teacher's reference solution from the same noise."""
+    """Middle frame of one generated clip per caption (rows) for every method at a few step counts,
+    next to a held-out real clip of the caption and the teacher's reference solution from the same noise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     samples = results["samples"]
-    cols = [("reference", None)] + [(k, n) for k, _ in METHODS for n in show]
-    ref = samples["reference"]
-    fig, axes = plt.subplots(ref.shape[0], len(cols), figsize=(1.25 * len(cols), 1.0 * ref.shape[0] + 0.6))
-    axes = axes.reshape(ref.shape[0], len(cols))
+    cols = [("real", None), ("reference", None)] + [(k, n) for k, _ in METHODS for n in show]
+    rows = samples["reference"].shape[0]
+    fig, axes = plt.subplots(rows, len(cols), figsize=(1.15 * len(cols), 0.75 * rows + 0.7))
+    axes = axes.reshape(rows, len(cols))
     for j, (key, n) in enumerate(cols):
-        clips = ref if key == "reference" else samples[(key, n)]
-        for i in range(ref.shape[0]):
-            frame = clips[i, clips.shape[1] // 2].clamp(0, 1).permute(1, 2, 0).numpy()
-            axes[i, j].imshow(frame)
+        clips = samples[key] if n is None else samples[(key, n)]
+        for i in range(rows):
+            axes[i, j].imshow(clips[i, clips.shape[1] // 2].clamp(0, 1).permute(1, 2, 0).numpy())
             axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-        title = "teacher\nref. ODE" if key == "reference" else f"{SHORT[key]}\n{n} step{'s' * (n > 1)}"
+        title = {"real": "real\n(held out)", "reference": "teacher\nref. ODE"}.get(key) or f"{SHORT[key]}\n{n} step{'s' * (n > 1)}"
         axes[0, j].set_title(title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
