@@ -43,7 +43,7 @@ the checks and the exit status is 1 when one fails.
 
 Usage::
 
-    python experiments/anystep.py --out runs/anystep            # the full study (~25 min, 1 thread)
+    python experiments/anystep.py --out runs/anystep            # the full study (~21 min, 1 thread)
     python experiments/anystep.py --out /tmp/anystep-smoke --smoke
 
 Re-running with the same ``--out`` reuses the data files and resumes every phase from its newest
