@@ -110,7 +110,10 @@ class FlowMapConfig:
             r = 0 (consistency), assigned by global sample index; the rest are free pairs.
         epsilon: finite-difference half step in 1000-units (5).
         derivative: ``"fd"`` (central difference, the official method) or ``"jvp"`` (forward-mode
-            autodiff, exact derivative; attention runs on the math SDPA path).
+            autodiff, exact derivative; attention runs on the math SDPA path). Measured on CPU (fp32,
+            1 thread, a 4-block d-128 model, batch 4 x 672 tokens, every pair free so every row needs
+            the derivative): a training step takes 1.06 s with ``"fd"`` and 1.83 s with ``"jvp"``
+            (median of 4, interleaved), so ``"fd"`` stays the default; GPU figures are owed.
         fuse_guidance_scale: g of the guidance fusion (1 disables it and its unconditional pass).
         weight_type: time weighting ``"beta08"``, ``"gaussian"`` or ``"uniform"`` (reference §3).
         bf16_timesteps: emulate the official bf16 rounding of t, r and t +/- epsilon (reference
