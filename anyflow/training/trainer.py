@@ -407,65 +407,48 @@ class Trainer:
                 "critic_lr": self.critic_optimizer.param_groups[0]["lr"],
                 "critic_rollout_steps": plan.num_steps, "critic_rollout_grad_step": plan.grad_step}
 
-    def _onpolicy_step(self, device) -> dict:
-        record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.step % self.dmd.critic_update_ratio == 0:
-            latents, text = next(self.data)
-            latents, text = latents.to(device), text.to(device)
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            losses = self._generator_losses(latents, text)
-            while True:
-                with self._autocast(device):
-                    out = next(losses, None)
-                if out is None:
-                    break
-                out.loss.backward()
-                total += float(out.loss.detach())
-                record.update(out.stats)
-            params = [p for _, p in self.named_params]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
-            record["grad_norm"] = float(D.full_tensor(norm))
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.ema.update(self.step)
-            record["loss"] = total
-            self._average_losses(record)
-        record.update(self._critic_step(device))
-        return record
-
-    def train_step(self) -> dict:
-        """One optimiser step; returns the logged record."""
-        start = time.perf_counter()
-        if self.cfg.phase == "onpolicy":
-            record = self._onpolicy_step(next(self.model.parameters()).device)
-            self.step += 1
-            record["time_s"] = time.perf_counter() - start
-            self._log(record)
-            if self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save()
-            return record
-        latents, text = next(self.data)
-        device = next(self.model.parameters()).device
-        latents, text = latents.to(device), text.to(device)
+    def _student_update(self, losses, record: dict, device) -> float:
+        """Backward every loss ``losses`` yields (each under autocast), clip, AdamW, LR and EMA steps; the
+        losses' stats and ``grad_norm`` go into ``record``. Returns the summed loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        losses = self._losses(latents, text)
+        total = 0.0
         while True:
             with self._autocast(device):
                 out = next(losses, None)
             if out is None:
                 break
             out.loss.backward()
+            total += float(out.loss.detach())
             record.update(out.stats)
         params = [p for _, p in self.named_params]
-        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+        record["grad_norm"] = float(D.full_tensor(norm))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.ema.update(self.step)
+        return total
+
+    def _next_batch(self, device):
+        latents, text = next(self.data)
+        return latents.to(device), text.to(device)
+
+    def train_step(self) -> dict:
+        """One optimiser step (on-policy: a generator step every ``critic_update_ratio`` iterations, then
+        a critic step); returns the logged record."""
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.cfg.phase != "onpolicy":
+            self._student_update(self._losses(*self._next_batch(device)), record, device)
+            self._average_losses(record)
+        else:
+            if self.step % self.dmd.critic_update_ratio == 0:
+                # the co-trained forward loss is logged as loss_forward: the generator's loss is the sum
+                losses = self._generator_losses(*self._next_batch(device))
+                record["loss"] = self._student_update(losses, record, device)
+                self._average_losses(record)
+            record.update(self._critic_step(device))
         self.step += 1
-        self._average_losses(record)
-        record["grad_norm"] = float(grad_norm)
         record["time_s"] = time.perf_counter() - start
         self._log(record)
         if self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
