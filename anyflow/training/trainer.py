@@ -1,4 +1,4 @@
-"""Single-process training loop for the forward phase: teacher, flow-map pretrain, consistency baseline.
+"""Training loop for every phase: teacher, flow-map pretrain, consistency baseline, on-policy FMBS + DMD.
 
 One :class:`Trainer` step: next ``(latents [B, F, C, H, W], text [B, L, D])`` from the data iterator,
 the phase's loss under optional bf16 autocast (fp32 master weights), backward, gradient clipping,
