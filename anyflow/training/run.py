@@ -78,9 +78,10 @@ def export_transformer(trainer, folder, ema: bool = True) -> Path:
 
     state = trainer.export_state_dict(ema=ema)
     # the diffusers class itself (anyflow.enable() swaps in a same-named subclass)
-    cls = next(c for c in type(trainer.model).__mro__ if c.__module__.startswith("diffusers."))
-    model = cls.from_config(trainer.model.config)
-    model.load_state_dict(state)
+    cls = getattr(type(trainer.model), "_anyflow_original_class", type(trainer.model))
+    with torch.device("meta"):  # no initialisation: every tensor comes from the exported state
+        model = cls.from_config(trainer.model.config)
+    model.load_state_dict(state, assign=True)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
