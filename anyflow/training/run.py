@@ -175,6 +175,12 @@ def train_from_config(
                 export_transformer(trainer, out / "transformer")
             else:  # the export gathers the sharded weights: every process takes part
                 trainer.export_state_dict()
+        if ctx is not None:
+            # tear down together: a process destroying the group (and exiting) while rank 0 still writes
+            # the export can abort gloo's connection threads ("terminate called without an active exception")
+            import torch.distributed as dist
+
+            dist.barrier()
         return trainer
     finally:
         if ctx is not None:
