@@ -1,4 +1,5 @@
-"""Environment report for ``anyflow env``: versions, devices, the compiled extension and the op backends.
+"""Environment report for ``anyflow env``: versions, devices, the compiled extension, the op backends and the
+SDPA attention policy.
 
 Versions of optional packages come from their installed metadata, so the report does not import
 diffusers, transformers or Triton. CUDA is queried (``torch.cuda.is_available()``) only when the report
@@ -13,7 +14,14 @@ import platform
 import sys
 
 NOT_INSTALLED = "not installed"
-ENV_VARS = ("TRITON_INTERPRET", "ANYFLOW_BACKEND", "ANYFLOW_DISABLE_EXTENSION", "ANYFLOW_CACHE", "CUDA_VISIBLE_DEVICES")
+ENV_VARS = (
+    "TRITON_INTERPRET",
+    "ANYFLOW_BACKEND",
+    "ANYFLOW_SDPA",
+    "ANYFLOW_DISABLE_EXTENSION",
+    "ANYFLOW_CACHE",
+    "CUDA_VISIBLE_DEVICES",
+)
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "numpy")
 
 
@@ -54,6 +62,20 @@ def _backends(device_type: str) -> dict:
     return {"device_type": device_type, "rows": registry.report(device_type), "error": None}
 
 
+def _sdpa(device_type: str) -> dict:
+    """The active SDPA policy and the kernels a probe call can run on the report's device."""
+    device = "cuda:0" if device_type == "cuda" else "cpu"
+    info = {"device": device, "policy": None, "kernels": [], "error": None}
+    try:
+        from .ops.sdpa import available_kernels, get_sdpa_policy
+
+        info["kernels"] = list(available_kernels(device))
+        info["policy"] = get_sdpa_policy()
+    except Exception as exc:  # e.g. an invalid ANYFLOW_SDPA: it belongs in the report, not a traceback
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
 def collect() -> dict:
     """Everything ``anyflow env`` reports, as plain data (JSON-serialisable).
 
@@ -61,8 +83,9 @@ def collect() -> dict:
         A dict with ``python``, ``platform``, ``anyflow``, ``packages`` (name -> version or
         ``"not installed"``), ``cuda`` (``torch_cuda``, ``available``, ``devices``), ``extension``
         (``loaded``, ``reason``, ``build_info``), ``env`` (relevant environment variables, ``None`` when
-        unset) and ``backends`` (``device_type``, ``rows`` from :func:`anyflow.ops.registry.report`,
-        ``error``).
+        unset), ``backends`` (``device_type``, ``rows`` from :func:`anyflow.ops.registry.report`,
+        ``error``) and ``sdpa`` (``device``, ``policy``, ``kernels`` from
+        :func:`anyflow.ops.sdpa.available_kernels`, ``error``).
     """
     from . import __version__
 
@@ -81,6 +104,7 @@ def collect() -> dict:
         "extension": _extension(),
         "env": {name: os.environ.get(name) for name in ENV_VARS},
         "backends": _backends("cuda" if cuda["available"] else "cpu"),
+        "sdpa": _sdpa("cuda" if cuda["available"] else "cpu"),
         "default_model": _default_model(),
     }
 
@@ -117,6 +141,11 @@ def format_report(info: dict | None = None) -> str:
     lines += [_row(name, value if value is not None else "(unset)") for name, value in info["env"].items()]
     if "default_model" in info:
         lines.append(_row("default model", info["default_model"]))
+    if "sdpa" in info:
+        sdpa = info["sdpa"]
+        kernels = ", ".join(sdpa["kernels"]) or "none"
+        policy = sdpa["policy"] if sdpa["error"] is None else f"error ({sdpa['error']})"
+        lines.append(_row("sdpa", f"policy {policy}; kernels: {kernels} ({sdpa['device']})"))
 
     backends = info["backends"]
     lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks):")

@@ -22,7 +22,6 @@ from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 
@@ -157,7 +156,7 @@ def _cross_attention(attn, h, text: TextContext, layer: int):
     else:
         k = attn.norm_k(attn.to_k(text.tokens)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(text.tokens).unflatten(2, (attn.heads, -1))
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     o = o.transpose(1, 2).flatten(2).type_as(q)
     return attn.to_out[1](attn.to_out[0](o))
 
@@ -290,7 +289,7 @@ def dense_self_attention(cos, sin, backend=None) -> SelfAttention:
     def fn(layer, attn, q, k, v):
         q = norm_rope(attn, q, "q", cos, sin, backend)
         k = norm_rope(attn, k, "k", cos, sin, backend)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return o.transpose(1, 2).flatten(2)
 
     return fn

@@ -25,25 +25,41 @@ from .conditioning import (
 from .euler import euler_shortcut
 from .registry import BackendUnavailableError
 from .rope import apply_rope, qk_norm_rope, rope_angles, rope_pair_split, rope_table
+from .sdpa import (
+    SDPA_POLICIES,
+    clear_sdpa_choices,
+    load_sdpa_choices,
+    sdpa,
+    sdpa_choices,
+    sdpa_policy,
+    set_sdpa_policy,
+)
 
 __all__ = [
     "AttentionLayout",
     "BackendUnavailableError",
+    "SDPA_POLICIES",
     "adaln_modulate",
     "apply_rope",
     "chunk_causal_attention",
     "chunk_causal_layout",
+    "clear_sdpa_choices",
     "delta_time",
     "euler_shortcut",
     "far_attention_layout",
     "gated_residual",
+    "load_sdpa_choices",
     "qk_norm_rope",
     "residual_norm",
     "registry",
     "rope_angles",
     "rope_pair_split",
     "rope_table",
+    "sdpa",
+    "sdpa_choices",
+    "sdpa_policy",
     "segmented_attention",
+    "set_sdpa_policy",
     "time_pair_embedding",
     "timestep_sinusoid",
 ]

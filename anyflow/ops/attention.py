@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import registry
 from ._checks import check_same_device, check_tensor
+from .sdpa import sdpa
 
 Range = tuple[int, int]
 
@@ -199,7 +199,7 @@ def _segmented_attention_torch(q, keys, values, scale, return_lse):
         k = _adjacent_view(keys)
         v = _adjacent_view(values)
         if k is not None and v is not None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return sdpa(q, k, v, scale=scale)
     out = lse = None
     for k, v in zip(keys, values):
         if k.shape[2] == 0:
@@ -282,7 +282,7 @@ def _chunk_causal_attention_torch(q, k, v, layout, scale, return_lse):
             o, lse[:, :, qs:qe] = _attention_with_lse(q[:, :, qs:qe], kg, vg, scale)
             out[:, :, qs:qe] = o.to(q.dtype)
         else:
-            out[:, :, qs:qe] = F.scaled_dot_product_attention(q[:, :, qs:qe], kg, vg, scale=scale)
+            out[:, :, qs:qe] = sdpa(q[:, :, qs:qe], kg, vg, scale=scale)
     return (out, lse) if return_lse else out
 
 
