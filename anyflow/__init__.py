@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "enable", "load_pipeline"]
 
 
-def enable(pipe_or_transformer, backend: str = "auto"):
+def enable(pipe_or_transformer, backend: str = "auto", *, attention=None, cuda_graphs: bool = False):
     """Accelerate a diffusers AnyFlow pipeline or transformer in place. See :func:`anyflow.integration.enable`."""
     from .integration import enable as _enable
 
-    return _enable(pipe_or_transformer, backend=backend)
+    return _enable(pipe_or_transformer, backend=backend, attention=attention, cuda_graphs=cuda_graphs)
 
 
 def load_pipeline(path, **kwargs):

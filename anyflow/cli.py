@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "threads beyond the idle cores make PyTorch's CPU kernels wait on each other)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                      help="anyflow kernel backend (default auto)")
+    gen.add_argument("--attention", choices=("default", "math", "flash", "efficient", "cudnn", "tuned"), default=None,
+                     help="SDPA kernel policy of the dense attentions (default: ANYFLOW_SDPA, else torch's choice); "
+                     "'tuned' times the kernels once per shape and keeps the fastest")
+    gen.add_argument("--cuda-graphs", action="store_true",
+                     help="replay the per-step forward from a CUDA graph (CUDA only; eager elsewhere)")
     gen.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, else 16)")
     gen.add_argument("--out", required=True, help="output video (.mp4, .mkv, .mov, .avi, .webm); with --grid also "
                      "an image (.png, .jpg)")
@@ -268,7 +273,7 @@ def _generate(args) -> int:
         raise UsageError(str(exc)) from exc
 
     try:
-        handle = anyflow.enable(pipe, backend=args.backend)
+        handle = anyflow.enable(pipe, backend=args.backend, attention=args.attention, cuda_graphs=args.cuda_graphs)
     except ImportError as exc:
         print(f"error: anyflow.enable is unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1

@@ -85,7 +85,8 @@ def collect() -> dict:
         (``loaded``, ``reason``, ``build_info``), ``env`` (relevant environment variables, ``None`` when
         unset), ``backends`` (``device_type``, ``rows`` from :func:`anyflow.ops.registry.report`,
         ``error``) and ``sdpa`` (``device``, ``policy``, ``kernels`` from
-        :func:`anyflow.ops.sdpa.available_kernels`, ``error``).
+        :func:`anyflow.ops.sdpa.available_kernels`, ``error``), ``cuda_graphs`` (``None`` when the
+        samplers can capture CUDA graphs here, else the reason they run eagerly).
     """
     from . import __version__
 
@@ -105,8 +106,18 @@ def collect() -> dict:
         "env": {name: os.environ.get(name) for name in ENV_VARS},
         "backends": _backends("cuda" if cuda["available"] else "cpu"),
         "sdpa": _sdpa("cuda" if cuda["available"] else "cpu"),
+        "cuda_graphs": _cuda_graphs("cuda" if cuda["available"] else "cpu"),
         "default_model": _default_model(),
     }
+
+
+def _cuda_graphs(device_type: str) -> str | None:
+    import torch
+
+    from .samplers.graphs import graphs_reason
+
+    with torch.no_grad():
+        return graphs_reason(device_type, enabled=True)
 
 
 def _default_model() -> str:
@@ -146,6 +157,10 @@ def format_report(info: dict | None = None) -> str:
         kernels = ", ".join(sdpa["kernels"]) or "none"
         policy = sdpa["policy"] if sdpa["error"] is None else f"error ({sdpa['error']})"
         lines.append(_row("sdpa", f"policy {policy}; kernels: {kernels} ({sdpa['device']})"))
+    if "cuda_graphs" in info:
+        reason = info["cuda_graphs"]
+        lines.append(_row("cuda graphs", "available (opt-in: enable(..., cuda_graphs=True))" if reason is None
+                          else f"eager: {reason}"))
 
     backends = info["backends"]
     lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks):")

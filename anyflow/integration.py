@@ -20,10 +20,13 @@ from typing import Any, Optional
 
 import torch
 
+from . import ops
 from .models import fused
 from .ops import registry
 
 _SUBCLASSES: dict[type, type] = {}
+#: per-instance attributes set by :func:`enable` (and removed by ``disable``)
+_SETTINGS = ("_anyflow_backend", "_anyflow_attention", "_anyflow_cuda_graphs")
 
 
 @dataclass
@@ -36,7 +39,8 @@ class EnableHandle:
     def disable(self) -> None:
         for obj, cls in reversed(self._swapped):
             obj.__class__ = cls
-            obj.__dict__.pop("_anyflow_backend", None)
+            for name in _SETTINGS:
+                obj.__dict__.pop(name, None)
         self._swapped.clear()
 
     def __enter__(self):
@@ -63,21 +67,20 @@ def _block_forward(self, *args):
 _BLOCK = {"forward": _block_forward, "_anyflow_block": True}
 
 
-def _swap_model(model, namespace: dict, backend: str, handle: EnableHandle) -> None:
+def _swap_model(model, namespace: dict, settings: dict, handle: EnableHandle) -> None:
     """Swap a transformer and its blocks (a block called as a module, as FSDP2 needs, runs anyflow's forward)."""
-    _swap(model, namespace, backend, handle)
+    _swap(model, namespace, settings, handle)
     for block in model.blocks:
-        _swap(block, _BLOCK, backend, handle)
+        _swap(block, _BLOCK, settings, handle)
 
 
-def _swap(obj, namespace: dict, backend: str, handle: EnableHandle) -> None:
+def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
     cls = type(obj)
-    if getattr(cls, "_anyflow_original_class", None) is not None:
-        obj._anyflow_backend = backend  # already enabled: just update the backend
-        return
-    handle._swapped.append((obj, cls))
-    obj.__class__ = _subclass(cls, namespace)
-    obj._anyflow_backend = backend
+    if getattr(cls, "_anyflow_original_class", None) is None:
+        handle._swapped.append((obj, cls))
+        obj.__class__ = _subclass(cls, namespace)
+    for name, value in settings.items():  # already enabled: only the settings change
+        setattr(obj, name, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,10 +105,11 @@ def _bidirectional_forward(
     """``AnyFlowTransformer3DModel.forward`` through anyflow's op layer (same arguments and outputs)."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    out = fused.bidirectional_forward(
-        self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
-        backend=self._anyflow_backend,
-    )
+    with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
+        out = fused.bidirectional_forward(
+            self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
+            backend=self._anyflow_backend,
+        )
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -133,6 +137,14 @@ def _far_forward(
     semantics (no zero keys, see the module docstring). The KV cache dicts keep diffusers' format
     (post-norm, pre-RoPE keys) so both implementations can share a cache.
     """
+    with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
+        return _far_paths(self, hidden_states, timestep, r_timestep, encoder_hidden_states, chunk_partition,
+                          encoder_hidden_states_image, clean_hidden_states, clean_timestep, kv_cache, kv_cache_flag,
+                          return_dict)
+
+
+def _far_paths(self, hidden_states, timestep, r_timestep, encoder_hidden_states, chunk_partition,
+               encoder_hidden_states_image, clean_hidden_states, clean_timestep, kv_cache, kv_cache_flag, return_dict):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     from diffusers.models.transformers.transformer_anyflow_far import AnyFlowFARTransformerOutput
 
@@ -178,7 +190,8 @@ def _far_forward(
 # ----------------------------------------------------------------------------------------------
 # enable
 # ----------------------------------------------------------------------------------------------
-def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
+def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[str] = None,
+           cuda_graphs: bool = False) -> EnableHandle:
     """Accelerate a diffusers AnyFlow pipeline or transformer in place.
 
     Args:
@@ -189,13 +202,19 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
         backend: ``"auto"`` (default; ``ANYFLOW_BACKEND`` overrides), ``"torch"``, ``"triton"`` or
             ``"cuda"``: the preferred backend of every op of the enabled forward; ops that backend does
             not implement, or calls it cannot run, take the PyTorch path (:func:`anyflow.ops.registry.prefer`).
+        attention: SDPA kernel policy of the dense attentions on the PyTorch path while the enabled
+            forward / sampler runs (:data:`anyflow.ops.SDPA_POLICIES`: ``"default"``, ``"cudnn"``,
+            ``"flash"``, ``"efficient"``, ``"math"``, ``"tuned"`` = fastest kernel measured per shape);
+            ``None`` (default) leaves the process policy (``ANYFLOW_SDPA``) alone.
+        cuda_graphs: pipelines only: capture the per-step forward as a CUDA graph and replay it
+            (:mod:`anyflow.samplers.graphs`; CUDA and inference only, eager elsewhere). Off by default.
 
     Returns:
         :class:`EnableHandle`; ``handle.disable()`` restores the original classes.
 
     Raises:
         TypeError: the object is not one of the four supported diffusers classes.
-        ValueError: unknown backend name.
+        ValueError: unknown backend or attention policy name; ``cuda_graphs`` for a bare transformer.
         anyflow.ops.BackendUnavailableError: the requested backend cannot run at all here (e.g.
             ``"cuda"`` without the compiled extension), with the reason.
 
@@ -203,7 +222,7 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
         >>> import anyflow, torch
         >>> from diffusers import AnyFlowFARPipeline
         >>> pipe = AnyFlowFARPipeline.from_pretrained("nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers", torch_dtype=torch.bfloat16)
-        >>> handle = anyflow.enable(pipe.to("cuda"))
+        >>> handle = anyflow.enable(pipe.to("cuda"), attention="tuned", cuda_graphs=True)
         >>> video = pipe("a red panda eating bamboo", num_inference_steps=4).frames[0]
     """
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline, AnyFlowTransformer3DModel
@@ -213,20 +232,31 @@ def enable(pipe_or_transformer, backend: str = "auto") -> EnableHandle:
     wanted = registry.requested_backend(backend)
     if wanted not in ("auto", "torch") and registry.backend_reason(wanted):
         raise registry.BackendUnavailableError(f"backend {wanted!r} is unavailable: {registry.backend_reason(wanted)}")
-    handle = EnableHandle(backend)
+    if attention is not None and attention not in ops.SDPA_POLICIES:
+        raise ValueError(f"attention must be None or one of {ops.SDPA_POLICIES}, got {attention!r}")
     obj = pipe_or_transformer
-    if isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline)):
+    is_pipe = isinstance(obj, (AnyFlowFARPipeline, AnyFlowPipeline))
+    if cuda_graphs and not is_pipe:
+        raise ValueError(
+            "cuda_graphs=True applies to pipelines (their samplers capture the per-step forward); for a bare "
+            "transformer use torch.compile(mode='reduce-overhead') or torch.cuda.make_graphed_callables"
+        )
+    handle = EnableHandle(backend)
+    settings = {"_anyflow_backend": name, "_anyflow_attention": attention}
+    if is_pipe:
         from .samplers import pipelines
     if isinstance(obj, AnyFlowFARPipeline):
-        _swap_model(obj.transformer, {"forward": _lora_scaled(_far_forward)}, name, handle)
-        _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream}, name, handle)
+        _swap_model(obj.transformer, {"forward": _lora_scaled(_far_forward)}, settings, handle)
+        _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream},
+              dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)), handle)
     elif isinstance(obj, AnyFlowPipeline):
-        _swap_model(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
-        _swap(obj, {"__call__": pipelines.bidirectional_call}, name, handle)
+        _swap_model(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, settings, handle)
+        _swap(obj, {"__call__": pipelines.bidirectional_call}, dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)),
+              handle)
     elif isinstance(obj, AnyFlowFARTransformer3DModel):
-        _swap_model(obj, {"forward": _lora_scaled(_far_forward)}, name, handle)
+        _swap_model(obj, {"forward": _lora_scaled(_far_forward)}, settings, handle)
     elif isinstance(obj, AnyFlowTransformer3DModel):
-        _swap_model(obj, {"forward": _lora_scaled(_bidirectional_forward)}, name, handle)
+        _swap_model(obj, {"forward": _lora_scaled(_bidirectional_forward)}, settings, handle)
     else:
         raise TypeError(
             "anyflow.enable expects a diffusers AnyFlowPipeline, AnyFlowFARPipeline, AnyFlowTransformer3DModel or "

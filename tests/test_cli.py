@@ -67,7 +67,8 @@ def test_generate_i2v_far_with_real_image(tiny_far, tmp_path, capsys):
 
 def test_generate_bidirectional_legacy(tiny_bidir, tmp_path, capsys):
     out = tmp_path / "b.mkv"
-    assert main(_generate(tiny_bidir, out, "--num-frames", "5", "--fps", "8")) == 0
+    # the speed levers are accepted everywhere (CUDA graphs run eagerly off CUDA)
+    assert main(_generate(tiny_bidir, out, "--num-frames", "5", "--fps", "8", "--attention", "tuned", "--cuda-graphs")) == 0
     nfe, cache_steps, _ = _done_line(capsys)
     assert (nfe, cache_steps) == (2, 0)
     assert read_video(out, 64, 64).shape == (1, 5, 3, 64, 64)
@@ -134,7 +135,7 @@ def test_broken_checkpoint_exit_2(tmp_path, capsys):
 def test_missing_enable_is_an_error(tiny_far, tmp_path, capsys, monkeypatch):
     import anyflow
 
-    def unavailable(pipe, backend="auto"):
+    def unavailable(pipe, backend="auto", **levers):
         raise ImportError("no module named anyflow.integration")
 
     monkeypatch.setattr(anyflow, "enable", unavailable)

@@ -278,3 +278,32 @@ def test_load_rejects_bad_tables():
 
 def test_available_kernels_on_cpu():
     assert set(S.available_kernels("cpu")) == {"math", "flash"}
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "far"])
+def test_enabled_pipeline_runs_under_its_policy(kind, monkeypatch):
+    """``anyflow.enable(pipe, attention=...)``: every dense attention of the call runs under that policy, and
+    the process policy is back to what it was afterwards."""
+    import anyflow
+    from anyflow.testing.tiny import tiny_pipeline
+
+    from types import SimpleNamespace
+
+    seen = []
+    real = S.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):  # every SDPA call of the op layer, with the policy in force
+        seen.append(S.get_sdpa_policy())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "F", SimpleNamespace(scaled_dot_product_attention=recording))
+    pipe = tiny_pipeline(kind, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red panda", height=32, width=32, num_inference_steps=2, output_type="latent")
+    kw.update(num_frames=9, chunk_partition=[1, 2]) if kind == "far" else kw.update(num_frames=5)
+    with anyflow.enable(pipe, attention="math"):
+        pipe(generator=torch.Generator().manual_seed(0), **kw)
+    assert seen and set(seen) == {"math"}, sorted(set(seen))
+    assert S.get_sdpa_policy() == "default"
+    with pytest.raises(ValueError, match="attention must be None or one of"):
+        anyflow.enable(pipe, attention="fastest")

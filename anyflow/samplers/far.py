@@ -21,6 +21,7 @@ import torch
 
 from .. import ops
 from ..models import fused
+from . import graphs
 from .kv_cache import FARKVCache, kv_capacity
 
 
@@ -33,9 +34,14 @@ class FARSession:
         chunk_partition: latent frames per chunk.
         latent_hw: latent (height, width).
         backend: op backend.
+        cuda_graphs: capture each chunk's per-step forward as a CUDA graph (:mod:`.graphs`; CUDA,
+            inference only, otherwise eager).
+        attention: SDPA policy (:data:`anyflow.ops.SDPA_POLICIES`) active during the session's forwards;
+            ``None`` leaves the process policy alone.
     """
 
-    def __init__(self, model, text: fused.TextContext, chunk_partition: Sequence[int], latent_hw, backend=None):
+    def __init__(self, model, text: fused.TextContext, chunk_partition: Sequence[int], latent_hw, backend=None,
+                 cuda_graphs: bool = False, attention: Optional[str] = None):
         self.model = model
         self.text = text
         self.cp = fused.check_chunk_partition(chunk_partition)
@@ -48,6 +54,10 @@ class FARSession:
         cap = kv_capacity(self.cp, self.limit, self.geo.full_tpf, self.geo.compressed_tpf)
         self.nfe = 0
         self.cache_steps = 0
+        self.cuda_graphs = cuda_graphs
+        self.attention = attention
+        self.graph_replays = 0
+        self.graph_pool = graphs.new_pool(text.tokens.device, cuda_graphs)
         self.cache = FARKVCache(
             cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim, cap,
             model.dtype, text.tokens.device,
@@ -71,11 +81,16 @@ class FARSession:
         return fn
 
     def velocity(self, k: int, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """One NFE on chunk ``k``: ``z`` ``[B', F_k, C, H, W]`` (model dtype), per-frame ``t``, ``r`` ``[B', F_k]``."""
+        """One NFE on chunk ``k``: ``z`` ``[B', F_k, C, H, W]`` (model dtype), per-frame ``t``, ``r`` ``[B', F_k]``.
+
+        Writes the chunk's keys/values into the cache at the current offset (the same slots at every
+        step of the chunk) and reads nothing but its arguments, the cache and the prompt context, so
+        it can be captured as a CUDA graph per chunk. The caller counts the NFE.
+        """
         f0, f1 = self.chunk_frames(k)
         cos, sin = fused.rope_for(self.model, f0, f1, self.geo.full_grid, False, z.device)
-        self.nfe += 1
-        return fused.far_cached_step(self.model, z, t, r, self.text, self._attend_current(cos, sin), f0, self.backend)
+        with ops.sdpa_policy(self.attention):
+            return fused.far_cached_step(self.model, z, t, r, self.text, self._attend_current(cos, sin), f0, self.backend)
 
     # -- cache step ---------------------------------------------------------------------------
     def _encode(self, x, rows, segs, cos, sin, start, layout):
@@ -98,6 +113,10 @@ class FARSession:
 
     def cache_step(self, k: int, latents: torch.Tensor) -> None:
         """Make chunks ``0..k`` context; ``latents`` ``[B', >= f1, C, H, W]`` holds their final values."""
+        with ops.sdpa_policy(self.attention):
+            self._cache_step(k, latents)
+
+    def _cache_step(self, k: int, latents: torch.Tensor) -> None:
         model, geo, cache = self.model, self.geo, self.cache
         self.cache_steps += 1
         nc, _ = fused.split_chunks(k + 1, self.limit - 1)
@@ -143,6 +162,8 @@ def sample_chunk(
     b, f = z.shape[:2]
     cfg = session.text.tokens.shape[0] == 2 * b
     dtype = session.model.dtype
+    step = graphs.StepGraph(lambda x, tt, rr: session.velocity(k, x, tt, rr), z.device,
+                            enabled=session.cuda_graphs, pool=session.graph_pool)
     for i, (t, r) in enumerate(pairs):
         if t == r:
             continue
@@ -151,12 +172,14 @@ def sample_chunk(
             x = torch.cat([x, x])
         tt = torch.full((x.shape[0], f), t, dtype=torch.float64, device=x.device)
         rr = torch.full_like(tt, r) if use_mean_velocity else tt
-        u = session.velocity(k, x, tt, rr)
+        u = step(x, tt, rr)
+        session.nfe += 1
         z = ops.euler_shortcut(z, u, t, r, guidance_scale=guidance_scale, backend=session.backend)
         if on_step is not None:
             new = on_step(i, t, z)
             if new is not None:
                 z = new.float()
+    session.graph_replays += step.replays
     return z
 
 

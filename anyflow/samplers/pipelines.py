@@ -4,7 +4,9 @@ These functions become methods of an enabled pipeline (see :func:`anyflow.enable
 diffusers 0.42 arguments and return the same outputs; the pipeline's own helpers do prompt encoding,
 noise, VAE encode/decode, progress bars and callbacks. What changes is the denoising loop: per-frame
 time-pair conditioning, prompt-constant cross-attention K/V computed once, an fp32 master latent with
-the fused Euler/CFG update, and (FAR) the :class:`~anyflow.samplers.kv_cache.FARKVCache`.
+the fused Euler/CFG update, (FAR) the :class:`~anyflow.samplers.kv_cache.FARKVCache`, and, when enabled
+with ``cuda_graphs=True`` / ``attention=...``, CUDA-graph replay of the per-step forward
+(:mod:`~anyflow.samplers.graphs`) and the SDPA kernel policy (:mod:`anyflow.ops.sdpa`).
 
 Differences from diffusers 0.42.1, on purpose:
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import fused
+from . import bidirectional as bidirectional_sampler
 from . import far as far_sampler
 from .schedule import time_pairs
 
@@ -84,11 +87,13 @@ class RunStats:
         cache_steps: FAR KV-cache steps (prefix re-encodes at t = r = 0).
         dit_seconds: wall time of the denoising loop including cache steps (excludes text encoding
             and VAE), synchronised once at its end.
+        graph_replays: NFEs that replayed a captured CUDA graph (``cuda_graphs=True``; 0 when eager).
     """
 
     nfe: int = 0
     cache_steps: int = 0
     dit_seconds: float = 0.0
+    graph_replays: int = 0
 
 
 def _sync(device):
@@ -240,48 +245,22 @@ def bidirectional_call(self, *args, **kwargs):
     kw = _collect(args, kwargs)
     p = _prepare(self, kw, far=False)
     model = self.transformer
-    backend = getattr(model, "_anyflow_backend", None)
-    dtype = model.dtype
-    z = p.noise
-    b, f = z.shape[:2]
-    n_ctx = 0
-    ctx = None
-    if p.context is not None:
-        ctx = p.context.to(dtype)
-        n_ctx = ctx.shape[1]
-        z[:, :n_ctx] = ctx.float()
-    cfg = p.text.tokens.shape[0] == 2 * b
-    from .. import ops
 
-    stats = RunStats()
+    def on_step(i, t, z):
+        bar.update()
+        return _callback(self, kw, p, i, t, z)
+
     start = time.perf_counter()
     with self.progress_bar(total=len(p.pairs)) as bar:
-        for i, (t, r) in enumerate(p.pairs):
-            if self.interrupt:
-                continue
-            if t == r:
-                bar.update()
-                continue
-            x = z.to(dtype)
-            if ctx is not None:
-                x[:, :n_ctx] = ctx
-            if cfg:
-                x = torch.cat([x, x])
-            tt = torch.full((x.shape[0], f), t, dtype=torch.float64, device=x.device)
-            rr = torch.full_like(tt, r) if kw["use_mean_velocity"] else tt.clone()
-            tt[:, :n_ctx] = 0  # context frames are clean: t = 0 (r untouched, as the official pipeline)
-            u = fused.bidirectional_forward(model, x, tt, rr, p.text, backend=backend)
-            stats.nfe += 1
-            z = ops.euler_shortcut(
-                z, u, t, r, guidance_scale=kw["guidance_scale"], num_context_frames=n_ctx, backend=backend
-            )
-            new = _callback(self, kw, p, i, t, z)
-            if new is not None:
-                z = new.float()
-            bar.update()
+        run = bidirectional_sampler.sample(
+            model, p.noise, p.pairs, p.text, context=p.context, guidance_scale=kw["guidance_scale"],
+            use_mean_velocity=kw["use_mean_velocity"], backend=getattr(model, "_anyflow_backend", None),
+            cuda_graphs=getattr(self, "_anyflow_cuda_graphs", False), attention=getattr(model, "_anyflow_attention", None),
+            on_step=on_step, interrupted=lambda: self.interrupt,
+        )
     _sync(p.device)
-    stats.dit_seconds = time.perf_counter() - start
-    self.anyflow_stats = stats
+    self.anyflow_stats = RunStats(run.nfe, 0, time.perf_counter() - start, run.graph_replays)
+    z = run.latents
     return _finish(self, z, kw["output_type"], kw["return_dict"])
 
 
@@ -302,7 +281,8 @@ def _far_setup(pipe, args, kwargs):
         cp = list(model.config.chunk_partition)
     cp = fused.check_chunk_partition(cp, p.noise.shape[1])
     session = far_sampler.FARSession(
-        model, p.text, cp, p.noise.shape[3:], backend=getattr(model, "_anyflow_backend", None)
+        model, p.text, cp, p.noise.shape[3:], backend=getattr(model, "_anyflow_backend", None),
+        cuda_graphs=getattr(pipe, "_anyflow_cuda_graphs", False), attention=getattr(model, "_anyflow_attention", None),
     )
     return kw, p, session
 
@@ -328,7 +308,8 @@ def _far_chunks(pipe, kw, p, session):
         ):
             if k == len(cp) - 1:
                 _sync(p.device)
-                pipe.anyflow_stats = RunStats(session.nfe, session.cache_steps, time.perf_counter() - start)
+                pipe.anyflow_stats = RunStats(session.nfe, session.cache_steps, time.perf_counter() - start,
+                                              session.graph_replays)
             yield k, session.chunk_frames(k), out
 
 
