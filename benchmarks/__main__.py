@@ -1,13 +1,14 @@
-"""``python -m benchmarks {nfe,kernels,report} ...`` (also ``anyflow bench ...``)."""
+"""``python -m benchmarks {nfe,kernels,levers,report} ...`` (also ``anyflow bench ...``)."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("nfe", "kernels", "report")
-USAGE = ("usage: python -m benchmarks {nfe,kernels,report} [options]   (--help after a command for its options)\n"
+COMMANDS = ("nfe", "kernels", "levers", "report")
+USAGE = ("usage: python -m benchmarks {nfe,kernels,levers,report} [options]   (--help after a command for its options)\n"
          "  nfe      per-NFE and per-video DiT time, diffusers vs anyflow backends, in one process\n"
          "  kernels  per-op correctness check + timing per backend at real shapes, with SDPA/cuDNN/Flex baselines\n"
+         "  levers   whole-video sampler time with each end-to-end lever alone and all together\n"
          "  report   regenerate the README performance table from benchmarks/results/")
 
 

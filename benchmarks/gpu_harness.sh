@@ -6,7 +6,9 @@
 # Then copy OUTDIR to benchmarks/results/<device>/ and run `python -m benchmarks report` for the README.
 # Every stage's exit status, seconds and log land in OUTDIR (stages.tsv, <stage>.log); a failing stage
 # does not stop the next. HARNESS_TAR=1 packs everything into OUTDIR/harness.tar.gz (for tools that
-# fetch only a few files) and keeps summary.md, stages.tsv and the tarball.
+# fetch only a few files) and keeps summary.md, stages.tsv and the tarball. HARNESS_STAGES (comma list of
+# stage-name prefixes, e.g. "build,ctest,pytest" then "kernels,nfe_1.3B,levers") runs only those stages (plus
+# install and report), so a device session with a 10-minute call limit can spread the run over calls.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
@@ -21,6 +23,12 @@ RESERVE=40  # seconds kept for the report stage, which always runs
 
 stage() {  # stage NAME TIMEOUT_S CMD...: run with a timeout unless the budget is spent; record rc + time
   local name=$1 limit=$2; shift 2
+  if [[ -n "${HARNESS_STAGES:-}" && $name != install && $name != report ]]; then
+    local want=0 p
+    IFS=, read -ra _prefixes <<< "$HARNESS_STAGES"
+    for p in "${_prefixes[@]}"; do [[ -n $p && $name == "$p"* ]] && want=1; done
+    if (( ! want )); then printf '%s\tskipped-not-selected\t0\n' "$name" >> "$OUT/stages.tsv"; return 0; fi
+  fi
   local left=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
   [[ $name == report ]] && left=$(( left + RESERVE ))
   if (( left < 20 && limit > 20 )) || (( left < 5 )); then
@@ -66,9 +74,14 @@ fi
 
 stage build 240 env ANYFLOW_BUILD_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
 stage ctest 150 bash -c 'cmake -S . -B build/harness -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" && cmake --build build/harness -j 16 && ctest --test-dir build/harness --output-on-failure'
+stage pytest_gpu 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_sdpa.py \
+  tests/test_cuda_ops.py tests/test_triton_elementwise.py tests/test_triton_attention.py
 stage kernels 120 "$PY" -m benchmarks kernels --model 1.3B --out "$OUT"
 stage nfe_1.3B_bidirectional 150 "$PY" -m benchmarks nfe --model 1.3B --mode bidirectional --iters 5 --out "$OUT"
 stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe --model 1.3B --mode far --iters 3 --out "$OUT"
+stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers --model 1.3B --mode bidirectional --steps 4 --iters 2 \
+  --out "$OUT"
+stage levers_1.3B_far 150 "$PY" -m benchmarks levers --model 1.3B --mode far --steps 4 --iters 2 --out "$OUT"
 stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe --model 14B --mode bidirectional --iters 3 \
   --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:cuda --out "$OUT"
 stage nfe_14B_far 120 "$PY" -m benchmarks nfe --model 14B --mode far --iters 2 \

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import kernels, nfe, report  # noqa: E402
+from benchmarks import kernels, levers, nfe, report  # noqa: E402
 from benchmarks.__main__ import main as bench_main  # noqa: E402
 
 
@@ -61,6 +61,28 @@ def test_nfe_custom_config_and_pipeline(tmp_path):
     p = rec["pipeline"]
     assert "error" not in p, p
     assert _finite(p["text_encode_ms"]) and _finite(p["vae_decode_ms"])
+
+
+@pytest.mark.parametrize("mode,extra", [("bidirectional", []), ("far", ["--chunk-partition", "1,2,2,1"])])
+def test_levers_tiny(tmp_path, mode, extra):
+    rec = levers.main(["--model", "tiny", "--mode", mode, "--height", "64", "--width", "64", "--frames", "21",
+                       "--steps", "3", "--iters", "1", "--out", str(tmp_path)] + extra)
+    assert json.loads((tmp_path / f"levers_tiny_{mode}.json").read_text())["config"] == rec["config"]
+    rows = {r["lever"]: r for r in rec["levers"]}
+    assert list(rows) == list(levers.LEVERS)
+    chunks = 4 if mode == "far" else 1
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r["reason"])
+        assert r["nfe"] == 3 * chunks and _finite(r["video_ms"]) and _finite(r["speedup_vs_baseline"])
+        assert r["rel_l2_vs_first"] < 1e-4, (name, r["rel_l2_vs_first"])  # levers change rounding only
+    assert rec["host_reads_per_video"] == 0 and rec["steps_per_video"] == 3 * chunks
+    assert rec["sdpa_choices"], "the tuned levers record their per-shape kernel table"
+    assert all(_finite(v) for v in rec["euler"].values())
+    summary = tmp_path / "summary.md"
+    assert report.main(["--results", str(tmp_path), "--no-readme", "--markdown", str(summary)]) == 0
+    assert "End-to-end levers" in summary.read_text() and "cuda_graphs" in summary.read_text()
+    with pytest.raises(ValueError, match="--levers"):
+        levers.main(["--model", "tiny", "--levers", "baseline,turbo"])
 
 
 def test_nfe_rejects_bad_arguments():

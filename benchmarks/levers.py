@@ -1,0 +1,236 @@
+"""End-to-end levers of anyflow's samplers, each switched on alone and all together, in one process.
+
+Runs the real sampler loops (``anyflow.samplers.bidirectional.sample`` and the FAR
+``FARSession`` + ``generate`` with its cache steps) at transformer level: random bf16 weights at a real
+Wan2.1 config, random prompt embeddings, no text encoder or VAE. Each configuration times a whole
+video of ``--steps`` flow-map jumps (FAR: per chunk), median of ``--iters`` runs after one warm-up
+run, synchronised once per video:
+
+* ``baseline``: every lever off (cross-attention K/V recomputed every step, torch's own SDPA choice,
+  eager forward);
+* ``cross_kv``: prompt-constant cross-attention K/V computed once per prompt;
+* ``sdpa_cudnn`` / ``sdpa_tuned``: ``cross_kv`` + the SDPA policy (cuDNN first / fastest kernel
+  measured per shape; the tuning runs in the warm-up video and its table is recorded);
+* ``cuda_graphs``: ``cross_kv`` + the per-step forward replayed from a CUDA graph (the timed video
+  includes its own eager first step and capture, as every generation pays them);
+* ``all``: ``cross_kv`` + ``sdpa_tuned`` + ``cuda_graphs``.
+
+Two more levers are measured by what they cost, not switched: the fp32 master latent (the fused Euler
+update on an fp32 latent vs on a model-dtype latent, per step, next to the NFE time) and host syncs in
+the loop (device -> host reads per step of a whole video, counted by a dispatch mode: must be 0).
+
+    python -m benchmarks levers --model 1.3B --mode bidirectional --steps 4 --out OUT
+    python -m benchmarks levers --model tiny --mode far --height 64 --width 64 --frames 21 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import common, nfe
+
+LEVERS = {
+    "baseline": dict(cache_kv=False, attention="default", cuda_graphs=False),
+    "cross_kv": dict(cache_kv=True, attention="default", cuda_graphs=False),
+    "sdpa_cudnn": dict(cache_kv=True, attention="cudnn", cuda_graphs=False),
+    "sdpa_tuned": dict(cache_kv=True, attention="tuned", cuda_graphs=False),
+    "cuda_graphs": dict(cache_kv=True, attention="default", cuda_graphs=True),
+    "all": dict(cache_kv=True, attention="tuned", cuda_graphs=True),
+}
+
+
+def time_pairs(steps: int, shift: float) -> list[tuple[float, float]]:
+    """The flow-map time pairs of ``steps`` jumps on the diffusers scheduler's shifted grid."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    from anyflow.samplers.schedule import time_pairs as pairs_of
+
+    return pairs_of(FlowMapEulerDiscreteScheduler(shift=shift), steps)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device -> host scalar reads (``aten._local_scalar_dense``: a host sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, device, dtype, lever: dict):
+    """``run() -> (latents, nfe)``: one whole video through the sampler with ``lever``'s settings."""
+    from anyflow.models import fused
+    from anyflow.samplers import bidirectional, far
+
+    f, h, w = latent
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    noise = torch.randn(text_raw.shape[0], f, model.config.in_channels, h, w, generator=gen).to(device)
+
+    if mode == "bidirectional":
+        def run():
+            text = fused.prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
+            out = bidirectional.sample(model, noise, pairs, text, backend="torch", cuda_graphs=lever["cuda_graphs"],
+                                       attention=lever["attention"])
+            return out.latents, out.nfe
+        return run
+
+    def run():
+        text = fused.prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
+        session = far.FARSession(model, text, chunk_partition, (h, w), backend="torch",
+                                 cuda_graphs=lever["cuda_graphs"], attention=lever["attention"])
+        out = None
+        for _, out in far.generate(session, noise, pairs):
+            pass
+        return out, session.nfe
+
+    return run
+
+
+def euler_cost(latent, batch: int, device, dtype) -> dict:
+    """ms of one fused Euler update with an fp32 master latent vs a model-dtype latent (same u)."""
+    from anyflow import ops
+
+    f, h, w = latent
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    u = torch.randn(batch, f, 16, h, w, generator=gen).to(device, dtype)
+    z32 = torch.randn(batch, f, 16, h, w, generator=gen).to(device)
+    zlow = z32.to(dtype)
+    fp32 = common.kernel_ms(lambda: ops.euler_shortcut(z32, u, 937.5, 833.3, backend="torch"), device)
+    low = common.kernel_ms(lambda: ops.euler_shortcut(zlow, u, 937.5, 833.3, backend="torch"), device)
+    return {"fp32_master_ms": fp32, "model_dtype_ms": low}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="1.3B", help="1.3B, 14B, tiny, or a JSON transformer config (default 1.3B)")
+    ap.add_argument("--mode", choices=["bidirectional", "far"], default="bidirectional")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, default=81, help="pixel frames, 4k+1")
+    ap.add_argument("--chunk-partition", default=None, help="FAR latent frames per chunk (default 1,3,3,3,3,3,3,2)")
+    ap.add_argument("--steps", type=int, default=4, help="flow-map jumps per video (FAR: per chunk)")
+    ap.add_argument("--shift", type=float, default=5.0, help="time shift of the schedule")
+    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--iters", type=int, default=3, help="timed videos per lever (median)")
+    ap.add_argument("--out", default=None, help="folder for levers_<model>_<mode>.json and .md (default: print only)")
+
+
+@torch.no_grad()
+def run(args, command: str) -> dict:
+    from anyflow import ops
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.frames < 1 or (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got "
+                         f"{args.frames}, {args.height}x{args.width}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    names = [n.strip() for n in args.levers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise ValueError(f"--levers: unknown {unknown}; expected some of {list(LEVERS)}")
+    f = (args.frames - 1) // 4 + 1
+    latent = (f, args.height // 8, args.width // 8)
+    cp = [int(c) for c in args.chunk_partition.split(",")] if args.chunk_partition else list(common.CHUNK_PARTITION)
+    label, cfg = nfe.load_config(args.model, args.mode, cp)
+    meta = common.run_meta(device, command)
+    model = nfe.build_transformer(cfg, args.mode, dtype, device)
+    if args.mode == "far":
+        nfe.far_plan(model.config, latent, cp)  # validates the chunk partition against the frame count
+    pairs = time_pairs(args.steps, args.shift)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    text_raw = torch.randn(1, common.TEXT_TOKENS, model.config.text_dim, generator=gen).to(device, dtype)
+
+    rows, reference = [], None
+    for name in names:
+        lever = LEVERS[name]
+        row = {"lever": name, **lever, "status": "ok", "reason": None}
+        try:
+            runner = video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, lever)
+            common.reset_peak_memory(device)
+            out, count = runner()  # warm-up video: compiles, tunes SDPA, fills caches
+            row["video_ms"] = common.median_ms(runner, device, iters=args.iters, warmup=0)
+            row["nfe"] = count
+            row["peak_mem_gib"] = common.peak_memory_gib(device)
+            if reference is None:
+                reference = out.float()
+            row["rel_l2_vs_first"] = float((out.float() - reference).norm() / reference.norm().clamp_min(1e-30))
+        except Exception as exc:  # noqa: BLE001 - one failing lever must not stop the others
+            row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        rows.append(row)
+    base = next((r for r in rows if r["lever"] == "baseline" and r["status"] == "ok"), None)
+    for r in rows:
+        if base is not None and r["status"] == "ok":
+            r["speedup_vs_baseline"] = base["video_ms"] / r["video_ms"]
+
+    with _HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
+        video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
+    n_steps = args.steps * (len(cp) if args.mode == "far" else 1)
+    record = {
+        "kind": "levers", "meta": meta,
+        "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "height": args.height,
+                   "width": args.width, "frames": args.frames, "latent": list(latent), "steps": args.steps,
+                   "shift": args.shift, "chunk_partition": cp if args.mode == "far" else None},
+        "levers": rows,
+        "host_reads_per_video": reads.count, "steps_per_video": n_steps,
+        "euler": euler_cost(latent, 1, device, dtype),
+        "sdpa_choices": ops.sdpa_choices(),
+        "notes": "video_ms = whole video through the sampler (FAR incl. cache steps), median; rel_l2_vs_first compares "
+                 "each lever's latents with the first lever's (same noise; levers change rounding only)",
+    }
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
+        record["euler"]["fp32_share_of_nfe"] = record["euler"]["fp32_master_ms"] / per_nfe
+    del model
+    md = markdown(record)
+    print(md)
+    if args.out:
+        common.write_json(Path(args.out) / f"levers_{label}_{args.mode}.json", record)
+        (Path(args.out) / f"levers_{label}_{args.mode}.md").write_text(md)
+    return record
+
+
+def markdown(rec: dict) -> str:
+    c, m = rec["config"], rec["meta"]
+    lines = [
+        f"# Levers: {c['model']} {c['mode']} {c['dtype']} {c['width']}x{c['height']}x{c['frames']}, {c['steps']} steps"
+        f"{' per chunk' if c['mode'] == 'far' else ''} on {m['device']} ({m['date']})", "",
+        f"`{m['command']}`; torch {m['versions']['torch']}, CUDA {m['versions']['cuda']}, driver {m['driver']}. "
+        f"{rec['notes']}.", "",
+        "| lever | video ms | NFE | ms/NFE | vs baseline | peak GiB | rel L2 vs first | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rec["levers"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['lever']} | | | | | | | {r['status']}: {r['reason']} |")
+            continue
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        sp = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else "-"
+        lines.append(f"| {r['lever']} | {r['video_ms']:.1f} | {r['nfe']} | {r['video_ms'] / r['nfe']:.2f} | {sp} | {mem} | "
+                     f"{r['rel_l2_vs_first']:.1e} | ok |")
+    e = rec["euler"]
+    share = f", {100 * e['fp32_share_of_nfe']:.2f}% of the fastest NFE" if "fp32_share_of_nfe" in e else ""
+    lines += ["", f"fp32 master latent: Euler update {e['fp32_master_ms']:.3f} ms vs {e['model_dtype_ms']:.3f} ms on a "
+              f"model-dtype latent{share}. Host reads in a whole video: {rec['host_reads_per_video']} "
+              f"({rec['steps_per_video']} steps)."]
+    if rec["sdpa_choices"]:
+        lines += ["", "SDPA kernel per shape (tuned): " + "; ".join(f"{k}: {v['kernel']}" for k, v in rec["sdpa_choices"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks levers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    return run(args, common.command_line("python -m benchmarks levers", argv))
