@@ -292,7 +292,7 @@ def frame_strip(videos, labels, columns: int = 6, gap: int = 2):
 
 
 @contextlib.contextmanager
-def atomic_output(path: PathLike, suffix: str | None = None):
+def atomic_output(path: str | os.PathLike, suffix: str | None = None):
     """Write a file atomically: yield a temporary path in ``path``'s folder, then fsync it and
     ``os.replace`` it onto ``path``. On any exception (KeyboardInterrupt included) the temporary file is
     removed and an existing ``path`` is left untouched.

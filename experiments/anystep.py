@@ -53,7 +53,6 @@ checkpoint (finished phases are not retrained).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math

@@ -9,7 +9,6 @@ Outputs are poisoned: the tests run with ``torch.utils.deterministic.fill_uninit
 every ``empty`` the ops allocate (also from C++) starts as NaN and a row a kernel forgets stays NaN.
 """
 
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -372,7 +372,8 @@ def init_from_env(backend: Optional[str] = None) -> Optional[DistContext]:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     try:
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        int(os.environ.get("RANK", "0"))  # validated here; init_process_group reads it from the environment
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         raise ValueError(f"RANK / LOCAL_RANK must be integers, got {os.environ.get('RANK')!r} / "
                          f"{os.environ.get('LOCAL_RANK')!r}") from None
