@@ -83,9 +83,9 @@ stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers --model 1.3B --mo
   --out "$OUT"
 stage levers_1.3B_far 150 "$PY" -m benchmarks levers --model 1.3B --mode far --steps 4 --iters 2 --out "$OUT"
 stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe --model 14B --mode bidirectional --iters 3 \
-  --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:cuda --out "$OUT"
+  --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:auto+tuned,anyflow:cuda --out "$OUT"
 stage nfe_14B_far 120 "$PY" -m benchmarks nfe --model 14B --mode far --iters 2 \
-  --backends diffusers,anyflow:auto --out "$OUT"
+  --backends diffusers,anyflow:auto,anyflow:auto+tuned --out "$OUT"
 stage report 60 "$PY" -m benchmarks report --results "$OUT" --no-readme --markdown "$OUT/summary.md" --plot "$OUT/nfe.png"
 
 if [[ "${HARNESS_TAR:-0}" == 1 ]]; then

@@ -10,7 +10,9 @@ change speed; nothing is downloaded), then times each *variant* on the same inpu
   importable). diffusers' FAR self-attention accepts only ``flex``, so for FAR the backend applies to the
   dense cross-attention and the self-attention stays on flex;
 * ``anyflow:torch|triton|cuda|auto``: the same instance after ``anyflow.enable(model, backend=...)``;
-* ``anyflow:torch+cudnn``: ``anyflow:torch`` with torch SDPA pinned to cuDNN (``sdpa_kernel``, CUDA only).
+* ``anyflow:<backend>+<policy>``: that backend with an SDPA policy of :mod:`anyflow.ops.sdpa` on its dense
+  attentions (``anyflow:torch+cudnn``: cuDNN first; ``anyflow:auto+tuned``: fastest kernel per shape,
+  tuned in the warm-up call), through ``anyflow.enable(model, backend, attention=policy)``.
 
 Workloads: ``bidirectional`` = one forward over the whole clip. ``far`` = the inference NFE of every
 chunk (query chunk over its KV cache) and every cache step (the masked forward over the prefix that
@@ -40,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from anyflow.ops.sdpa import SDPA_POLICIES
+
 from . import common
 
 STEPS = (1, 2, 4, 8, 16, 32)
@@ -51,7 +55,8 @@ def default_variants() -> list[str]:
     names = ["diffusers", "diffusers:cudnn"]
     names += [f"diffusers:{k}" for k, mod in (("flash", "flash_attn"), ("xformers", "xformers"))
               if importlib.util.find_spec(mod) is not None]
-    return names + ["anyflow:torch", "anyflow:torch+cudnn", "anyflow:triton", "anyflow:cuda", "anyflow:auto"]
+    return names + ["anyflow:torch", "anyflow:torch+cudnn", "anyflow:triton", "anyflow:cuda", "anyflow:auto",
+                     "anyflow:auto+tuned"]
 
 
 def parse_variants(text: str) -> list[str]:
@@ -60,14 +65,15 @@ def parse_variants(text: str) -> list[str]:
         return default_variants()
     out = []
     for name in (t.strip() for t in text.split(",") if t.strip()):
-        if name in ANYFLOW_BACKENDS or name == "torch+cudnn":
+        if name.partition("+")[0] in ANYFLOW_BACKENDS:
             name = f"anyflow:{name}"
         kind, _, sub = name.partition(":")
+        backend, plus, policy = sub.partition("+")
         ok = (name == "diffusers" or (kind == "diffusers" and sub in DIFFUSERS_ATTENTION)
-              or (kind == "anyflow" and sub in ANYFLOW_BACKENDS + ("torch+cudnn",)))
+              or (kind == "anyflow" and backend in ANYFLOW_BACKENDS and (not plus or policy in SDPA_POLICIES)))
         if not ok:
             raise ValueError(f"--backends: unknown variant {name!r}; expected diffusers, diffusers:{{cudnn,flash,xformers}}, "
-                             f"anyflow:{{torch,torch+cudnn,triton,cuda,auto}} or a bare backend name")
+                             f"anyflow:{{torch,triton,cuda,auto}}[+{{{','.join(SDPA_POLICIES)}}}] or a bare backend name")
         out.append(name)
     return out
 
@@ -244,24 +250,15 @@ def applied(model, variant: str, device):
     import anyflow
     from anyflow.ops import registry
 
-    backend, _, pin = sub.partition("+")
+    backend, _, policy = sub.partition("+")
     if backend not in ("auto", "torch"):
         reason = registry.backend_reason(backend)
         if reason:
             raise Skip(reason)
-    if pin and device.type != "cuda":
-        raise Skip("cuDNN SDPA needs CUDA")
-    handle = anyflow.enable(model, backend=backend)
-    try:
-        if pin:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                yield
-        else:
-            yield
-    finally:
-        handle.disable()
+    if policy in ("cudnn", "efficient") and device.type != "cuda":
+        raise Skip(f"the {policy} SDPA kernel needs CUDA (elsewhere the policy falls back to torch's choice)")
+    with anyflow.enable(model, backend=backend, attention=policy or None):
+        yield
 
 
 def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: float) -> dict:
@@ -354,8 +351,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chunk-partition", default=None, help="FAR latent frames per chunk (default 1,3,3,3,3,3,3,2)")
     ap.add_argument("--guidance", action="store_true", help="CFG on: conditional + unconditional in one batch-2 forward")
     ap.add_argument("--backends", default="default",
-                    help="comma list of variants (diffusers, diffusers:cudnn|flash|xformers, anyflow:torch|torch+cudnn|"
-                    "triton|cuda|auto; a bare backend name means anyflow:<name>); 'default' = all that may apply")
+                    help="comma list of variants (diffusers, diffusers:cudnn|flash|xformers, anyflow:torch|triton|cuda|auto[+POLICY], "
+                    "POLICY an SDPA policy (cudnn, tuned, ...); a bare backend name means anyflow:<name>); "
+                    "'default' = all that may apply")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None)
     ap.add_argument("--iters", type=int, default=5, help="timed repetitions per forward (median)")

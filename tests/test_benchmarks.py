@@ -28,7 +28,7 @@ def _finite(x):
 @pytest.mark.parametrize("mode,extra", [("bidirectional", ["--guidance"]), ("far", ["--chunk-partition", "1,2"])])
 def test_nfe_tiny(tmp_path, mode, extra):
     rec = nfe.main(["--model", "tiny", "--mode", mode, "--height", "32", "--width", "32", "--frames", "9",
-                    "--iters", "1", "--backends", "diffusers,diffusers:cudnn,torch,anyflow:cuda,auto",
+                    "--iters", "1", "--backends", "diffusers,diffusers:cudnn,torch,anyflow:cuda,auto,torch+cudnn,auto+tuned",
                     "--out", str(tmp_path)] + extra)
     path = next(tmp_path.glob("nfe_tiny_*.json"))
     assert json.loads(path.read_text())["config"] == rec["config"]
@@ -38,8 +38,9 @@ def test_nfe_tiny(tmp_path, mode, extra):
     assert _finite(rec["peaks"]["bf16_matmul_tflops"])
     rows = {r["variant"]: r for r in rec["variants"]}
     assert rows["diffusers:cudnn"]["status"] == "skipped" and rows["diffusers:cudnn"]["reason"]
+    assert rows["anyflow:torch+cudnn"]["status"] == "skipped" and "needs CUDA" in rows["anyflow:torch+cudnn"]["reason"]
     ok = [r for r in rec["variants"] if r["status"] == "ok"]
-    assert {"diffusers", "anyflow:torch", "anyflow:auto"} <= {r["variant"] for r in ok}
+    assert {"diffusers", "anyflow:torch", "anyflow:auto", "anyflow:auto+tuned"} <= {r["variant"] for r in ok}
     n_cache = 1 if mode == "far" else 0
     for r in ok:
         assert all(_finite(r["per_nfe"][k]) and r["per_nfe"][k] > 0 for k in ("median_ms", "nfe_per_s", "tflops", "of_peak"))
@@ -88,6 +89,9 @@ def test_levers_tiny(tmp_path, mode, extra):
 def test_nfe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="--backends"):
         nfe.parse_variants("diffusers,fast")
+    with pytest.raises(ValueError, match="--backends"):
+        nfe.parse_variants("torch+fastest")
+    assert nfe.parse_variants("torch+tuned,anyflow:cuda+cudnn") == ["anyflow:torch+tuned", "anyflow:cuda+cudnn"]
     with pytest.raises(ValueError, match="--model"):
         nfe.load_config("7B", "bidirectional", [1])
 

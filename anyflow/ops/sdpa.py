@@ -56,6 +56,8 @@ CANDIDATES = {"cpu": ("math", "flash"), "cuda": ("flash", "efficient", "cudnn", 
 _PREFERENCE = {name: [backend] + [b for b in KERNELS.values() if b != backend] for name, backend in KERNELS.items()}
 
 _WARMUP, _REPS = 2, 5
+#: On CUDA, ``"tuned"`` does not time the math kernel above this many (query, key) pairs per head.
+_MATH_MAX_PAIRS = 1 << 24
 
 _policy: Optional[str] = None  # None until first use, then ANYFLOW_SDPA (or "default") unless set
 _choices: dict[str, dict] = {}
@@ -174,6 +176,8 @@ def _tune(q, k, v, scale) -> Optional[dict]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns why each refused kernel cannot run
         for name in CANDIDATES.get(q.device.type, ()):
+            if name == "math" and q.is_cuda and q.shape[-2] * k.shape[-2] > _MATH_MAX_PAIRS:
+                continue  # materialises [B, H, Lq, Lk] scores: never the fastest there, and can run out of memory
 
             def call(backend=KERNELS[name]):
                 with sdpa_kernel([backend]):
