@@ -51,19 +51,6 @@ def time_pairs(steps: int, shift: float) -> list[tuple[float, float]]:
     return pairs_of(FlowMapEulerDiscreteScheduler(shift=shift), steps)
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts device -> host scalar reads (``aten._local_scalar_dense``: a host sync on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, device, dtype, lever: dict):
     """``run() -> (latents, nfe)``: one whole video through the sampler with ``lever``'s settings."""
     from anyflow.models import fused
@@ -172,7 +159,9 @@ def run(args, command: str) -> dict:
         if base is not None and r["status"] == "ok":
             r["speedup_vs_baseline"] = base["video_ms"] / r["video_ms"]
 
-    with _HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
+    from anyflow.testing.host_reads import HostReads
+
+    with HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
         video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
     n_steps = args.steps * (len(cp) if args.mode == "far" else 1)
     record = {

@@ -24,6 +24,7 @@ import torch
 import anyflow
 from anyflow.io import read_image, read_video
 from anyflow.samplers import kv_cache as kv_cache_mod
+from anyflow.testing.host_reads import HostReads
 from anyflow.testing.official import official_far_semantics
 from anyflow.testing.tiny import tiny_pipeline
 from anyflow.testing.tolerances import assert_rel_l2, rel_l2, sqnr_db
@@ -416,20 +417,6 @@ def test_far_kv_cache_is_never_concatenated(monkeypatch):
     assert len(offending) == 1
 
 
-class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts device -> host scalar reads (``.item()``, ``bool(t)``, ``int(t)``: ``aten._local_scalar_dense``),
-    the calls that are a host sync on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", ["bidirectional", "far"])
 def test_no_host_sync_per_step(kind):
     """The sampling loop reads no tensor value on the host per step: the scalar reads of a whole call
@@ -438,11 +425,11 @@ def test_no_host_sync_per_step(kind):
     counts = {}
     with anyflow.enable(pipe):
         for steps in (2, 8):
-            with _ScalarReads() as mode:
+            with HostReads() as mode:
                 pipe(generator=torch.Generator().manual_seed(0), **_kw(kind, steps, REAL_CP if kind == "far" else None))
             counts[steps] = mode.count
     assert counts[2] == counts[8], f"scalar reads grow with the step count: {counts}"
-    with _ScalarReads() as mode:  # the counter is live
+    with HostReads() as mode:  # the counter is live
         torch.randn(3).sum().item()
     assert mode.count == 1
 
