@@ -77,7 +77,8 @@ stage ctest 150 bash -c 'cmake -S . -B build/harness -DCMAKE_CUDA_COMPILER="$(co
 stage pytest_gpu 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_sdpa.py \
   tests/test_cuda_ops.py tests/test_triton_elementwise.py tests/test_triton_attention.py
 stage kernels 120 "$PY" -m benchmarks kernels --model 1.3B --out "$OUT"
-stage nfe_1.3B_bidirectional 150 "$PY" -m benchmarks nfe --model 1.3B --mode bidirectional --iters 5 --out "$OUT"
+stage nfe_1.3B_bidirectional 200 "$PY" -m benchmarks nfe --model 1.3B --mode bidirectional --iters 5 --pipeline wan \
+  --out "$OUT"
 stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe --model 1.3B --mode far --iters 3 --out "$OUT"
 stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers --model 1.3B --mode bidirectional --steps 4 --iters 2 \
   --out "$OUT"

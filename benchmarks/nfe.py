@@ -101,20 +101,26 @@ def load_config(model: str, mode: str, chunk_partition) -> tuple[str, dict]:
     return path.stem, cfg
 
 
+def _random_module(build, device, dtype):
+    """``build()`` constructed directly on ``device`` in ``dtype`` (random init, no fp32 copy on the host)."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            module = build()
+    finally:
+        torch.set_default_dtype(previous)
+    return module.to(device, dtype).eval().requires_grad_(False)
+
+
 def build_transformer(cfg: dict, mode: str, dtype, device):
-    """The diffusers AnyFlow transformer with random weights, created on ``device`` in ``dtype``."""
+    """The diffusers AnyFlow transformer with random weights, created on ``device`` in ``dtype`` (so a 14B
+    model never exists in fp32 on the device)."""
     from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
 
     cls = AnyFlowFARTransformer3DModel if mode == "far" else AnyFlowTransformer3DModel
-    previous = torch.get_default_dtype()
     torch.manual_seed(0)
-    try:  # construct in the target dtype so a 14B model never exists in fp32 on the device
-        torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
-        with torch.device(device):
-            model = cls(**cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype).eval().requires_grad_(False)
+    return _random_module(lambda: cls(**cfg), device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,8 +322,44 @@ def ratios(rows: list[dict], baselines=("diffusers", "diffusers:cudnn")) -> dict
 # ------------------------------------------------------------------------------------------------
 
 
+#: UMT5-XXL, the text encoder of Wan2.1 (its diffusers folder's ``text_encoder/config.json``).
+WAN_TEXT_ENCODER = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128, tie_word_embeddings=False)
+#: The Wan2.1 VAE is ``AutoencoderKLWan()`` with diffusers' defaults; overrides for tests only.
+WAN_VAE: dict = {}
+
+
+def _wan_parts(dtype, device, latent, guidance: bool, iters: int) -> dict:
+    """Text encoding and VAE decode at Wan2.1's real sizes with random weights (UMT5-XXL on 512 tokens in the
+    benchmark dtype; the Wan VAE in fp32, as Wan's pipelines run it)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    batch = 2 if guidance else 1
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = {"pipeline": "wan (random weights)"}
+    encoder = _random_module(lambda: UMT5EncoderModel(UMT5Config(**WAN_TEXT_ENCODER)), device, dtype)
+    ids = torch.randint(0, WAN_TEXT_ENCODER["vocab_size"], (batch, common.TEXT_TOKENS), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    out["text_encode_ms"] = common.median_ms(lambda: encoder(ids, attention_mask=mask), device, iters=iters)
+    out["text_encoder_params_b"] = sum(p.numel() for p in encoder.parameters()) / 1e9
+    encoder = None  # free its memory before the VAE
+    common.reset_peak_memory(device)
+    vae = _random_module(lambda: AutoencoderKLWan(**WAN_VAE), device, torch.float32)
+    z = torch.randn(1, vae.config.z_dim, *latent, generator=gen).to(device)
+    out["vae_decode_ms"] = common.median_ms(lambda: vae.decode(z, return_dict=False), device, iters=max(1, iters // 2))
+    out["vae_latent"] = list(z.shape)
+    out["vae_peak_mem_gib"] = common.peak_memory_gib(device)
+    return out
+
+
 def time_pipeline_parts(spec: str, mode: str, dtype, device, frames: int, height: int, width: int,
                         guidance: bool, iters: int) -> dict:
+    """Text encoding and one VAE decode, timed apart from the DiT: ``spec`` is ``"wan"`` (Wan2.1's UMT5-XXL and
+    VAE with random weights, built here), ``"tiny"`` or a pipeline folder."""
+    if spec == "wan":
+        return _wan_parts(dtype, device, ((frames - 1) // 4 + 1, height // 8, width // 8), guidance, iters)
     if spec == "tiny":
         from anyflow.testing.tiny import tiny_pipeline
 
@@ -357,7 +399,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None)
     ap.add_argument("--iters", type=int, default=5, help="timed repetitions per forward (median)")
-    ap.add_argument("--pipeline", default=None, help="'tiny' or a pipeline folder: also time text encoding + VAE decode")
+    ap.add_argument("--pipeline", default=None, help="also time text encoding + VAE decode: 'wan' (Wan2.1's UMT5-XXL "
+                    "and VAE, random weights), 'tiny' or a pipeline folder")
     ap.add_argument("--out", default=None, help="folder for nfe_<model>_<mode>[_cfg].json and .md (default: print only)")
 
 

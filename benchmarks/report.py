@@ -63,6 +63,17 @@ def kernels_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def parts_lines(records: list[dict]) -> list[str]:
+    """One line per NFE record that also timed text encoding and VAE decode (``--pipeline``)."""
+    out = []
+    for rec in records:
+        p, c = rec.get("pipeline"), rec["config"]
+        if p and "error" not in p:
+            out.append(f"- {rec['meta']['device']}, {p['pipeline']}, {c['width']}x{c['height']}x{c['frames']}: text encoding "
+                       f"{p['text_encode_ms']:.1f} ms, VAE decode {p['vae_decode_ms']:.1f} ms (latent {p['vae_latent']})")
+    return out
+
+
 def levers_table(records: list[dict]) -> list[str]:
     lines = ["| device | model | mode | steps | lever | video ms | ms/NFE | vs baseline | fp32 Euler share of NFE "
              "| host reads | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -94,7 +105,9 @@ def readme_block(records: list[dict]) -> str:
     levers = [r for r in gpu if r["kind"] == "levers"]
     tail = ("\n\nEnd-to-end levers (whole video through the sampler, FAR incl. cache steps; `python -m benchmarks levers`):"
             "\n\n" + "\n".join(levers_table(levers))) if levers else ""
-    return head + "\n".join(nfe_table(nfe)) + tail + "\n"
+    parts = parts_lines(nfe)
+    parts_text = ("\n\nOutside the DiT, per video:\n\n" + "\n".join(parts)) if parts else ""
+    return head + "\n".join(nfe_table(nfe)) + parts_text + tail + "\n"
 
 
 def update_readme(readme: Path, block: str) -> bool:
@@ -151,7 +164,7 @@ def main(argv=None) -> int:
         lev = [r for r in records if r["kind"] == "levers"]
         text = ["# anyflow benchmark summary", ""]
         if nfe:
-            text += ["## Per NFE / per video", ""] + nfe_table(nfe) + [""]
+            text += ["## Per NFE / per video", ""] + nfe_table(nfe) + [""] + parts_lines(nfe) + [""]
         if ker:
             text += ["## Kernels", ""] + kernels_table(ker) + [""]
         if lev:

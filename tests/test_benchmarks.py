@@ -86,6 +86,19 @@ def test_levers_tiny(tmp_path, mode, extra):
         levers.main(["--model", "tiny", "--levers", "baseline,turbo"])
 
 
+def test_nfe_wan_pipeline_parts(monkeypatch):
+    """``--pipeline wan`` builds Wan2.1's text encoder and VAE classes with random weights and times them
+    (here shrunk: the real UMT5-XXL alone is 5.7 B parameters)."""
+    monkeypatch.setattr(nfe, "WAN_TEXT_ENCODER", dict(nfe.WAN_TEXT_ENCODER, vocab_size=64, d_model=32, d_ff=64,
+                                                      num_layers=1, num_heads=2, d_kv=16))
+    monkeypatch.setattr(nfe, "WAN_VAE", dict(base_dim=8))
+    rec = nfe.main(["--model", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--iters", "1",
+                    "--backends", "torch", "--pipeline", "wan"])
+    p = rec["pipeline"]
+    assert "error" not in p, p
+    assert _finite(p["text_encode_ms"]) and _finite(p["vae_decode_ms"]) and p["vae_latent"] == [1, 16, 2, 4, 4]
+
+
 def test_nfe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="--backends"):
         nfe.parse_variants("diffusers,fast")
@@ -171,3 +184,18 @@ def test_diffusers_attention_variant_restores_state(monkeypatch):
     assert row["status"] == "ok", row["reason"]
     assert [p._attention_backend for p in procs] == before
     assert _AttentionBackendRegistry._active_backend == active
+
+
+def test_readme_block_from_gpu_records(tmp_path):
+    """The README block lists NFE rows, the text-encoder/VAE line and the levers of CUDA records (CPU records
+    relabelled here; real ones come from the GPU harness)."""
+    rec = nfe.main(["--model", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--iters", "1",
+                    "--backends", "diffusers,torch", "--pipeline", "tiny"])
+    lev = levers.main(["--model", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--steps", "2",
+                       "--iters", "1", "--levers", "baseline,all"])
+    for r in (rec, lev):
+        r["meta"]["device_type"] = "cuda"
+    block = report.readme_block([rec, lev])
+    assert "anyflow:torch" in block and "vs diffusers" in block
+    assert "Outside the DiT" in block and "VAE decode" in block
+    assert "End-to-end levers" in block and "| all |" in block
