@@ -9,6 +9,7 @@
 # fetch only a few files) and keeps summary.md, stages.tsv and the tarball. HARNESS_STAGES (comma list of
 # stage-name prefixes, e.g. "build,ctest,pytest" then "kernels,nfe_1.3B,levers") runs only those stages (plus
 # install and report), so a device session with a 10-minute call limit can spread the run over calls.
+# HARNESS_SMOKE=1 is a CPU dry run (CI): every benchmark command at tiny sizes, no build/ctest/GPU pytest.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
@@ -66,26 +67,40 @@ else
 fi
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >> "$OUT/environment.txt" 2>&1
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+SMOKE="${HARNESS_SMOKE:-0}"
+if [[ $SMOKE == 1 ]]; then
+  M13=(--model tiny); M14=(--model tiny); KER=(--smoke); PIPE=tiny
+  SIZE=(--height 32 --width 32 --frames 9 --chunk-partition 1,2)
+else
+  M13=(--model 1.3B); M14=(--model 14B); KER=(--model 1.3B); PIPE=wan; SIZE=()
+fi
+iters() { if [[ $SMOKE == 1 ]]; then echo 1; else echo "$1"; fi; }
+
+if [[ $SMOKE != 1 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "== SKIP: no CUDA device here; build, ctest, kernels and NFE benchmark need a GPU (nothing else to do)"
   printf 'cuda\tskipped-no-cuda\t0\n' >> "$OUT/stages.tsv"
   exit 0
 fi
 
-stage build 240 env ANYFLOW_BUILD_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
-stage ctest 150 bash -c 'cmake -S . -B build/harness -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" && cmake --build build/harness -j 16 && ctest --test-dir build/harness --output-on-failure'
-stage pytest_gpu 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_sdpa.py \
-  tests/test_cuda_ops.py tests/test_triton_elementwise.py tests/test_triton_attention.py
-stage kernels 120 "$PY" -m benchmarks kernels --model 1.3B --out "$OUT"
-stage nfe_1.3B_bidirectional 200 "$PY" -m benchmarks nfe --model 1.3B --mode bidirectional --iters 5 --pipeline wan \
+if [[ $SMOKE == 1 ]]; then
+  printf 'build,ctest,pytest_gpu\tskipped-smoke\t0\n' >> "$OUT/stages.tsv"
+else
+  stage build 240 env ANYFLOW_BUILD_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
+  stage ctest 150 bash -c 'cmake -S . -B build/harness -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" && cmake --build build/harness -j 16 && ctest --test-dir build/harness --output-on-failure'
+  stage pytest_gpu 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_sdpa.py \
+    tests/test_cuda_ops.py tests/test_triton_elementwise.py tests/test_triton_attention.py
+fi
+stage kernels 120 "$PY" -m benchmarks kernels "${KER[@]}" --out "$OUT"
+stage nfe_1.3B_bidirectional 200 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}" --mode bidirectional --iters "$(iters 5)" \
+  --pipeline "$PIPE" --out "$OUT"
+stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}" --mode far --iters "$(iters 3)" --out "$OUT"
+stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode bidirectional --steps 4 \
+  --iters "$(iters 2)" --out "$OUT"
+stage levers_1.3B_far 150 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode far --steps 4 --iters "$(iters 2)" \
   --out "$OUT"
-stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe --model 1.3B --mode far --iters 3 --out "$OUT"
-stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers --model 1.3B --mode bidirectional --steps 4 --iters 2 \
-  --out "$OUT"
-stage levers_1.3B_far 150 "$PY" -m benchmarks levers --model 1.3B --mode far --steps 4 --iters 2 --out "$OUT"
-stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe --model 14B --mode bidirectional --iters 3 \
+stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode bidirectional --iters "$(iters 3)" \
   --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:auto+tuned,anyflow:cuda --out "$OUT"
-stage nfe_14B_far 120 "$PY" -m benchmarks nfe --model 14B --mode far --iters 2 \
+stage nfe_14B_far 120 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode far --iters "$(iters 2)" \
   --backends diffusers,anyflow:auto,anyflow:auto+tuned --out "$OUT"
 stage report 60 "$PY" -m benchmarks report --results "$OUT" --no-readme --markdown "$OUT/summary.md" --plot "$OUT/nfe.png"
 

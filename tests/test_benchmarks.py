@@ -199,3 +199,22 @@ def test_readme_block_from_gpu_records(tmp_path):
     assert "anyflow:torch" in block and "vs diffusers" in block
     assert "Outside the DiT" in block and "VAE decode" in block
     assert "End-to-end levers" in block and "| all |" in block
+
+
+def test_gpu_harness_dry_run_on_cpu(tmp_path):
+    """``HARNESS_SMOKE=1``: every benchmark command of the GPU harness runs at tiny sizes on CPU, so an argument
+    that rotted is found here and not in a GPU session's budget."""
+    import os
+
+    env = dict(os.environ, HARNESS_SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_harness.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
+    ran = {name: rc for name, rc, _ in stages if not rc.startswith("skipped")}
+    assert set(ran) >= {"kernels", "nfe_1.3B_bidirectional", "nfe_1.3B_far", "levers_1.3B_bidirectional",
+                        "levers_1.3B_far", "nfe_14B_bidirectional", "nfe_14B_far", "report"}, stages
+    assert all(rc == "0" for rc in ran.values()), {n: (rc, (tmp_path / f"{n}.log").read_text()[-800:])
+                                                  for n, rc in ran.items() if rc != "0"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Per NFE" in summary and "End-to-end levers" in summary and "Kernels" in summary
