@@ -209,6 +209,18 @@ def _segmented_fwd_kernel(
             HEAD_DIM, BLOCK_D, INTERPRETED)
 
 
+@triton.jit
+def _program(PROG, H):
+    # This program's (batch * head, batch, head) and its PROG row (lo, hi, r_begin, r_end).
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    lo = tl.load(PROG + 4 * pid)
+    hi = tl.load(PROG + 4 * pid + 1)
+    r_begin = tl.load(PROG + 4 * pid + 2)
+    r_end = tl.load(PROG + 4 * pid + 3)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), lo, hi, r_begin, r_end
+
+
 @triton.autotune(
     configs=_configs(
         [({"BLOCK_N": 64}, 4, 3), ({"BLOCK_N": 64}, 8, 3), ({"BLOCK_N": 128}, 8, 3), ({"BLOCK_N": 32}, 4, 2)],
@@ -226,14 +238,7 @@ def _chunk_fwd_kernel(
 ):
     # PROG[pid] = (q_lo, q_hi, r_begin, r_end): this program's query rows (inside one group) and the
     # CSR slice RANGES[r_begin:r_end] of (k_lo, k_hi) key ranges that group attends to.
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_lo = tl.load(PROG + 4 * pid)
-    q_hi = tl.load(PROG + 4 * pid + 1)
-    r_begin = tl.load(PROG + 4 * pid + 2)
-    r_end = tl.load(PROG + 4 * pid + 3)
+    bh, b, h, q_lo, q_hi, r_begin, r_end = _program(PROG, H)
     rows = q_lo + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sqb + h * sqh, rows, sqm, q_hi, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -293,14 +298,7 @@ def _chunk_bwd_dkdv_kernel(
     # PROG[pid] = (k_lo, k_hi, r_begin, r_end): a key tile inside one elementary key interval (every
     # query range in RANGES[r_begin:r_end] attends to all of it), so only query-row tails need masks.
     # Works in the transposed orientation (keys as rows) so dK, dV accumulate in registers.
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    k_lo = tl.load(PROG + 4 * pid)
-    k_hi = tl.load(PROG + 4 * pid + 1)
-    r_begin = tl.load(PROG + 4 * pid + 2)
-    r_end = tl.load(PROG + 4 * pid + 3)
+    bh, b, h, k_lo, k_hi, r_begin, r_end = _program(PROG, H)
     cols = k_lo + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -359,14 +357,7 @@ def _chunk_bwd_dq_kernel(
     INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Same program table as the forward: (query tile of one group) x (that group's key ranges).
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_lo = tl.load(PROG + 4 * pid)
-    q_hi = tl.load(PROG + 4 * pid + 1)
-    r_begin = tl.load(PROG + 4 * pid + 2)
-    r_end = tl.load(PROG + 4 * pid + 3)
+    bh, b, h, q_lo, q_hi, r_begin, r_end = _program(PROG, H)
     rows = q_lo + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
