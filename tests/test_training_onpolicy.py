@@ -111,16 +111,26 @@ def test_rollout_gradient_flow(nets, mode):
 # ----------------------------------------------------------------------------------------------
 # DMD and critic losses
 # ----------------------------------------------------------------------------------------------
-def test_dmd_gradient_direction(nets):
+@pytest.mark.parametrize("s", [3.0, 0.0])
+def test_dmd_gradient_direction(nets, s):
     real_m, fake_m = nets
     g = _gen(2)
     x_hat = torch.randn(SHAPE, generator=g).requires_grad_(True)
     noise, text = torch.randn(SHAPE, generator=g), torch.randn(2, 7, 32, generator=g)
     neg = _negative()
     t = torch.tensor([[700.0] * 3, [250.0] * 3])
-    s, w = 3.0, 0.7
-    out = op.dmd_generator_loss(x_hat, noise, t, text, neg, fm.BidirectionalForward(real_m),
-                                fm.BidirectionalForward(fake_m), real_guidance_scale=s, dmd_weight=w)
+    w = 0.7
+    teacher_batches = []
+    teacher = fm.BidirectionalForward(real_m)
+
+    def real(z, *args):
+        teacher_batches.append(z.shape[0])
+        return teacher(z, *args)
+
+    out = op.dmd_generator_loss(x_hat, noise, t, text, neg, real, fm.BidirectionalForward(fake_m),
+                                real_guidance_scale=s, dmd_weight=w)
+    # guidance scale 0 needs the conditional branch only: one teacher forward of batch B
+    assert teacher_batches == ([2] if s == 0 else [4])
     assert out.loss.dtype == torch.float64
     out.loss.backward()
     # independent computation of the DMD gradient

@@ -312,7 +312,8 @@ def dmd_generator_loss(
         real: ``u(z, t, r, text)`` of the teacher (real score); fake: the critic's (fake score).
 
     Without gradient: ``z = noise_latents(x_hat, noise, t)``; ``x0_fake`` from the critic,
-    ``x0_real = x0_c + s (x0_c - x0_u)`` from the teacher; ``grad = (x0_fake - x0_real) /
+    ``x0_real = x0_c + s (x0_c - x0_u)`` from the teacher (s = 0: the conditional branch alone, one
+    teacher forward of batch B instead of 2B); ``grad = (x0_fake - x0_real) /
     mean_{F,C,H,W}|x_hat - x0_real|`` (per sample, NaN -> 0). The loss
     ``w mean((x_hat - sg(x_hat - grad))^2)`` (float64) has ``dL/dx_hat = 2 w grad / numel``.
     """
@@ -322,10 +323,13 @@ def dmd_generator_loss(
         z = noise_latents(xd, noise, t)
         b = z.shape[0]
         x0_fake = x0_from_velocity(z, fake(z, t, t, text), t)
-        u_real = real(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([text, negative]))
-        x0_c = x0_from_velocity(z, u_real[:b], t)
-        x0_u = x0_from_velocity(z, u_real[b:], t)
-        x0_real = x0_c + real_guidance_scale * (x0_c - x0_u)
+        if real_guidance_scale == 0:  # x0_real = x0_c: the unconditional branch would be multiplied by zero
+            x0_real = x0_from_velocity(z, real(z, t, t, text), t)
+        else:
+            u_real = real(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([text, negative]))
+            x0_c = x0_from_velocity(z, u_real[:b], t)
+            x0_u = x0_from_velocity(z, u_real[b:], t)
+            x0_real = x0_c + real_guidance_scale * (x0_c - x0_u)
         grad = x0_fake - x0_real
         norm = (xd.float() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = torch.nan_to_num(grad / norm)
