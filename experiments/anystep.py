@@ -348,7 +348,8 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
                             optimizer={"lr": 3e-4, "betas": [0.9, 0.95], "warmup_steps": 50},
                             ema={"decay": 0.99, "warmup_steps": 50},
                             consistency={"num_intervals": 64, "teacher_guidance_scale": 1.0,
-                                         "weighting": "inverse_delta"}),
+                                         "weighting": "inverse_delta",
+                                         "teacher": {"kind": "bidirectional", "pretrained": teacher}}),
     }
     return cfgs
 
@@ -373,7 +374,8 @@ def far_smoke_configs(runs: Path) -> dict:
         "far_consistency": {"preset": "tiny-far", "name": "smoke-far-consistency", "phase": "consistency",
                             "batch_size": 2, "total_iter": 3, "seed": 14, "far": far,
                             "model": {"kind": "far", "tiny": False, "pretrained": pretrain},
-                            "consistency": {"num_intervals": 16, "teacher_guidance_scale": 1.0}},
+                            "consistency": {"num_intervals": 16, "teacher_guidance_scale": 1.0,
+                                            "teacher": {"kind": "bidirectional", "pretrained": teacher}}},
     }
 
 
@@ -402,8 +404,7 @@ def _grad_names(named, prefix=""):
     return {prefix + n for n, p in named if p.grad is not None and bool(p.grad.detach().abs().sum() > 0)}
 
 
-def run_phase(config: dict, out_dir: Path, data: str, *, steps: Optional[int] = None,
-              consistency_teacher: Optional[str] = None, track_grads: bool = False,
+def run_phase(config: dict, out_dir: Path, data: str, *, steps: Optional[int] = None, track_grads: bool = False,
               log_stream=None) -> PhaseResult:
     """Train one phase in ``out_dir``, resuming from its newest checkpoint (like ``anyflow train``).
 
@@ -414,29 +415,21 @@ def run_phase(config: dict, out_dir: Path, data: str, *, steps: Optional[int] = 
     Args:
         config: a phase mapping (:func:`phase_configs`).
         data: a ``.pt`` dataset or ``"synthetic"``.
-        consistency_teacher: transformer folder of the teacher whose ODE the consistency phase distils
-            (``anyflow train`` has no such input: without it the phase is consistency *training*).
         track_grads: collect the trained parameters that got a non-zero gradient.
     """
-    from anyflow.training.config import ModelConfig, dump_config, resolve
-    from anyflow.training.consistency import teacher_velocity
-    from anyflow.training.run import build_data, build_transformer, export_transformer
+    from anyflow.training.config import dump_config, resolve
+    from anyflow.training.run import build_data, build_phase_models, export_transformer, ode_velocity
     from anyflow.training.trainer import Trainer
 
     start = time.perf_counter()
     cfg = resolve(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_transformer(cfg.model, cfg.far)
-    real_score = build_transformer(cfg.dmd.teacher) if cfg.phase == "onpolicy" else None
-    teacher = None
-    if consistency_teacher is not None:
-        tmodel = build_transformer(ModelConfig(kind="bidirectional", pretrained=str(consistency_teacher)))
-        teacher = teacher_velocity(tmodel.eval().requires_grad_(False), cfg.backend)
+    model, real_score, ode_teacher = build_phase_models(cfg)
     it, negative = build_data(cfg, model, str(data))
     dump_config(cfg, out_dir / "config.yaml")
-    trainer = Trainer(model, cfg, it, negative, teacher=teacher, real_score=real_score, output_dir=out_dir,
-                      log_stream=log_stream)
+    trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher, cfg), real_score=real_score,
+                      output_dir=out_dir, log_stream=log_stream)
     trainer.resume()
     end = cfg.total_iter if steps is None else min(cfg.total_iter, trainer.step + steps)
     records, seen = [], set()
@@ -882,12 +875,10 @@ def run_study(out: Path, size: Size, log: Callable = print, log_stream=sys.stdou
     runs = out / "runs"
     data = prepare_data(out / "data", size, log)
     cfgs = phase_configs(size, runs)
-    teacher = runs / "teacher" / "transformer"
     phases = {}
     for name in cfgs:
         log(f"phase {name}: {cfgs[name]['total_iter']} steps")
-        res = run_phase(cfgs[name], runs / name, str(data["train"]), track_grads=track_grads, log_stream=log_stream,
-                        consistency_teacher=str(teacher) if name == "consistency" else None)
+        res = run_phase(cfgs[name], runs / name, str(data["train"]), track_grads=track_grads, log_stream=log_stream)
         phases[name] = res
         log(f"phase {name}: done ({res.seconds:.1f} s in this call)")
     results = evaluate(runs, data, size, log=log)
@@ -926,20 +917,15 @@ def smoke(out: Path, log: Callable = print) -> dict:
     far_cfgs = far_smoke_configs(runs)
     far_results = {}
     for name, cfg in far_cfgs.items():
-        far_results[name] = run_phase(cfg, runs / name, "synthetic", track_grads=True,
-                                      consistency_teacher=str(runs / "far_teacher" / "transformer")
-                                      if name == "far_consistency" else None)
+        far_results[name] = run_phase(cfg, runs / name, "synthetic", track_grads=True)
     every = {**{n: (cfgs[n], data, r) for n, r in results["phase_results"].items()},
              **{n: (far_cfgs[n], "synthetic", r) for n, r in far_results.items()}}
     for name, (cfg, src, res) in every.items():
         missing = sorted(trained_names(res.trainer) - res.grad_seen)
         # resume: the same phase again in a fresh folder, stopped after one step and continued
         again = runs / f"{name}-resumed"
-        teacher_dir = None
-        if cfg.get("phase") == "consistency":
-            teacher_dir = str(runs / ("far_teacher" if name.startswith("far") else "teacher") / "transformer")
-        run_phase(cfg, again, src, steps=1, consistency_teacher=teacher_dir)
-        resumed = run_phase(cfg, again, src, consistency_teacher=teacher_dir)
+        run_phase(cfg, again, src, steps=1)
+        resumed = run_phase(cfg, again, src)
         checks[name] = {
             "steps": len(res.records),
             "finite_losses": _finite_losses(res.records),

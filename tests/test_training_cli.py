@@ -67,3 +67,26 @@ def test_tensor_clips_epochs_and_state():
     assert next(it2)[0].flatten().tolist() == seen[3]
     x, t = next(TensorClips(lat, txt, 2, seed=3))
     assert torch.equal(x.flatten(), t.flatten())  # latents and text stay paired
+
+
+def test_cli_train_consistency_distillation_uses_the_config_teacher(tmp_path, monkeypatch):
+    """``consistency.teacher`` in the YAML makes ``anyflow train`` distil that model's ODE (the teacher is
+    queried every step); without it the phase is consistency training (no teacher calls)."""
+    from anyflow.training import consistency as cons
+
+    calls = []
+    real = cons.teacher_velocity
+
+    def counting(model, backend=None):
+        v = real(model, backend)
+        return lambda z, t, text: calls.append(z.shape[0]) or v(z, t, text)
+
+    monkeypatch.setattr("anyflow.training.run.teacher_velocity", counting)
+    base = "preset: tiny\nphase: consistency\nbatch_size: 2\ntotal_iter: 2\nconsistency: {num_intervals: 8%s}\n"
+    cfg = _write(tmp_path / "cd.yaml", base % ", teacher: {kind: bidirectional, tiny: true, seed: 3}")
+    assert main(["train", str(cfg), "--output-dir", str(tmp_path / "cd")]) == 0
+    assert len(calls) >= 2, calls  # at least one teacher ODE step per optimiser step
+    calls.clear()
+    plain = _write(tmp_path / "ct.yaml", base % "")
+    assert main(["train", str(plain), "--output-dir", str(tmp_path / "ct")]) == 0
+    assert calls == []

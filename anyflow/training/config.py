@@ -195,11 +195,14 @@ class ConsistencyConfig:
         teacher_guidance_scale: CFG of the teacher ODE step (consistency distillation); unused without
             a teacher (consistency training with the data velocity).
         weighting: ``"uniform"`` or ``"inverse_delta"`` (1 / (sigma_t - sigma_s), as iCT).
+        teacher: the bidirectional flow-matching model whose ODE is distilled (queried at r = t, as the
+            official real score); ``None``: consistency *training* from the data velocity.
     """
 
     num_intervals: int = 64
     teacher_guidance_scale: float = 3.0
     weighting: str = "inverse_delta"
+    teacher: Optional[ModelConfig] = None
 
 
 @dataclass

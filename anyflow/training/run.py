@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig, TrainConfig, dump_config, resolve
+from .consistency import teacher_velocity
 from .data import SyntheticClips, TensorClips, load_dataset
 
 
@@ -58,6 +59,30 @@ def build_transformer(m: ModelConfig, far=None):
     if not m.pretrained:
         raise ValueError("model.pretrained must name a transformer folder unless model.tiny or model.arch is set")
     return load_transformer(_transformer_folder(m.pretrained), dtype=torch.float32)
+
+
+def build_phase_models(cfg: TrainConfig):
+    """``(student, real score, ODE teacher)`` of a run, fp32 on the CPU: the real score (``dmd.teacher``) for
+    phase ``onpolicy`` and the frozen teacher whose ODE a ``consistency`` phase distils
+    (``consistency.teacher``), each ``None`` where the phase has none.
+
+    Raises:
+        ValueError: phase ``onpolicy`` without ``dmd.teacher``.
+    """
+    model = build_transformer(cfg.model, cfg.far)
+    real_score = ode_teacher = None
+    if cfg.phase == "onpolicy":
+        if cfg.dmd is None or cfg.dmd.teacher is None:
+            raise ValueError("phase 'onpolicy' needs dmd.teacher (the real score model) in the config")
+        real_score = build_transformer(cfg.dmd.teacher)
+    if cfg.phase == "consistency" and cfg.consistency is not None and cfg.consistency.teacher is not None:
+        ode_teacher = build_transformer(cfg.consistency.teacher).eval().requires_grad_(False)
+    return model, real_score, ode_teacher
+
+
+def ode_velocity(ode_teacher, cfg: TrainConfig):
+    """The consistency phase's ``teacher`` argument: ``v(z, t, text)`` of ``ode_teacher`` (or ``None``)."""
+    return None if ode_teacher is None else teacher_velocity(ode_teacher, cfg.backend)
 
 
 def _transformer_folder(path) -> Path:
@@ -148,12 +173,7 @@ def train_from_config(
         cfg = resolve(config)
         out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
         out.mkdir(parents=True, exist_ok=True)
-        model = build_transformer(cfg.model, cfg.far)
-        teacher = None
-        if cfg.phase == "onpolicy":
-            if cfg.dmd is None or cfg.dmd.teacher is None:
-                raise ValueError("phase 'onpolicy' needs dmd.teacher (the real score model) in the config")
-            teacher = build_transformer(cfg.dmd.teacher)
+        model, teacher, ode_teacher = build_phase_models(cfg)
         world = 1 if ctx is None else ctx.world_size
         data_cfg = cfg if world == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * world)
         it, negative = build_data(data_cfg, model, data, frames, latent_hw)
@@ -162,8 +182,9 @@ def train_from_config(
         if ctx is not None:
             model = model.to(ctx.device)
             teacher = None if teacher is None else teacher.to(ctx.device)
-        trainer = Trainer(model, cfg, it, negative, real_score=teacher, output_dir=out, log_stream=log_stream,
-                          fsdp=ctx is not None)
+            ode_teacher = None if ode_teacher is None else ode_teacher.to(ctx.device)
+        trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher, cfg), real_score=teacher,
+                          output_dir=out, log_stream=log_stream, fsdp=ctx is not None)
         if resume:
             path = trainer.resume()
             if path is not None and log_stream is not None:
