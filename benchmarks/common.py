@@ -132,6 +132,13 @@ def run_meta(device: torch.device, command: str) -> dict:
     }
 
 
+def provenance(meta: dict) -> str:
+    """The Markdown line under a result table's title: exact command, versions, driver."""
+    v = meta["versions"]
+    return (f"`{meta['command']}`; torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, diffusers {v['diffusers']}, "
+            f"driver {meta['driver']}")
+
+
 def command_line(prog: str, argv) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
 

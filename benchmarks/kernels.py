@@ -171,9 +171,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     common.write_json(out / "kernels.json", {"kind": "kernels", "meta": meta, "rows": rows})
     lines = [f"# anyflow kernels on {meta['device']} ({meta['date']})", "",
-             f"`{meta['command']}`; torch {torch.__version__}, triton {meta['versions']['triton']}, "
-             f"CUDA {meta['versions']['cuda']}, driver {meta['driver']}; "
-             f"peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy", "",
+             f"{common.provenance(meta)}; peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy", "",
              "| op | backend | ms | GB/s (of copy) | TFLOP/s | check | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         bw = f"{r['GB/s']:.0f} ({100 * r['of_copy_bw']:.0f}%)" if "GB/s" in r else ""

@@ -194,8 +194,7 @@ def markdown(rec: dict) -> str:
     lines = [
         f"# Levers: {c['model']} {c['mode']} {c['dtype']} {c['width']}x{c['height']}x{c['frames']}, {c['steps']} steps"
         f"{' per chunk' if c['mode'] == 'far' else ''} on {m['device']} ({m['date']})", "",
-        f"`{m['command']}`; torch {m['versions']['torch']}, CUDA {m['versions']['cuda']}, driver {m['driver']}. "
-        f"{rec['notes']}.", "",
+        f"{common.provenance(m)}. {rec['notes']}.", "",
         "| lever | video ms | NFE | ms/NFE | vs baseline | peak GiB | rel L2 vs first | status |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -455,8 +455,7 @@ def markdown(rec: dict) -> str:
     lines = [
         f"# {c['model']} {c['mode']} {c['dtype']} {c['width']}x{c['height']}x{c['frames']}"
         f"{' CFG' if c['guidance'] else ''} on {m['device']} ({m['date']})", "",
-        f"`{m['command']}`; torch {m['versions']['torch']}, triton {m['versions']['triton']}, CUDA {m['versions']['cuda']}, "
-        f"driver {m['driver']}; peak {pk['bf16_matmul_tflops']:.1f} TFLOP/s bf16 matmul (measured). {rec['notes']}.", "",
+        f"{common.provenance(m)}; peak {pk['bf16_matmul_tflops']:.1f} TFLOP/s bf16 matmul (measured). {rec['notes']}.", "",
         "| variant | ms/NFE | NFE/s | TFLOP/s | of peak | peak GiB | DiT s, 4 steps (+cache) | status |",
         "|---|---|---|---|---|---|---|---|",
     ]
