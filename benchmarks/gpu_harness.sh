@@ -10,6 +10,10 @@
 # stage-name prefixes, e.g. "build,ctest,pytest" then "kernels,nfe_1.3B,levers") runs only those stages (plus
 # install and report), so a device session with a 10-minute call limit can spread the run over calls.
 # HARNESS_SMOKE=1 is a CPU dry run (CI): every benchmark command at tiny sizes, no build/ctest/GPU pytest.
+# Device sessions (10 min per call, machine released after 30 s idle: make the calls back to back, carrying
+# benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 and HARNESS_STAGES=build,ctest,pytest_gpu,kernels, then
+# HARNESS_STAGES=build,nfe_1.3B,levers (build again: a fast no-op when the machine is still warm), then
+# HARNESS_STAGES=build,nfe_14B; each call writes its own OUTDIR.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
