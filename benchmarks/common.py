@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -148,5 +149,8 @@ def finite(x) -> bool:
 
 
 def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON atomically (a run killed by a time limit leaves the previous version, never half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)

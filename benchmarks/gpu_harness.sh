@@ -100,7 +100,7 @@ stage nfe_1.3B_bidirectional 200 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}
 stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}" --mode far --iters "$(iters 3)" --out "$OUT"
 stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode bidirectional --steps 4 \
   --iters "$(iters 2)" --out "$OUT"
-stage levers_1.3B_far 150 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode far --steps 4 --iters "$(iters 2)" \
+stage levers_1.3B_far 240 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode far --steps 4 --iters "$(iters 2)" \
   --out "$OUT"
 stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode bidirectional --iters "$(iters 3)" \
   --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:auto+tuned,anyflow:cuda --out "$OUT"

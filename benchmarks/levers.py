@@ -15,6 +15,13 @@ run, synchronised once per video:
   includes its own eager first step and capture, as every generation pays them);
 * ``all``: ``cross_kv`` + ``sdpa_tuned`` + ``cuda_graphs``.
 
+Then, for the headline ratio, whole pipeline calls in the same process: the untouched diffusers
+``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` ``__call__`` around the same transformer (prompt embeddings in,
+``output_type="latent"``, no VAE or text encoder), then the same pipeline after ``anyflow.enable`` with
+its defaults and with every lever (``--pipelines``). For FAR the enabled pipeline's cache steps append
+(the diffusers one re-encodes the prefix) and its inference steps use the official semantics (diffusers
+0.42.1 adds zero keys), so ``rel_l2_vs_diffusers`` is not a parity figure there.
+
 Two more levers are measured by what they cost, not switched: the fp32 master latent (the fused Euler
 update on an fp32 latent vs on a model-dtype latent, per step, next to the NFE time) and host syncs in
 the loop (device -> host reads per step of a whole video, counted by a dispatch mode: must be 0).
@@ -104,6 +111,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=4, help="flow-map jumps per video (FAR: per chunk)")
     ap.add_argument("--shift", type=float, default=5.0, help="time shift of the schedule")
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
+    ap.add_argument("--pipelines", default=",".join(PIPELINES),
+                    help=f"comma list of {', '.join(PIPELINES)} (whole pipeline calls, untouched vs enabled) or none")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None)
     ap.add_argument("--iters", type=int, default=3, help="timed videos per lever (median)")
@@ -125,6 +134,10 @@ def run(args, command: str) -> dict:
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise ValueError(f"--levers: unknown {unknown}; expected some of {list(LEVERS)}")
+    pipeline_names = [n.strip() for n in args.pipelines.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in pipeline_names if n not in PIPELINES]
+    if unknown:
+        raise ValueError(f"--pipelines: unknown {unknown}; expected some of {list(PIPELINES)} or none")
     f = (args.frames - 1) // 4 + 1
     latent = (f, args.height // 8, args.width // 8)
     cp = [int(c) for c in args.chunk_partition.split(",")] if args.chunk_partition else list(common.CHUNK_PARTITION)
@@ -137,7 +150,35 @@ def run(args, command: str) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     text_raw = torch.randn(1, common.TEXT_TOKENS, model.config.text_dim, generator=gen).to(device, dtype)
 
-    rows, reference = [], None
+    n_steps = args.steps * (len(cp) if args.mode == "far" else 1)
+    record = {
+        "kind": "levers", "meta": meta,
+        "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "height": args.height,
+                   "width": args.width, "frames": args.frames, "latent": list(latent), "steps": args.steps,
+                   "shift": args.shift, "chunk_partition": cp if args.mode == "far" else None},
+        "levers": [], "pipelines": [], "steps_per_video": n_steps,
+        "notes": "video_ms = whole video through the sampler (FAR incl. cache steps), median; rel_l2_vs_first compares "
+                 "each lever's latents with the first lever's (same noise; levers change rounding only); pipelines = "
+                 "the whole diffusers __call__ (output_type latent, prompt embeddings given, no VAE)",
+    }
+    from anyflow.testing.host_reads import HostReads
+
+    with HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
+        video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
+    record["host_reads_per_video"] = reads.count
+    record["euler"] = euler_cost(latent, 1, device, dtype)
+
+    def save():  # after every row: a stage killed by its time limit still leaves what it measured
+        record["sdpa_choices"] = ops.sdpa_choices()
+        ok = [r for r in record["levers"] if r["status"] == "ok"]
+        if ok:
+            per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
+            record["euler"]["fp32_share_of_nfe"] = record["euler"]["fp32_master_ms"] / per_nfe
+        if args.out:
+            common.write_json(Path(args.out) / f"levers_{label}_{args.mode}.json", record)
+            (Path(args.out) / f"levers_{label}_{args.mode}.md").write_text(markdown(record))
+
+    reference = None
     for name in names:
         lever = LEVERS[name]
         row = {"lever": name, **lever, "status": "ok", "reason": None}
@@ -150,43 +191,85 @@ def run(args, command: str) -> dict:
             row["peak_mem_gib"] = common.peak_memory_gib(device)
             if reference is None:
                 reference = out.float()
-            row["rel_l2_vs_first"] = float((out.float() - reference).norm() / reference.norm().clamp_min(1e-30))
+            row["rel_l2_vs_first"] = rel_l2(out, reference)
         except Exception as exc:  # noqa: BLE001 - one failing lever must not stop the others
-            row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        rows.append(row)
-    base = next((r for r in rows if r["lever"] == "baseline" and r["status"] == "ok"), None)
-    for r in rows:
-        if base is not None and r["status"] == "ok":
-            r["speedup_vs_baseline"] = base["video_ms"] / r["video_ms"]
+            row.update(status="failed", reason=_reason(exc))
+        record["levers"].append(row)
+        base = next((r for r in record["levers"] if r["lever"] == "baseline" and r["status"] == "ok"), None)
+        for r in record["levers"]:
+            if base is not None and r["status"] == "ok":
+                r["speedup_vs_baseline"] = base["video_ms"] / r["video_ms"]
+        save()
 
-    from anyflow.testing.host_reads import HostReads
-
-    with HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
-        video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
-    n_steps = args.steps * (len(cp) if args.mode == "far" else 1)
-    record = {
-        "kind": "levers", "meta": meta,
-        "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "height": args.height,
-                   "width": args.width, "frames": args.frames, "latent": list(latent), "steps": args.steps,
-                   "shift": args.shift, "chunk_partition": cp if args.mode == "far" else None},
-        "levers": rows,
-        "host_reads_per_video": reads.count, "steps_per_video": n_steps,
-        "euler": euler_cost(latent, 1, device, dtype),
-        "sdpa_choices": ops.sdpa_choices(),
-        "notes": "video_ms = whole video through the sampler (FAR incl. cache steps), median; rel_l2_vs_first compares "
-                 "each lever's latents with the first lever's (same noise; levers change rounding only)",
-    }
-    ok = [r for r in rows if r["status"] == "ok"]
-    if ok:
-        per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
-        record["euler"]["fp32_share_of_nfe"] = record["euler"]["fp32_master_ms"] / per_nfe
+    if pipeline_names:
+        time_pipelines(model, args, latent, cp, text_raw, device, pipeline_names, record, save)
     del model
     md = markdown(record)
     print(md)
-    if args.out:
-        common.write_json(Path(args.out) / f"levers_{label}_{args.mode}.json", record)
-        (Path(args.out) / f"levers_{label}_{args.mode}.md").write_text(md)
     return record
+
+
+#: Pipeline rows: the untouched diffusers ``__call__`` and enabled ones (``anyflow.enable`` keyword arguments).
+PIPELINES = {
+    "diffusers": None,
+    "anyflow": {},
+    "anyflow_all": {"attention": "tuned", "cuda_graphs": True},
+}
+
+
+def time_pipelines(model, args, latent, cp, text_raw, device, names, record, save) -> None:
+    """Whole ``__call__`` of the diffusers AnyFlow pipeline around ``model`` (no VAE or text encoder: prompt
+    embeddings in, latents out), untouched and enabled, same noise; rows appended to ``record["pipelines"]``."""
+    import anyflow
+    from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    cls = AnyFlowFARPipeline if args.mode == "far" else AnyFlowPipeline
+    pipe = cls(transformer=model, vae=None, text_encoder=None, tokenizer=None,
+               scheduler=FlowMapEulerDiscreteScheduler(shift=args.shift))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=text_raw, height=args.height, width=args.width, num_frames=args.frames,
+              num_inference_steps=args.steps, output_type="latent")
+    if args.mode == "far":
+        kw["chunk_partition"] = cp
+
+    def call():
+        return pipe(generator=torch.Generator(device="cpu").manual_seed(3), **kw).frames
+
+    reference = None
+    for name in names:
+        row = {"pipeline": name, "enable": PIPELINES[name], "status": "ok", "reason": None}
+        handle = None
+        try:
+            if PIPELINES[name] is not None:
+                handle = anyflow.enable(pipe, **PIPELINES[name])
+            common.reset_peak_memory(device)
+            out = call()  # warm-up
+            row["video_ms"] = common.median_ms(call, device, iters=args.iters, warmup=0)
+            row["peak_mem_gib"] = common.peak_memory_gib(device)
+            if name == "diffusers":
+                reference = out
+            elif reference is not None:
+                row["rel_l2_vs_diffusers"] = rel_l2(out, reference)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
+            row.update(status="failed", reason=_reason(exc))
+        finally:
+            if handle is not None:
+                handle.disable()
+        record["pipelines"].append(row)
+        base = next((r for r in record["pipelines"] if r["pipeline"] == "diffusers" and r["status"] == "ok"), None)
+        for r in record["pipelines"]:
+            if base is not None and r["status"] == "ok":
+                r["speedup_vs_diffusers"] = base["video_ms"] / r["video_ms"]
+        save()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
 def markdown(rec: dict) -> str:
@@ -206,6 +289,19 @@ def markdown(rec: dict) -> str:
         sp = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else "-"
         lines.append(f"| {r['lever']} | {r['video_ms']:.1f} | {r['nfe']} | {r['video_ms'] / r['nfe']:.2f} | {sp} | {mem} | "
                      f"{r['rel_l2_vs_first']:.1e} | ok |")
+    if rec.get("pipelines"):
+        lines += ["", "Whole pipeline calls (diffusers `__call__`, untouched vs `anyflow.enable`; prompt embeddings in, "
+                  "latents out):", "", "| pipeline | enable() arguments | video ms | vs diffusers | peak GiB | "
+                  "rel L2 vs diffusers | status |", "|---|---|---|---|---|---|---|"]
+        for r in rec["pipelines"]:
+            args = "-" if r["enable"] is None else (", ".join(f"{k}={v}" for k, v in r["enable"].items()) or "(defaults)")
+            if r["status"] != "ok":
+                lines.append(f"| {r['pipeline']} | {args} | | | | | {r['status']}: {r['reason']} |")
+                continue
+            mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+            sp = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else "-"
+            err = f"{r['rel_l2_vs_diffusers']:.1e}" if "rel_l2_vs_diffusers" in r else "-"
+            lines.append(f"| {r['pipeline']} | {args} | {r['video_ms']:.1f} | {sp} | {mem} | {err} | ok |")
     e = rec["euler"]
     share = f", {100 * e['fp32_share_of_nfe']:.2f}% of the fastest NFE" if "fp32_share_of_nfe" in e else ""
     lines += ["", f"fp32 master latent: Euler update {e['fp32_master_ms']:.3f} ms vs {e['model_dtype_ms']:.3f} ms on a "

@@ -421,7 +421,6 @@ def run(args, command: str) -> dict:
     model = build_transformer(cfg, args.mode, dtype, device)
     batch = 2 if args.guidance else 1
     loads = workloads(model, args.mode, (f, args.height // 8, args.width // 8), cp, batch, device, dtype)
-    rows = [time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]) for v in variants]
     record = {
         "kind": "nfe", "meta": meta, "peaks": pk,
         "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
@@ -432,8 +431,19 @@ def run(args, command: str) -> dict:
         "notes": "per-video DiT times are computed from measured per-NFE and per-cache-step times; "
                  "FAR per-NFE = mean over chunks of per-chunk medians; cache steps are transformer-level "
                  "re-encodes of the prefix (anyflow's sampler appends instead, so its cache steps are cheaper)",
-        "variants": rows, "ratios": ratios(rows),
+        "variants": [], "ratios": {},
     }
+    name = f"nfe_{label}_{args.mode}{'_cfg' if args.guidance else ''}"
+
+    def save():  # after every variant: a run stopped by a time limit keeps what it measured
+        if args.out:
+            common.write_json(Path(args.out) / f"{name}.json", record)
+            (Path(args.out) / f"{name}.md").write_text(markdown(record))
+
+    for v in variants:
+        record["variants"].append(time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]))
+        record["ratios"] = ratios(record["variants"])
+        save()
     del model, loads
     if args.pipeline:
         try:
@@ -441,12 +451,8 @@ def run(args, command: str) -> dict:
                                                      args.height, args.width, args.guidance, args.iters)
         except Exception as exc:  # noqa: BLE001 - recorded, the DiT numbers still stand
             record["pipeline"] = {"pipeline": args.pipeline, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    md = markdown(record)
-    print(md)
-    if args.out:
-        name = f"nfe_{label}_{args.mode}{'_cfg' if args.guidance else ''}"
-        common.write_json(Path(args.out) / f"{name}.json", record)
-        (Path(args.out) / f"{name}.md").write_text(md)
+        save()
+    print(markdown(record))
     return record
 
 

@@ -74,6 +74,21 @@ def parts_lines(records: list[dict]) -> list[str]:
     return out
 
 
+def pipeline_lines(records: list[dict]) -> list[str]:
+    """One line per levers record with whole-pipeline rows: each row's video time and ratio to diffusers."""
+    out = []
+    for rec in records:
+        rows = [r for r in rec.get("pipelines", []) if r["status"] == "ok"]
+        if rows:
+            c = rec["config"]
+            cells = ", ".join(f"{r['pipeline']} {r['video_ms'] / 1e3:.2f} s"
+                              + (f" ({r['speedup_vs_diffusers']:.2f}x)" if r["pipeline"] != "diffusers" and
+                                 "speedup_vs_diffusers" in r else "") for r in rows)
+            out.append(f"- {rec['meta']['device']}, {c['model']} {c['mode']} {c['width']}x{c['height']}x{c['frames']}, "
+                       f"{c['steps']} steps: {cells}")
+    return out
+
+
 def levers_table(records: list[dict]) -> list[str]:
     lines = ["| device | model | mode | steps | lever | video ms | ms/NFE | vs baseline | fp32 Euler share of NFE "
              "| host reads | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -105,6 +120,9 @@ def readme_block(records: list[dict]) -> str:
     levers = [r for r in gpu if r["kind"] == "levers"]
     tail = ("\n\nEnd-to-end levers (whole video through the sampler, FAR incl. cache steps; `python -m benchmarks levers`):"
             "\n\n" + "\n".join(levers_table(levers))) if levers else ""
+    calls = pipeline_lines(levers)
+    if calls:
+        tail += "\n\nWhole pipeline calls, untouched diffusers vs enabled (same process):\n\n" + "\n".join(calls)
     parts = parts_lines(nfe)
     parts_text = ("\n\nOutside the DiT, per video:\n\n" + "\n".join(parts)) if parts else ""
     return head + "\n".join(nfe_table(nfe)) + parts_text + tail + "\n"
@@ -168,7 +186,7 @@ def main(argv=None) -> int:
         if ker:
             text += ["## Kernels", ""] + kernels_table(ker) + [""]
         if lev:
-            text += ["## End-to-end levers", ""] + levers_table(lev) + [""]
+            text += ["## End-to-end levers", ""] + levers_table(lev) + [""] + pipeline_lines(lev) + [""]
         if not records:
             text += ["No benchmark records found."]
         Path(args.markdown).write_text("\n".join(text) + "\n")

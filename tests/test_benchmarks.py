@@ -77,13 +77,22 @@ def test_levers_tiny(tmp_path, mode, extra):
         assert r["nfe"] == 3 * chunks and _finite(r["video_ms"]) and _finite(r["speedup_vs_baseline"])
         assert r["rel_l2_vs_first"] < 1e-4, (name, r["rel_l2_vs_first"])  # levers change rounding only
     assert rec["host_reads_per_video"] == 0 and rec["steps_per_video"] == 3 * chunks
+    calls = {r["pipeline"]: r for r in rec["pipelines"]}
+    assert list(calls) == list(levers.PIPELINES)
+    assert all(r["status"] == "ok" and _finite(r["video_ms"]) for r in calls.values()), calls
+    assert _finite(calls["anyflow_all"]["speedup_vs_diffusers"])
+    if mode == "bidirectional":  # same model, same noise: the enabled pipeline is diffusers' computation
+        assert calls["anyflow"]["rel_l2_vs_diffusers"] < 1e-4 and calls["anyflow_all"]["rel_l2_vs_diffusers"] < 1e-4
     assert rec["sdpa_choices"], "the tuned levers record their per-shape kernel table"
     assert all(_finite(v) for v in rec["euler"].values())
     summary = tmp_path / "summary.md"
     assert report.main(["--results", str(tmp_path), "--no-readme", "--markdown", str(summary)]) == 0
     assert "End-to-end levers" in summary.read_text() and "cuda_graphs" in summary.read_text()
+    assert "anyflow_all" in summary.read_text()
     with pytest.raises(ValueError, match="--levers"):
         levers.main(["--model", "tiny", "--levers", "baseline,turbo"])
+    with pytest.raises(ValueError, match="--pipelines"):
+        levers.main(["--model", "tiny", "--pipelines", "diffusers,vllm"])
 
 
 def test_nfe_wan_pipeline_parts(monkeypatch):
@@ -199,6 +208,7 @@ def test_readme_block_from_gpu_records(tmp_path):
     assert "anyflow:torch" in block and "vs diffusers" in block
     assert "Outside the DiT" in block and "VAE decode" in block
     assert "End-to-end levers" in block and "| all |" in block
+    assert "Whole pipeline calls" in block and "anyflow_all" in block
 
 
 def test_gpu_harness_dry_run_on_cpu(tmp_path):
