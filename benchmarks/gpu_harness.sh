@@ -13,7 +13,7 @@
 # Device sessions (10 min per call, machine released after 30 s idle: make the calls back to back, carrying
 # benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 and HARNESS_STAGES=build,ctest,pytest_gpu,kernels, then
 # HARNESS_STAGES=build,nfe_1.3B,levers (build again: a fast no-op when the machine is still warm), then
-# HARNESS_STAGES=build,nfe_14B; each call writes its own OUTDIR.
+# HARNESS_STAGES=build,nfe_14B,levers_14B; each call writes its own OUTDIR.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
@@ -106,6 +106,8 @@ stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}"
   --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:auto+tuned,anyflow:cuda --out "$OUT"
 stage nfe_14B_far 120 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode far --iters "$(iters 2)" \
   --backends diffusers,anyflow:auto,anyflow:auto+tuned --out "$OUT"
+stage levers_14B_far 240 "$PY" -m benchmarks levers "${M14[@]}" "${SIZE[@]}" --mode far --steps 4 --iters "$(iters 1)" \
+  --levers cross_kv,all --pipelines none --out "$OUT"
 stage report 60 "$PY" -m benchmarks report --results "$OUT" --no-readme --markdown "$OUT/summary.md" --plot "$OUT/nfe.png"
 
 if [[ "${HARNESS_TAR:-0}" == 1 ]]; then

@@ -223,7 +223,7 @@ def test_gpu_harness_dry_run_on_cpu(tmp_path):
     stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
     ran = {name: rc for name, rc, _ in stages if not rc.startswith("skipped")}
     assert set(ran) >= {"kernels", "nfe_1.3B_bidirectional", "nfe_1.3B_far", "levers_1.3B_bidirectional",
-                        "levers_1.3B_far", "nfe_14B_bidirectional", "nfe_14B_far", "report"}, stages
+                        "levers_1.3B_far", "nfe_14B_bidirectional", "nfe_14B_far", "levers_14B_far", "report"}, stages
     assert all(rc == "0" for rc in ran.values()), {n: (rc, (tmp_path / f"{n}.log").read_text()[-800:])
                                                   for n, rc in ran.items() if rc != "0"}
     summary = (tmp_path / "summary.md").read_text()
