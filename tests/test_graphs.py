@@ -170,3 +170,58 @@ def test_cuda_graphs_flag_validation():
     model = tiny_transformer("bidirectional", seed=0)
     with pytest.raises(ValueError, match="cuda_graphs=True applies to pipelines"):
         anyflow.enable(model, cuda_graphs=True)
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Records copies of host tensors to the device and ops mixing host (non-scalar) and device tensors: in a
+    CUDA-graph capture each is an error (a pageable host copy) or a baked-in stale value. Run on the meta
+    device, where "device" is meta and every such copy is visible as an op on a CPU tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(a, torch.Tensor)]
+        host = [a for a in tensors if a.device.type == "cpu" and a.dim() > 0]
+        to_device = func is torch.ops.aten._to_copy.default and str(kwargs.get("device", "")) == "meta"
+        if (host and any(a.device.type == "meta" for a in tensors)) or (to_device and args[0].device.type == "cpu"):
+            self.hits.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_detector_sees_host_copies():
+    with _HostToDevice() as mode:
+        torch.arange(3).to("meta")
+        torch.ones(3, device="meta").copy_(torch.ones(3))
+    assert len(mode.hits) == 2, mode.hits
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "far"])
+def test_step_forward_is_capture_safe(kind):
+    """The forward a StepGraph captures moves nothing from the host: run on the meta device, it makes no
+    host -> device copy and mixes no host tensor into device ops (RoPE tables, segment tables, time rows
+    are built on the device)."""
+    from anyflow.models import fused
+    from anyflow.samplers.far import FARSession
+    from anyflow.testing.tiny import tiny_transformer
+
+    model = tiny_transformer(kind, **({"chunk_partition": tuple(CP)} if kind == "far" else {})).to("meta")
+    text = fused.prepare_text(model, torch.randn(2, 7, model.config.text_dim, device="meta"), cache_kv=True)
+    t = torch.full((2, 2), 900.0, dtype=torch.float64, device="meta")
+    r = torch.full((2, 2), 700.0, dtype=torch.float64, device="meta")
+    x = torch.randn(2, 2, model.config.in_channels, 4, 4, device="meta")
+    with torch.no_grad():
+        if kind == "far":
+            session = FARSession(model, text, CP, (4, 4), backend="torch")
+            session.cache_step(0, torch.randn(2, 1, model.config.in_channels, 4, 4, device="meta"))
+            step = lambda: session.velocity(1, x, t, r)  # noqa: E731
+        else:
+            step = lambda: fused.bidirectional_forward(model, x, t, r, text, backend="torch")  # noqa: E731
+        step()  # the eager warm-up fills the RoPE table cache, as StepGraph's first call does
+        with _HostToDevice() as mode:
+            out = step()
+    assert out.device.type == "meta" and out.shape == x.shape
+    assert mode.hits == [], f"host -> device traffic in the captured forward: {mode.hits}"
