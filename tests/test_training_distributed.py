@@ -60,10 +60,13 @@ def _model(kind="bidirectional"):
     return model
 
 
-def _loss(forward, rows, all_reduce=None):
+def _loss(forward, rows, all_reduce=None, derivative="fd"):
+    import dataclasses
+
     from anyflow.training import flowmap as fm
 
     cfg, *tensors = _batch()
+    cfg = dataclasses.replace(cfg, derivative=derivative)
     x, noise, t, r, kind, text, neg = (a[rows] for a in tensors)
     return fm.flow_map_loss(forward, x, noise, t, r, kind, text, neg, cfg, fm.TrainWeighting("beta08"), all_reduce)
 
@@ -139,6 +142,14 @@ def _worker(rank, world, port, path):
             results.append({"loss": D.all_reduce_sum(loss.loss.detach()) / world,
                             "grads": {name: _full(params[name].grad) for name in PARAMS}})  # collective
         out["bidirectional"] = results
+        # the mean-velocity target by forward-mode autodiff (torch.func.jvp through the sharded blocks)
+        model.gradient_checkpointing = False
+        model.zero_grad()
+        loss = _loss(D.ShardedForward(model), slice(rank * n, (rank + 1) * n), D.all_reduce_sum, derivative="jvp")
+        loss.loss.backward()
+        params = dict(model.named_parameters())
+        out["bidirectional_jvp"] = {"loss": D.all_reduce_sum(loss.loss.detach()) / world,
+                                    "grads": {name: _full(params[name].grad) for name in PARAMS}}
 
         # 2. FAR on-policy rollout through the KV cache, "all" and "mid" gradients
         far = D.shard_model(_model("far"))
@@ -210,6 +221,23 @@ def test_fsdp2_bidirectional_loss_matches_one_process(two_process_results):
         torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=0)
         for name in PARAMS:
             assert _rel(got["grads"][name], params[name].grad) < 1e-5, name
+
+
+def test_fsdp2_jvp_target_matches_one_process(two_process_results):
+    """``derivative="jvp"`` under FSDP2: forward-mode autodiff through the sharded blocks gives the
+    1-process loss and gradients."""
+    from anyflow.training.flowmap import BidirectionalForward
+
+    model = _model()
+    out = _loss(BidirectionalForward(model), slice(None), derivative="jvp")
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    got = two_process_results["bidirectional_jvp"]
+    fd = two_process_results["bidirectional"][0]["loss"]
+    assert not torch.equal(got["loss"], fd)  # the JVP target is a different computation than the FD one
+    torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=0)
+    for name in PARAMS:
+        assert _rel(got["grads"][name], params[name].grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("mode", ["all", "mid"])
