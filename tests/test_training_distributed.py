@@ -28,6 +28,7 @@ FAR_PARAMS = PARAMS + ("far_patch_embedding.weight", "condition_embedder.delta_e
 FAR_CFG = {"preset": "tiny-far", "total_iter": 3, "optimizer": {"eps": 1e-3},
            "far": {"long_context_ratio": 1.0, "bidirectional_modeling_prob": 1.0}}
 FAR_GLOBAL_BATCH = 4
+KIND_KEYS = ("loss_diffusion", "loss_consistency", "loss_free")
 #: FAR on-policy with LoRA, per-block checkpointing and the "mid" rollout; global batch 2, every sample in DMD
 ONPOLICY_CFG = {"preset": "tiny-far", "phase": "onpolicy", "total_iter": 2, "gradient_checkpointing": True,
                 "lora": {"rank": 4, "alpha": 4, "extra_trainable": ["far_patch_embedding"]},
@@ -168,6 +169,7 @@ def _worker(rank, world, port, path):
         records = trainer.fit()
         out["far_losses"] = [r["loss"] for r in records]
         out["far_extra"] = [r["loss_bidirectional"] for r in records]
+        out["far_kinds"] = [{k: v for k, v in r.items() if k in KIND_KEYS} for r in records]
         out["far_params"] = {n: _full(p) for n, p in trainer.named_params}
         # a sharded checkpoint restores exactly into a fresh sharded trainer (other initial weights)
         state = trainer.state_dict()  # collective
@@ -261,6 +263,12 @@ def test_fsdp2_far_pretrain_trainer_matches_one_process(two_process_results):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
     for a, b in zip(res["far_extra"], [r["loss_bidirectional"] for r in records]):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+    # per pair-kind losses are global-batch means too (each process holds only some of the kinds)
+    for got, r in zip(res["far_kinds"], records):
+        want = {k: v for k, v in r.items() if k in KIND_KEYS}
+        assert set(got) == set(want) and want, (got, want)
+        assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want), (got, want)
+        assert not any(k.startswith("_") for k in r), sorted(r)
     for name, p in one.named_params:
         assert _rel(res["far_params"][name], p.detach()) < 1e-5, name
     # the restored trainer holds the same state and takes the same next step

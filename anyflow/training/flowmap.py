@@ -549,11 +549,30 @@ def flow_map_loss(
     loss = losses.mean()
     ps = per_sample.detach()
     stats = {"loss": float(loss.detach()), "derivative_samples": int(rows.numel())}
-    for k, name in enumerate(KIND_NAMES):
-        sel = (kind == k).to(ps.device)
-        if bool(sel.any()):
-            stats[f"loss_{name}"] = float(ps[sel].mean())
+    stats.update(kind_loss_stats(ps, kind))
     return LossOutput(loss, ps, stats)
+
+
+def kind_loss_stats(per_sample: torch.Tensor, kind: torch.Tensor) -> dict:
+    """``{"_kind_loss_sums": [...], "_kind_counts": [...]}`` over :data:`KIND_NAMES`: the pieces of the
+    per-kind mean losses, summable over processes (:func:`kind_losses` turns them into ``loss_<kind>``)."""
+    sel = kind.to(per_sample.device)[None, :] == torch.arange(len(KIND_NAMES), device=per_sample.device)[:, None]
+    sums = (sel * per_sample.double()[None, :]).sum(dim=1)
+    return {"_kind_loss_sums": sums.tolist(), "_kind_counts": sel.sum(dim=1).tolist()}
+
+
+def kind_losses(stats: dict, all_reduce=None) -> None:
+    """Replace :func:`kind_loss_stats`' entries of ``stats`` by ``loss_<kind>`` means (kinds present only),
+    summed over processes first when ``all_reduce`` is given (a global-batch figure)."""
+    if "_kind_loss_sums" not in stats:
+        return
+    both = torch.tensor(stats.pop("_kind_loss_sums") + stats.pop("_kind_counts"), dtype=torch.float64)
+    if all_reduce is not None:
+        both = all_reduce(both)
+    n = len(KIND_NAMES)
+    for name, total, count in zip(KIND_NAMES, both[:n].tolist(), both[n:].tolist()):
+        if count > 0:
+            stats[f"loss_{name}"] = total / count
 
 
 def flow_matching_loss(forward, x, noise, t, text, negative=None, guidance_scale: float = 1.0) -> LossOutput:

@@ -259,9 +259,11 @@ class Trainer:
                                    kind=si.kind[rows], text=text, dropped=si.dropped[rows])
 
     def _average_losses(self, record: dict) -> None:
-        """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over processes (the
-        global-batch value); other statistics (e.g. per-kind losses) stay this process's."""
-        if self.world_size == 1 or self.all_reduce is None:
+        """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over processes and the
+        per-kind pieces by the per-kind means over the global batch; other statistics stay this process's."""
+        distributed = self.world_size > 1 and self.all_reduce is not None
+        fm.kind_losses(record, self._all_reduce_on_device if distributed else None)
+        if not distributed:
             return
         keys = [k for k in GLOBAL_LOSSES if k in record]  # the same keys on every process (global coins)
         if not keys:
@@ -270,6 +272,10 @@ class Trainer:
         values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=device)
         for k, v in zip(keys, (self.all_reduce(values) / self.world_size).tolist()):
             record[k] = v
+
+    def _all_reduce_on_device(self, values: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return self.all_reduce(values.to(device)).cpu()
 
     def _losses(self, latents, text):
         """Yield the step's losses one by one (each is backpropagated before the next is built)."""
