@@ -11,9 +11,9 @@
 # install and report), so a device session with a 10-minute call limit can spread the run over calls.
 # HARNESS_SMOKE=1 is a CPU dry run (CI): every benchmark command at tiny sizes, no build/ctest/GPU pytest.
 # Device sessions (10 min per call, machine released after 30 s idle: make the calls back to back, carrying
-# benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 and HARNESS_STAGES=build,ctest,pytest_gpu,kernels, then
+# benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 and HARNESS_STAGES=build,ctest,pytest_gpu,kernels_1.3B, then
 # HARNESS_STAGES=build,nfe_1.3B,levers (build again: a fast no-op when the machine is still warm), then
-# HARNESS_STAGES=build,nfe_14B,levers_14B; each call writes its own OUTDIR.
+# HARNESS_STAGES=build,kernels_14B,nfe_14B,levers_14B; each call writes its own OUTDIR.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
@@ -94,7 +94,7 @@ else
   stage pytest_gpu 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_graphs.py tests/test_sdpa.py \
     tests/test_cuda_ops.py tests/test_triton_elementwise.py tests/test_triton_attention.py
 fi
-stage kernels 120 "$PY" -m benchmarks kernels "${KER[@]}" --out "$OUT"
+stage kernels_1.3B 120 "$PY" -m benchmarks kernels "${KER[@]}" --out "$OUT"
 stage nfe_1.3B_bidirectional 200 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}" --mode bidirectional --iters "$(iters 5)" \
   --pipeline "$PIPE" --out "$OUT"
 stage nfe_1.3B_far 150 "$PY" -m benchmarks nfe "${M13[@]}" "${SIZE[@]}" --mode far --iters "$(iters 3)" --out "$OUT"
@@ -102,6 +102,8 @@ stage levers_1.3B_bidirectional 120 "$PY" -m benchmarks levers "${M13[@]}" "${SI
   --iters "$(iters 2)" --out "$OUT"
 stage levers_1.3B_far 240 "$PY" -m benchmarks levers "${M13[@]}" "${SIZE[@]}" --mode far --steps 4 --iters "$(iters 2)" \
   --out "$OUT"
+if [[ $SMOKE == 1 ]]; then KER=(--smoke); else KER=(--model 14B); fi
+stage kernels_14B 120 "$PY" -m benchmarks kernels "${KER[@]}" --out "$OUT"
 stage nfe_14B_bidirectional 150 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode bidirectional --iters "$(iters 3)" \
   --backends diffusers,diffusers:cudnn,anyflow:auto,anyflow:auto+tuned,anyflow:cuda --out "$OUT"
 stage nfe_14B_far 120 "$PY" -m benchmarks nfe "${M14[@]}" "${SIZE[@]}" --mode far --iters "$(iters 2)" \

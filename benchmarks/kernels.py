@@ -127,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter smoke run)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--backends", default="torch,triton,cuda")
-    ap.add_argument("--out", required=True, help="output folder for kernels.json and kernels.md")
+    ap.add_argument("--out", required=True, help="output folder for kernels_<model>.json and .md")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,12 +165,13 @@ def main(argv=None):
                 if flops:
                     row["TFLOP/s"] = flops / row["ms"] / 1e9
             rows.append(row)
+    label = "smoke" if args.smoke else args.model
     meta = dict(common.run_meta(device, common.command_line("python -m benchmarks kernels", argv)),
-                shape=shape, dtype=args.dtype, peaks=pk)
+                model=label, shape=shape, dtype=args.dtype, peaks=pk)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "kernels.json", {"kind": "kernels", "meta": meta, "rows": rows})
-    lines = [f"# anyflow kernels on {meta['device']} ({meta['date']})", "",
+    common.write_json(out / f"kernels_{label}.json", {"kind": "kernels", "meta": meta, "rows": rows})
+    lines = [f"# anyflow kernels, {label} shapes, on {meta['device']} ({meta['date']})", "",
              f"{common.provenance(meta)}; peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy", "",
              "| op | backend | ms | GB/s (of copy) | TFLOP/s | check | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -179,6 +180,6 @@ def main(argv=None):
         ms = f"{r['ms']:.3f}" if r["ms"] else "-"
         ok = {True: "pass", False: "FAIL", None: ""}[r["ok"]]
         lines.append(f"| {r['op']} | {r['backend']} | {ms} | {bw} | {tf} | {ok} | {r['note']} |")
-    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    (out / f"kernels_{label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

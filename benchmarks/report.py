@@ -53,13 +53,14 @@ def nfe_table(records: list[dict]) -> list[str]:
 
 
 def kernels_table(records: list[dict]) -> list[str]:
-    lines = ["| device | op | backend | ms | TFLOP/s or GB/s | check |", "|---|---|---|---|---|---|"]
+    lines = ["| device | shapes | op | backend | ms | TFLOP/s or GB/s | check |", "|---|---|---|---|---|---|---|"]
     for rec in records:
+        model = rec["meta"].get("model", "-")
         for r in rec["rows"]:
             rate = f"{r['TFLOP/s']:.0f} TFLOP/s" if "TFLOP/s" in r else (f"{r['GB/s']:.0f} GB/s" if "GB/s" in r else "")
             ok = {True: "pass", False: "FAIL", None: ""}[r["ok"]]
             ms = f"{r['ms']:.3f}" if r["ms"] else "-"
-            lines.append(f"| {rec['meta']['device']} | {r['op']} | {r['backend']} | {ms} | {rate} | {ok} |")
+            lines.append(f"| {rec['meta']['device']} | {model} | {r['op']} | {r['backend']} | {ms} | {rate} | {ok} |")
     return lines
 
 

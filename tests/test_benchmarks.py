@@ -120,7 +120,7 @@ def test_nfe_rejects_bad_arguments():
 
 def test_kernels_smoke_and_report(tmp_path):
     kernels.main(["--smoke", "--backends", "torch,cuda", "--out", str(tmp_path / "k")])
-    rec = json.loads((tmp_path / "k" / "kernels.json").read_text())
+    rec = json.loads((tmp_path / "k" / "kernels_smoke.json").read_text())
     assert rec["kind"] == "kernels" and "command" in rec["meta"]
     assert all(r["ok"] is not False for r in rec["rows"]), [r for r in rec["rows"] if r["ok"] is False]
     assert all(_finite(r["ms"]) for r in rec["rows"] if r["ms"] is not None)
@@ -222,7 +222,7 @@ def test_gpu_harness_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
     ran = {name: rc for name, rc, _ in stages if not rc.startswith("skipped")}
-    assert set(ran) >= {"kernels", "nfe_1.3B_bidirectional", "nfe_1.3B_far", "levers_1.3B_bidirectional",
+    assert set(ran) >= {"kernels_1.3B", "kernels_14B", "nfe_1.3B_bidirectional", "nfe_1.3B_far", "levers_1.3B_bidirectional",
                         "levers_1.3B_far", "nfe_14B_bidirectional", "nfe_14B_far", "levers_14B_far", "report"}, stages
     assert all(rc == "0" for rc in ran.values()), {n: (rc, (tmp_path / f"{n}.log").read_text()[-800:])
                                                   for n, rc in ran.items() if rc != "0"}
