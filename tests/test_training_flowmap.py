@@ -387,3 +387,37 @@ def test_far_window_forward_matches_diffusers_training_forward(far_model):
         one_chunk = far_model(z, t, r, text, chunk_partition=[6]).sample
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
     assert ((bi - one_chunk).norm() / one_chunk.norm()).item() < 1e-5
+
+
+def test_teacher_timestep_distributions():
+    """The teacher phase's t: the official logit-normal draw leaves the ends nearly empty at shift 1; the
+    uniform draw covers [0, 1000] evenly; an unknown name is a clear error (also at config validation)."""
+    from anyflow.training.config import from_dict
+
+    n = 20000
+    ln = fm.sample_teacher_timesteps(n, 1.0, torch.Generator().manual_seed(0))
+    un = fm.sample_teacher_timesteps(n, 1.0, torch.Generator().manual_seed(0), "uniform")
+    assert float((ln > 950).float().mean()) < 0.01 < 0.04 < float((un > 950).float().mean()) < 0.06
+    assert abs(float(un.mean()) - 500) < 10 and 0 <= float(un.min()) and float(un.max()) <= 1000
+    shifted = fm.sample_teacher_timesteps(n, 5.0, torch.Generator().manual_seed(0), "uniform")
+    assert abs(float((shifted <= 1000 * fm.shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02
+    torch.testing.assert_close(ln, fm.sample_logit_normal(n, 1.0, torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        fm.sample_teacher_timesteps(2, 1.0, torch.Generator(), "beta")
+    with pytest.raises(ValueError, match="teacher_timesteps"):
+        from_dict({"preset": "tiny", "phase": "teacher", "teacher_timesteps": "beta"})
+
+
+def test_teacher_phase_uses_the_configured_distribution(monkeypatch):
+    from anyflow.training.config import from_dict
+    from anyflow.training.data import SyntheticClips
+    from anyflow.training.trainer import Trainer, build_model
+
+    seen = []
+    real = fm.sample_teacher_timesteps
+    monkeypatch.setattr(fm, "sample_teacher_timesteps", lambda *a: seen.append(a[-1]) or real(*a))
+    cfg = from_dict({"preset": "tiny", "phase": "teacher", "teacher_timesteps": "uniform", "total_iter": 1,
+                     "batch_size": 2})
+    trainer = Trainer(build_model(cfg), cfg, SyntheticClips(2, 3, seed=0), torch.randn(1, 7, 32), log_stream=None)
+    record = trainer.train_step()
+    assert seen == ["uniform"] and math.isfinite(record["loss"])

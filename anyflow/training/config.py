@@ -220,6 +220,8 @@ class TrainConfig:
         gradient_checkpointing: per-block activation checkpointing (the model's flag).
         shift: flow shift k of t = 1000 k s / (1 + (k - 1) s).
         drop_text_ratio: per-sample probability of replacing the prompt by the negative embedding.
+        teacher_timesteps: phase ``teacher``: ``"logit_normal"`` (official) or ``"uniform"`` in the shifted
+            sigma (:func:`anyflow.training.flowmap.sample_teacher_timesteps`).
         trainable: parameter-name substrings to train without LoRA (empty: every parameter).
         log_every, save_every: logging and checkpoint periods in steps (0 disables saving).
         output_dir: checkpoints and ``log.jsonl``.
@@ -236,6 +238,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     shift: float = 5.0
     drop_text_ratio: float = 0.1
+    teacher_timesteps: str = "logit_normal"
     trainable: tuple = ()
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -264,6 +267,8 @@ def _check(cond: bool, name: str, expected: str, got) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` for out-of-range values (called on construction)."""
     _check(cfg.phase in PHASES, "phase", f"one of {PHASES}", cfg.phase)
+    _check(cfg.teacher_timesteps in ("logit_normal", "uniform"), "teacher_timesteps", "'logit_normal' or 'uniform'",
+           cfg.teacher_timesteps)
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"one of {MODEL_KINDS}", cfg.model.kind)
     _check(cfg.model.arch is None or isinstance(cfg.model.arch, dict), "model.arch", "a mapping of transformer "
            "config keys", cfg.model.arch)

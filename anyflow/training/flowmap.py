@@ -175,6 +175,26 @@ def sample_logit_normal(batch: int, shift: float, generator: torch.Generator) ->
     return shift_sigma(torch.sigmoid(torch.randn(batch, generator=generator)), shift) * 1000
 
 
+#: Distributions of the teacher phase's t (:func:`sample_teacher_timesteps`).
+TEACHER_TIMESTEPS = ("logit_normal", "uniform")
+
+
+def sample_teacher_timesteps(batch: int, shift: float, generator: torch.Generator,
+                             distribution: str = "logit_normal") -> torch.Tensor:
+    """``[B]`` fp32 teacher timesteps: ``"logit_normal"`` (the official draw, reference §8) or ``"uniform"``
+    (t = 1000 shift(u), u ~ U(0, 1): every noise level gets samples; at shift 1 the logit-normal draw
+    leaves t > 950 almost untrained, see docs/anystep).
+
+    Raises:
+        ValueError: unknown ``distribution``.
+    """
+    if distribution == "logit_normal":
+        return sample_logit_normal(batch, shift, generator)
+    if distribution == "uniform":
+        return shift_sigma(torch.rand(batch, generator=generator), shift) * 1000
+    raise ValueError(f"distribution must be one of {TEACHER_TIMESTEPS}, got {distribution!r}")
+
+
 def drop_text(text: torch.Tensor, negative: torch.Tensor, ratio: float, generator: torch.Generator):
     """Replace each sample's prompt by the negative embedding with probability ``ratio`` (reference §6.2).
 

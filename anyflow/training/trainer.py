@@ -325,7 +325,7 @@ class Trainer:
             fwd, x = fm.BidirectionalForward(self.model, self.backend), latents
         if cfg.phase == "teacher":
             b, f = x.shape[:2]
-            t = fm.sample_logit_normal(b, cfg.shift, g)[:, None].expand(b, f).to(x.device)
+            t = fm.sample_teacher_timesteps(b, cfg.shift, g, cfg.teacher_timesteps)[:, None].expand(b, f).to(x.device)
             noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
             rows = self._rows(b)
             if rows is not None:
