@@ -162,9 +162,16 @@ def test_make_tiny_refuses_non_empty_folder(tmp_path, capsys):
 
 
 def test_env_prints_a_report(capsys):
-    pytest.importorskip("anyflow.env", reason="anyflow/env.py not present yet")
     assert main(["env"]) == 0
-    assert capsys.readouterr().out.strip()
+    out = capsys.readouterr().out
+    # one line each for the SDPA policy and whether the samplers can capture CUDA graphs here (with the reason)
+    sdpa = next(line for line in out.splitlines() if line.startswith("sdpa "))
+    assert " policy " in sdpa and "kernels: " in sdpa
+    graphs = next(line for line in out.splitlines() if line.startswith("cuda graphs"))
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "eager: CUDA graphs need a CUDA device" in graphs
 
 
 def test_python_dash_m_help():
