@@ -7,13 +7,13 @@
 # Every stage's exit status, seconds and log land in OUTDIR (stages.tsv, <stage>.log); a failing stage
 # does not stop the next. HARNESS_TAR=1 packs everything into OUTDIR/harness.tar.gz (for tools that
 # fetch only a few files) and keeps summary.md, stages.tsv and the tarball. HARNESS_STAGES (comma list of
-# stage-name prefixes, e.g. "build,ctest,pytest" then "kernels,nfe_1.3B,levers") runs only those stages (plus
+# stage-name prefixes, e.g. "build,ctest,pytest" then "kernels_1.3B,nfe_1.3B") runs only those stages (plus
 # install and report), so a device session with a 10-minute call limit can spread the run over calls.
 # HARNESS_SMOKE=1 is a CPU dry run (CI): every benchmark command at tiny sizes, no build/ctest/GPU pytest.
 # Device sessions (10 min per call, machine released after 30 s idle: make the calls back to back, carrying
-# benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 and HARNESS_STAGES=build,ctest,pytest_gpu,kernels_1.3B, then
-# HARNESS_STAGES=build,nfe_1.3B,levers (build again: a fast no-op when the machine is still warm), then
-# HARNESS_STAGES=build,kernels_14B,nfe_14B,levers_14B; each call writes its own OUTDIR.
+# benchmarks/wheels), e.g. HARNESS_BUDGET_S=560 with HARNESS_STAGES=build,ctest,pytest_gpu,kernels_1.3B,nfe_1.3B,
+# then build,levers_1.3B,kernels_14B, then build,nfe_14B,levers_14B (build again: incremental while the machine
+# is warm); a stage the budget skipped shows as skipped-budget in stages.tsv: name it in the next call.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:?usage: gpu_harness.sh OUTDIR}"
