@@ -411,6 +411,20 @@ def test_backend_checks_route_auto_elsewhere():
         O.gated_residual(x, x, gate, segs, backend="cuda")
 
 
+def test_checks_mirror_the_cuda_launch_limits():
+    """The checks refuse exactly what the CUDA launchers would refuse at run time (NotImplementedError,
+    no fallback): row widths of the row kernels (csrc/tests/test_kernels.cpp tests the C++ side) and the
+    attention grid's batch * heads."""
+    # residual_norm: 4096 chunks of 16 bytes (aligned or not), or of 1 element when the width is odd
+    assert _cuda._row_limit(2, 5120, 1) == 32768 and _cuda._row_limit(2, 5121, 1) == 4096
+    assert _cuda._row_limit(4, 5120, 1) == 16384 and _cuda._row_limit(4, 5122, 1) == 4096
+    # qk_norm_rope: the head dim decides the chunk; pairs when the vector width does not divide it
+    assert _cuda._row_limit(2, 128, 2) == 32768 and _cuda._row_limit(2, 6, 2) == 8192
+    q = torch.empty(1, 65536, 2, 8, device="meta")
+    assert "batch * heads must be <= 65535" in _cuda._check_segmented(q, [q], [q], 0.1, False)
+    assert _cuda._check_segmented(q[:, :65535], [q[:, :65535]], [q[:, :65535]], 0.1, False) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library.opcheck (schemas, fake implementations, dispatch)
 # ----------------------------------------------------------------------------------------------

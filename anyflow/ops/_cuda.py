@@ -13,7 +13,8 @@ when it already is (torch imports this module for them: ``set_python_module`` in
 
 Each implementation has a ``check`` that returns why it cannot take a call (so ``backend="auto"``
 moves on): inputs that require grad (the kernels are forward-only), dtype combinations, and the
-kernels' limits (4 non-empty segments, head dim <= 256, 64 query groups / 4 key ranges per group).
+kernels' limits (4 non-empty segments, head dim <= 256, 64 query groups / 4 key ranges per group,
+batch * heads <= 65535, the row width of the row kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ MAX_GROUPS = 64
 MAX_RANGES = 4
 #: Widest row one thread block of the row kernels holds (4 x 1024 vectors of 16 bytes; CUDA only).
 MAX_ROW_BYTES = 4 * 1024 * 16
+#: Chunks one row block holds (4 per thread, 1024 threads): 16 bytes' worth of elements each when the
+#: vector width divides the row (residual_norm) or the head dim (qk_norm_rope), else 1 element
+#: (residual_norm) or 2 (qk_norm_rope) - aligned or not (csrc/kernels/conditioning.cu, rope.cu).
+MAX_ROW_CHUNKS = 4 * 1024
+#: batch * heads of an attention call (the grid's y dimension).
+MAX_BATCH_HEADS = 65535
 
 _FAKES_REGISTERED = False
 
@@ -112,9 +119,19 @@ def _segments_reason(segs) -> Optional[str]:
     return None
 
 
-def _row_reason(x: torch.Tensor, width: int) -> Optional[str]:
-    if x.device.type == "cuda" and width * x.element_size() > MAX_ROW_BYTES:
-        return f"rows of {width} channels are wider than one thread block handles ({MAX_ROW_BYTES} bytes)"
+def _row_limit(element_size: int, unit: int, fallback: int) -> int:
+    """Widest row (channels) the CUDA row kernels take: ``MAX_ROW_CHUNKS`` chunks of 16 bytes' worth of
+    elements when that vector width divides ``unit`` (the row, or the head dim), else of ``fallback``."""
+    vec = 16 // element_size
+    return MAX_ROW_CHUNKS * (vec if unit % vec == 0 else fallback)
+
+
+def _row_reason(x: torch.Tensor, width: int, unit: Optional[int] = None, fallback: int = 1) -> Optional[str]:
+    if x.device.type != "cuda":
+        return None
+    limit = _row_limit(x.element_size(), width if unit is None else unit, fallback)
+    if width > limit:
+        return f"rows of {width} channels are wider than one thread block handles ({limit} channels here)"
     return None
 
 
@@ -135,7 +152,8 @@ def _check_residual_norm(x, y, gate, segs, eps, shift, scale, weight, bias):
 
 
 def _check_qk_norm_rope(x, weight, eps, cos, sin, heads):
-    return _grad_reason(x, weight) or _row_reason(x, x.shape[-1])
+    head_dim = x.shape[-1] // heads if heads > 0 else x.shape[-1]
+    return _grad_reason(x, weight) or _row_reason(x, x.shape[-1], head_dim, 2)
 
 
 def _check_apply_rope(x, cos, sin):
@@ -146,9 +164,11 @@ def _check_euler(latents, velocity, dt, guidance_scale, num_context_frames, out)
     return _grad_reason(latents, velocity)
 
 
-def _head_dim_reason(q) -> Optional[str]:
+def _attention_shape_reason(q) -> Optional[str]:
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim must be <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        return f"batch * heads must be <= {MAX_BATCH_HEADS}, got {q.shape[0] * q.shape[1]}"
     return None
 
 
@@ -158,7 +178,7 @@ def _check_segmented(q, keys, values, scale, return_lse):
         non_empty += 1 if k.shape[2] > 0 else 0
     if non_empty > MAX_SEGMENTS:
         return f"at most {MAX_SEGMENTS} non-empty KV segments are supported, got {non_empty}"
-    return _grad_reason(q, *keys, *values) or _head_dim_reason(q)
+    return _grad_reason(q, *keys, *values) or _attention_shape_reason(q)
 
 
 def _check_chunk_causal(q, k, v, layout, scale, return_lse):
@@ -167,7 +187,7 @@ def _check_chunk_causal(q, k, v, layout, scale, return_lse):
     ranges = _layout_info(layout)[1]
     if ranges > MAX_RANGES:
         return f"at most {MAX_RANGES} key ranges per query group are supported, the layout has {ranges}"
-    return _grad_reason(q, k, v) or _head_dim_reason(q)
+    return _grad_reason(q, k, v) or _attention_shape_reason(q)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ constexpr int kChunks = 4;         // vectors per thread
 constexpr int kMaxThreads = 1024;  // threads per row
 
 template <typename T, int VEC, bool ALIGNED>
-__global__ void residual_norm_kernel(const anyflow_residual_norm_args a) {
+__global__ void __launch_bounds__(kMaxThreads, 1) residual_norm_kernel(const anyflow_residual_norm_args a) {
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
   const int64_t b = row / a.tokens, n = row % a.tokens;
@@ -114,12 +114,18 @@ int launch(const anyflow_residual_norm_args& a, cudaStream_t stream) {
           anyflow_stride_aligned(a.y_stride_n, e, 16);
   }
   vec = vec && (a.x_out == nullptr || anyflow_aligned(a.x_out, 16)) && (a.h_out == nullptr || anyflow_aligned(a.h_out, 16));
-  const int64_t chunks = vec ? a.dim / kVec : a.dim;
+  // Unaligned rows whose width is a multiple of kVec keep kVec-element chunks (scalar accesses), so
+  // they fit one block exactly when aligned rows do (the limit anyflow/ops/_cuda.py checks); only
+  // other widths take 1-element chunks (at most kChunks * kMaxThreads elements).
+  const bool whole = a.dim % kVec == 0;
+  const int64_t chunks = whole ? a.dim / kVec : a.dim;
   const int64_t rows = a.batch * a.tokens;
   int threads = 0;
   if (!row_launch(chunks, kChunks, kMaxThreads, rows, &threads)) return ANYFLOW_ERROR_UNSUPPORTED;
   if (vec) {
     residual_norm_kernel<T, kVec, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
+  } else if (whole) {
+    residual_norm_kernel<T, kVec, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   } else {
     residual_norm_kernel<T, 1, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   }

@@ -50,7 +50,9 @@ extern "C" {
 #endif
 
 // Launch on `stream` (a cudaStream_t, NULL = default stream). ANYFLOW_ERROR_UNSUPPORTED when a row is
-// too wide for one thread block (more than 4096 vectors of 16 bytes, or 4096 elements when unaligned).
+// too wide for one thread block: more than 4096 chunks of 16 bytes' worth of elements (aligned or not),
+// or more than 4096 elements when dim is not a multiple of such a chunk. (qk_norm_rope, rope.h: the
+// same with head_dim deciding the chunk, and 8192 channels in the second case.)
 int anyflow_residual_norm(const anyflow_residual_norm_args* args, void* stream);
 
 #ifdef __cplusplus

@@ -43,7 +43,7 @@ __global__ void apply_rope_kernel(const anyflow_rope_args a, int64_t total_chunk
 }
 
 template <typename T, int VEC, bool ALIGNED>
-__global__ void qk_norm_rope_kernel(const anyflow_rope_args a) {
+__global__ void __launch_bounds__(kMaxThreads, 1) qk_norm_rope_kernel(const anyflow_rope_args a) {
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;  // b * tokens + l
   const int64_t b = row / a.tokens, l = row % a.tokens;
@@ -109,12 +109,18 @@ template <typename T>
 int launch_qk(const anyflow_rope_args& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned_rows<T>(a, kVec);
-  const int64_t chunks = a.heads * a.head_dim / (vec ? kVec : 2);
+  // Unaligned rows keep kVec-element chunks (scalar accesses) when kVec divides head_dim, so they fit
+  // one block exactly when aligned rows do (the limit anyflow/ops/_cuda.py checks); other head dims
+  // take pairs (at most 2 * kChunks * kMaxThreads channels).
+  const bool whole = a.head_dim % kVec == 0;
+  const int64_t chunks = a.heads * a.head_dim / (whole ? kVec : 2);
   const int64_t rows = a.batch * a.tokens;
   int threads = 0;
   if (!row_launch(chunks, kChunks, kMaxThreads, rows, &threads)) return ANYFLOW_ERROR_UNSUPPORTED;
   if (vec) {
     qk_norm_rope_kernel<T, kVec, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
+  } else if (whole) {
+    qk_norm_rope_kernel<T, kVec, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   } else {
     qk_norm_rope_kernel<T, 2, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(a);
   }

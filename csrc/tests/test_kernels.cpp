@@ -120,6 +120,16 @@ void test_validation() {
     a.tokens = 0;
     a.segments.num_tokens = 0;
     check(anyflow_residual_norm(&a, nullptr) == ANYFLOW_SUCCESS, "residual_norm: empty input is a no-op");
+    // Row limits (rejected before any launch): 4096 chunks of 16 bytes, or of 1 element when the
+    // vector width does not divide dim (the limits anyflow/ops/_cuda.py's _row_limit mirrors).
+    a = valid_residual_norm();
+    a.dtype = ANYFLOW_DTYPE_BF16;
+    a.x_stride_b = a.y_stride_b = 32776 * 3;
+    a.x_stride_n = a.y_stride_n = a.dim = 32776;
+    check(anyflow_residual_norm(&a, nullptr) == UNS, "residual_norm: 32776 bf16 channels are too wide");
+    a.x_stride_b = a.y_stride_b = 4097 * 3;
+    a.x_stride_n = a.y_stride_n = a.dim = 4097;
+    check(anyflow_residual_norm(&a, nullptr) == UNS, "residual_norm: 4097 bf16 channels (not a multiple of 8)");
   }
   {
     auto a = valid_rope();
@@ -138,6 +148,12 @@ void test_validation() {
     a = valid_rope();
     a.tokens = 0;
     check(anyflow_qk_norm_rope(&a, nullptr) == ANYFLOW_SUCCESS, "qk_norm_rope: empty input is a no-op");
+    a = valid_rope();  // head_dim 6 (bf16 pairs): at most 8192 channels
+    a.head_dim = a.x_stride_h = 6;
+    a.heads = 1366;
+    a.x_stride_l = 6 * 1366;
+    a.x_stride_b = 2 * a.x_stride_l;
+    check(anyflow_qk_norm_rope(&a, nullptr) == UNS, "qk_norm_rope: 8196 channels of head dim 6 are too wide");
   }
   {
     auto a = valid_euler();
@@ -199,6 +215,33 @@ void test_launch_without_device() {
   auto at = valid_attention();
   const int64_t layout[] = {0, 4, 1, 0, 4};
   check(anyflow_chunk_causal_attention(&at, layout, 5, nullptr) > 0, "attention launch without a device fails");
+  // Wide rows that are not 16-byte aligned reach the launch (vector-width chunks, scalar accesses)
+  // instead of being refused: residual_norm on 14B's 5120 channels, qk_norm_rope on 40 x 128.
+  const char* odd = reinterpret_cast<const char*>(buf) + 2;  // never dereferenced without a device
+  for (anyflow_dtype dt : {ANYFLOW_DTYPE_F32, ANYFLOW_DTYPE_BF16}) {
+    rn = valid_residual_norm();
+    rn.dtype = dt;
+    rn.x = odd;
+    rn.y = rn.gate = rn.shift = rn.scale = buf;
+    rn.x_out = rn.h_out = buf;
+    rn.dim = rn.x_stride_n = rn.y_stride_n = 5120;
+    rn.x_stride_b = rn.y_stride_b = 3 * 5120;
+    check(anyflow_residual_norm(&rn, nullptr) > 0, "residual_norm: unaligned 5120-wide rows are launched");
+    auto qk = valid_rope();
+    qk.dtype = dt;
+    qk.x = odd;
+    qk.weight = qk.out = buf;
+    qk.cos = qk.sin = buf;
+    qk.heads = 40;
+    qk.head_dim = qk.x_stride_h = 128;
+    qk.x_stride_l = 5120;
+    qk.x_stride_b = 2 * 5120;
+    check(anyflow_qk_norm_rope(&qk, nullptr) > 0, "qk_norm_rope: unaligned 40 x 128 rows are launched");
+    qk.heads = 80;
+    qk.x_stride_l = 10240;
+    qk.x_stride_b = 2 * 10240;
+    check(anyflow_qk_norm_rope(&qk, nullptr) > 0, "qk_norm_rope: unaligned 80 x 128 rows are launched");
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -271,20 +314,22 @@ bool close(const std::vector<float>& got, const std::vector<double>& ref, double
 
 double tol(anyflow_dtype dt) { return dt == ANYFLOW_DTYPE_BF16 ? 1.6e-2 : 2e-5; }
 
-void gpu_residual_norm(anyflow_dtype dt, anyflow_norm_mode norm, int64_t dim) {
+// `x_offset`: x starts that many elements into its buffer (1: not 16-byte aligned, the unaligned path).
+void gpu_residual_norm(anyflow_dtype dt, anyflow_norm_mode norm, int64_t dim, int64_t x_offset = 0) {
   const int64_t B = 2, pairs[] = {2, 9, 3, 13}, N = 2 * 9 + 3 * 13, R = 5;
-  HostT x(dt, B * N * dim, 1, 2.f, 0.5f), y(dt, B * N * dim, 2), mod(ANYFLOW_DTYPE_F32, B * R * 3 * dim, 3, 0.5f);
+  HostT x(dt, B * N * dim + x_offset, 1, 2.f, 0.5f), y(dt, B * N * dim, 2),
+      mod(ANYFLOW_DTYPE_F32, B * R * 3 * dim, 3, 0.5f);
   HostT w(ANYFLOW_DTYPE_F32, dim, 4, 0.5f, 1.f);
   Dev dx = x.upload(), dy = y.upload(), dm = mod.upload(), dw = w.upload();
-  Dev xo(x.bytes()), ho(x.bytes());
-  cudaMemset(xo.p, 0xff, x.bytes());  // NaN poison
-  cudaMemset(ho.p, 0xff, x.bytes());
+  Dev xo(y.bytes()), ho(y.bytes());
+  cudaMemset(xo.p, 0xff, y.bytes());  // NaN poison
+  cudaMemset(ho.p, 0xff, y.bytes());
   anyflow_residual_norm_args a = {};
   a.dtype = dt;
   a.batch = B;
   a.tokens = N;
   a.dim = dim;
-  a.x = dx.p;
+  a.x = static_cast<const char*>(dx.p) + x_offset * (dt == ANYFLOW_DTYPE_BF16 ? 2 : 4);
   a.x_stride_b = N * dim;
   a.x_stride_n = dim;
   a.y = dy.p;
@@ -310,8 +355,8 @@ void gpu_residual_norm(anyflow_dtype dt, anyflow_norm_mode norm, int64_t dim) {
   a.h_out = ho.p;
   const int rc = anyflow_residual_norm(&a, nullptr);
   cudaDeviceSynchronize();
-  const auto gx = download(xo, dt, x.v.size()), gh = download(ho, dt, x.v.size());
-  std::vector<double> rx(x.v.size()), rh(x.v.size());
+  const auto gx = download(xo, dt, y.v.size()), gh = download(ho, dt, y.v.size());
+  std::vector<double> rx(y.v.size()), rh(y.v.size());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t n = 0; n < N; ++n) {
       const int64_t f = anyflow::segment_row(a.segments, n);
@@ -320,7 +365,7 @@ void gpu_residual_norm(anyflow_dtype dt, anyflow_norm_mode norm, int64_t dim) {
       double mean = 0, var = 0;
       for (int64_t i = 0; i < dim; ++i) {
         const size_t k = (b * N + n) * dim + i;
-        float v = x.v[k] + y.v[k] * m[i];
+        float v = x.v[k + x_offset] + y.v[k] * m[i];
         if (dt == ANYFLOW_DTYPE_BF16) v = test::bf16_round(v);
         xn[i] = rx[k] = v;
         mean += v;
@@ -338,9 +383,11 @@ void gpu_residual_norm(anyflow_dtype dt, anyflow_norm_mode norm, int64_t dim) {
         "residual_norm kernel matches the host reference");
 }
 
-void gpu_rope(anyflow_dtype dt, bool norm, int64_t heads, int64_t dh) {
+// `x_offset`: x starts that many elements into its buffer (1: not 16-byte aligned, the unaligned path).
+void gpu_rope(anyflow_dtype dt, bool norm, int64_t heads, int64_t dh, int64_t x_offset = 0) {
   const int64_t B = 2, L = 27, C = heads * dh, half = dh / 2;
-  HostT x(dt, B * L * C, 5, 2.f), w(ANYFLOW_DTYPE_F32, C, 6, 0.5f, 1.f);
+  HostT x(dt, B * L * C + x_offset, 5, 2.f), w(ANYFLOW_DTYPE_F32, C, 6, 0.5f, 1.f);
+  const size_t n = static_cast<size_t>(B * L * C);
   std::vector<float> cs(L * half), sn(L * half);
   for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < half; ++j) {
@@ -349,6 +396,7 @@ void gpu_rope(anyflow_dtype dt, bool norm, int64_t heads, int64_t dh) {
       sn[l * half + j] = static_cast<float>(std::sin(ang));
     }
   Dev dx = x.upload(), dw = w.upload(), dc(cs.size() * 4), ds(sn.size() * 4), out(x.bytes());
+  const float* xv = x.v.data() + x_offset;
   cudaMemcpy(dc.p, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(ds.p, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice);
   cudaMemset(out.p, 0xff, x.bytes());
@@ -358,7 +406,7 @@ void gpu_rope(anyflow_dtype dt, bool norm, int64_t heads, int64_t dh) {
   a.tokens = L;
   a.heads = heads;
   a.head_dim = dh;
-  a.x = dx.p;
+  a.x = static_cast<const char*>(dx.p) + x_offset * (dt == ANYFLOW_DTYPE_BF16 ? 2 : 4);
   a.x_stride_b = L * C;
   a.x_stride_l = C;
   a.x_stride_h = dh;
@@ -370,21 +418,21 @@ void gpu_rope(anyflow_dtype dt, bool norm, int64_t heads, int64_t dh) {
   a.eps = 1e-6f;
   const int rc = norm ? anyflow_qk_norm_rope(&a, nullptr) : anyflow_apply_rope(&a, nullptr);
   cudaDeviceSynchronize();
-  std::vector<double> ref(x.v.size());
+  std::vector<double> ref(n);
   for (int64_t row = 0; row < B * L; ++row) {
     const int64_t l = row % L;
     double ss = 0;
-    for (int64_t c = 0; c < C; ++c) ss += double(x.v[row * C + c]) * x.v[row * C + c];
+    for (int64_t c = 0; c < C; ++c) ss += double(xv[row * C + c]) * xv[row * C + c];
     const double r = norm ? 1.0 / std::sqrt(ss / C + 1e-6) : 1.0;
     for (int64_t c = 0; c < C; c += 2) {
-      const double re = x.v[row * C + c] * r * (norm ? w.v[c] : 1.f);
-      const double im = x.v[row * C + c + 1] * r * (norm ? w.v[c + 1] : 1.f);
+      const double re = xv[row * C + c] * r * (norm ? w.v[c] : 1.f);
+      const double im = xv[row * C + c + 1] * r * (norm ? w.v[c + 1] : 1.f);
       const int64_t j = (c % dh) / 2;
       ref[row * C + c] = re * cs[l * half + j] - im * sn[l * half + j];
       ref[row * C + c + 1] = re * sn[l * half + j] + im * cs[l * half + j];
     }
   }
-  check(rc == ANYFLOW_SUCCESS && close(download(out, dt, x.v.size()), ref, tol(dt), 1e-6, norm ? "qk" : "rope"),
+  check(rc == ANYFLOW_SUCCESS && close(download(out, dt, n), ref, tol(dt), 1e-6, norm ? "qk" : "rope"),
         norm ? "qk_norm_rope kernel matches the host reference" : "apply_rope kernel matches the host reference");
 }
 
@@ -509,9 +557,13 @@ void test_on_device() {
     gpu_residual_norm(dt, ANYFLOW_NORM_MODULATE, 64);
     gpu_residual_norm(dt, ANYFLOW_NORM_AFFINE, 1536);
     gpu_residual_norm(dt, ANYFLOW_NORM_MODULATE, 20);  // unaligned rows: scalar path
+    // 14B width, x not 16-byte aligned: vector-width chunks with scalar accesses (was UNSUPPORTED)
+    gpu_residual_norm(dt, ANYFLOW_NORM_MODULATE, 5120, 1);
     gpu_rope(dt, false, 3, 16);
     gpu_rope(dt, true, 12, 128);
     gpu_rope(dt, true, 3, 6);  // head dim not a multiple of the vector width
+    gpu_rope(dt, true, 80, 128, 1);  // 10240 channels, x not 16-byte aligned (was UNSUPPORTED)
+    gpu_rope(dt, false, 3, 16, 1);   // apply_rope, unaligned
     gpu_euler(dt);
     for (bool causal : {false, true}) {
       gpu_attention(dt, 40, ANYFLOW_ATTN_SIMT, causal);
