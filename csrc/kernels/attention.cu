@@ -59,48 +59,8 @@ __device__ __forceinline__ KV kv_segment(const anyflow_attention_args& a, int se
   return r;
 }
 
-// Walks the key tiles of a work item: range r, first key k0 of the tile.
-struct Cursor {
-  int r;
-  int32_t k0;
-};
-
-template <int BN>
-__device__ __forceinline__ void skip_empty(const AttnWork& w, Cursor& c) {
-  while (c.r < w.num_ranges && c.k0 >= w.k_end[c.r]) {
-    ++c.r;
-    if (c.r < w.num_ranges) c.k0 = w.k_start[c.r];
-  }
-}
-
-template <int BN>
-__device__ __forceinline__ Cursor first_tile(const AttnWork& w) {
-  Cursor c = {0, w.num_ranges > 0 ? w.k_start[0] : 0};
-  skip_empty<BN>(w, c);
-  return c;
-}
-
-template <int BN>
-__device__ __forceinline__ void next_tile(const AttnWork& w, Cursor& c) {
-  c.k0 += BN;
-  skip_empty<BN>(w, c);
-}
-
-template <int BN>
-__device__ __forceinline__ int count_tiles(const AttnWork& w) {
-  int n = 0;
-  for (int r = 0; r < w.num_ranges; ++r) n += static_cast<int>(ceil_div(w.k_end[r] - w.k_start[r], BN));
-  return n;
-}
-
-__device__ __forceinline__ int32_t range_end(const AttnWork& w, int r) {
-  int32_t e = 0;
-#pragma unroll
-  for (int i = 0; i < ANYFLOW_ATTN_MAX_RANGES; ++i) {
-    if (i == r) e = w.k_end[i];
-  }
-  return e;
-}
+// The key-tile walk of a work item (Cursor, first_tile, next_tile, count_tiles, range_end) is in
+// attention.h, shared with the host tests.
 
 // ---------------------------------------------------------------------------------------------------
 // SIMT path

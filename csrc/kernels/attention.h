@@ -237,4 +237,50 @@ ANYFLOW_UNROLL
   return w;
 }
 
+// Walk of the key tiles of a work item (the tensor-core path, which prefetches one tile ahead): range
+// r and first key k0 of the current tile, whose keys are [k0, min(k0 + BN, k_end[r])). Empty ranges
+// are skipped; past the last tile r == num_ranges.
+struct Cursor {
+  int r;
+  int32_t k0;
+};
+
+template <int BN>
+ANYFLOW_HOST_DEVICE void skip_empty(const AttnWork& w, Cursor& c) {
+  while (c.r < w.num_ranges && c.k0 >= w.k_end[c.r]) {
+    ++c.r;
+    if (c.r < w.num_ranges) c.k0 = w.k_start[c.r];
+  }
+}
+
+template <int BN>
+ANYFLOW_HOST_DEVICE Cursor first_tile(const AttnWork& w) {
+  Cursor c = {0, w.num_ranges > 0 ? w.k_start[0] : 0};
+  skip_empty<BN>(w, c);
+  return c;
+}
+
+template <int BN>
+ANYFLOW_HOST_DEVICE void next_tile(const AttnWork& w, Cursor& c) {
+  c.k0 += BN;
+  skip_empty<BN>(w, c);
+}
+
+template <int BN>
+ANYFLOW_HOST_DEVICE int count_tiles(const AttnWork& w) {
+  int n = 0;
+  for (int r = 0; r < w.num_ranges; ++r) n += static_cast<int>(ceil_div(w.k_end[r] - w.k_start[r], BN));
+  return n;
+}
+
+// w.k_end[r] with compile-time indices only (see attn_work).
+ANYFLOW_HOST_DEVICE int32_t range_end(const AttnWork& w, int r) {
+  int32_t e = 0;
+ANYFLOW_UNROLL
+  for (int i = 0; i < ANYFLOW_ATTN_MAX_RANGES; ++i) {
+    if (i == r) e = w.k_end[i];
+  }
+  return e;
+}
+
 }  // namespace anyflow

@@ -166,6 +166,76 @@ void test_segmented_plan() {
   check(anyflow_attn_plan_segmented(&p, &a, 64) == ANYFLOW_ERROR_INVALID_ARGUMENT, "0 segments: invalid");
 }
 
+// The key-tile walk of the tensor-core kernel (first_tile / next_tile with one tile of prefetch,
+// count_tiles, range_end): every tile of every work item, over plans with empty ranges, ranges that
+// start mid-tile and several ranges per group, visits exactly the group's keys, in range order, with
+// count_tiles tiles, each inside one range and at most BN keys.
+template <int BN>
+bool walk_covers(const anyflow_attn_plan& p) {
+  bool ok = true;
+  for (int32_t tile = 0; tile < p.num_tiles; ++tile) {
+    const anyflow::AttnWork w = anyflow::attn_work(p, tile);
+    std::vector<int32_t> want, got;
+    for (int r = 0; r < w.num_ranges; ++r)
+      for (int32_t k = w.k_start[r]; k < w.k_end[r]; ++k) want.push_back(k);
+    const int n = anyflow::count_tiles<BN>(w);
+    // The kernel's loop: load_cur runs one tile ahead of comp_cur.
+    anyflow::Cursor load = anyflow::first_tile<BN>(w), comp = load;
+    if (n > 0) anyflow::next_tile<BN>(w, load);
+    for (int it = 0; it < n; ++it) {
+      if (it + 1 < n) {
+        ok = ok && load.r < w.num_ranges && load.k0 < anyflow::range_end(w, load.r);
+        anyflow::next_tile<BN>(w, load);
+      }
+      ok = ok && comp.r < w.num_ranges && comp.k0 >= w.k_start[comp.r];
+      if (!ok) return false;
+      const int32_t end = anyflow::range_end(w, comp.r);
+      ok = ok && end == w.k_end[comp.r] && comp.k0 < end;
+      for (int32_t k = comp.k0; k < comp.k0 + BN && k < end; ++k) got.push_back(k);
+      anyflow::next_tile<BN>(w, comp);
+    }
+    ok = ok && comp.r == w.num_ranges && got == want;
+  }
+  return ok;
+}
+
+void test_tile_walk() {
+  anyflow_attn_plan p;
+  // FAR-like layout: context [0, 70), chunks of 18 tokens; each chunk sees the context, the chunks
+  // before it as two ranges, itself, and an empty range.
+  std::vector<int64_t> layout;
+  for (int64_t c = 0; c < 6; ++c) {
+    const int64_t qs = 70 + 18 * c, qe = qs + 18;
+    layout.insert(layout.end(), {qs, qe, 4, 0, 70, 70, qs, qs, qs, qs, qe});
+  }
+  layout.insert(layout.end(), {0, 70, 1, 0, 70});
+  bool ok = true;
+  for (int block_m : {16, 64}) {
+    ok = ok && anyflow_attn_plan_layout(&p, layout.data(), static_cast<int64_t>(layout.size()), 178, 178, block_m) ==
+                   ANYFLOW_SUCCESS;
+    ok = ok && walk_covers<64>(p) && walk_covers<32>(p);
+  }
+  // Ranges starting mid-tile and one of exactly 64 keys.
+  const int64_t mid[] = {0, 5, 3, 3, 67, 100, 164, 170, 171};
+  ok = ok && anyflow_attn_plan_layout(&p, mid, 9, 5, 200, 64) == ANYFLOW_SUCCESS && walk_covers<64>(p);
+  // Segmented: range r = segment r, empty segments kept.
+  anyflow_attention_args a = {};
+  a.dtype = ANYFLOW_DTYPE_BF16;
+  a.batch = a.heads = 1;
+  a.q_len = 70;
+  a.head_dim = 64;
+  int dummy = 0;
+  a.q = a.out = &dummy;
+  a.num_segments = 4;
+  const int64_t lens[] = {0, 24, 0, 129};
+  for (int s = 0; s < 4; ++s) {
+    a.segments[s].k = a.segments[s].v = &dummy;
+    a.segments[s].len = lens[s];
+  }
+  ok = ok && anyflow_attn_plan_segmented(&p, &a, 64) == ANYFLOW_SUCCESS && walk_covers<64>(p);
+  check(ok, "tile walk of the tensor-core kernel visits exactly each group's keys");
+}
+
 }  // namespace
 
 int main() {
@@ -173,5 +243,6 @@ int main() {
   test_segment_table();
   test_layout_plan();
   test_segmented_plan();
+  test_tile_walk();
   return test::finish();
 }
