@@ -467,7 +467,9 @@ def _device_table(flat, device):
 
 def _table(builder, groups, kv_len, block, ref):
     """(programs, ranges, num_programs) as int32 views of one device tensor, cached for real tensors."""
-    flat, n = builder(groups, kv_len, block)
+    # int(): under torch.compile with dynamic shapes kv_len is a SymInt, which the lru_caches cannot
+    # hash; the table needs the concrete length anyway (this specializes it, as the layout does).
+    flat, n = builder(groups, int(kv_len), int(block))
     # While tracing, a cached real tensor must not leak into the graph: build it under the trace's mode.
     t = torch.tensor(flat, dtype=torch.int32, device=ref.device) if _traced(ref) else _device_table(flat, ref.device)
     return t[: 4 * n], t[4 * n :], n

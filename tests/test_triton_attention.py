@@ -374,6 +374,59 @@ def test_gpu_registration_traces_into_the_kernels():
     _python_without_interpreter(_GPU_TRACE)
 
 
+_GPU_TRACE_DYNAMIC = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._dynamo.backends.common import aot_autograd
+from anyflow import ops
+from anyflow.ops import _triton_attention as ta
+
+
+class TargetOnly:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+class Traced(Exception):
+    pass
+
+
+def stub(gm, example_inputs):  # tracing is the point; nothing can launch without a GPU
+    def run(*args):
+        raise Traced
+    return run
+
+
+triton.runtime.driver.set_active(TargetOnly())
+assert ta._TRITON_OP
+
+
+def loss(q, k, v, layout):
+    out, lse = ta.chunk_causal_op(q, k, v, ta.encode_layout(layout), 0.125)
+    return out.float().sum() + lse.sum()
+
+
+for dynamic in (True, None):  # SymInt sizes and layout ints; automatic dynamic after a new shape
+    torch._dynamo.reset()
+    f = torch.compile(loss, backend=aot_autograd(fw_compiler=stub, bw_compiler=stub), dynamic=dynamic,
+                      fullgraph=True)
+    for sizes in ([3, 5], [4, 6, 2]):
+        layout = ops.chunk_causal_layout(sizes)
+        q = torch.randn(1, 2, layout.q_len, 16, dtype=torch.bfloat16, requires_grad=True)
+        try:
+            f(q, q, q, layout)
+            raise AssertionError("the stub compiler did not run")
+        except Traced:
+            pass
+"""
+
+
+def test_gpu_registration_traces_with_dynamic_shapes():
+    # torch.compile marks sizes (and the layout ints) dynamic after a shape change: the triton_op
+    # bodies then see SymInts, which the cached layout decode / program tables must not hash.
+    _python_without_interpreter(_GPU_TRACE_DYNAMIC)
+
+
 # ------------------------------------------------------------------------------------------------
 # what the backend declines
 # ------------------------------------------------------------------------------------------------

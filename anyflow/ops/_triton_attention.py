@@ -70,10 +70,18 @@ def encode_layout(layout) -> list[int]:
     return flat
 
 
+def decode_layout(flat) -> tuple[int, int, tuple]:
+    """Inverse of :func:`encode_layout`: ``(q_len, kv_len, groups)`` with hashable ``groups``.
+
+    Under torch.compile with dynamic shapes the values arrive as SymInts (unhashable): ``int()``
+    specializes them (the program tables need concrete values anyway) before the cached decode.
+    """
+    return _decode_layout(tuple(int(x) for x in flat))
+
+
 @functools.lru_cache(maxsize=256)
-def decode_layout(flat: tuple) -> tuple[int, int, tuple]:
-    """Inverse of :func:`encode_layout`: ``(q_len, kv_len, groups)`` with hashable ``groups``."""
-    flat = [int(x) for x in flat]
+def _decode_layout(flat: tuple) -> tuple[int, int, tuple]:
+    flat = list(flat)
     q_len, kv_len, n = flat[:3]
     groups, i = [], 3
     for _ in range(n):
@@ -108,7 +116,7 @@ def _chunk_body(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: list[int], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _alloc_fwd(q)
-    _kernels().chunk_causal_fwd(q, k, v, decode_layout(tuple(layout))[2], scale, out=out, lse=lse)
+    _kernels().chunk_causal_fwd(q, k, v, decode_layout(layout)[2], scale, out=out, lse=lse)
     return out, lse
 
 
@@ -123,7 +131,7 @@ def _chunk_bwd_body(
     if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum(); the kernels need a unit D stride
         dout = dout.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _kernels().chunk_causal_bwd(q, k, v, out, lse, dout, dlse, decode_layout(tuple(layout))[2], scale,
+    _kernels().chunk_causal_bwd(q, k, v, out, lse, dout, dlse, decode_layout(layout)[2], scale,
                                 dq=dq, dk=dk, dv=dv)
     return dq, dk, dv
 
