@@ -55,10 +55,18 @@ def _rope_kernel(
 
 
 @triton.jit
+def _pair_channels(q):
+    # [1, BLOCK_Q, 2] channel of each (pair, re/im). Computed apart from the load: torch's TTIR mutation
+    # analysis marks every argument of a helper whose result feeds a store pointer as written, so
+    # returning it from _load_pairs made torch.compile treat x as mutated (and clone it every call).
+    return 2 * q[None, :, None] + tl.arange(0, 2)[None, None, :]
+
+
+@triton.jit
 def _load_pairs(x_ptr, b, l, q, sxb, sxl, pmask):
-    chan = 2 * q[None, :, None] + tl.arange(0, 2)[None, None, :]
+    chan = _pair_channels(q)
     x = tl.load(x_ptr + (b * sxb + l * sxl)[:, None, None] + chan, mask=pmask[:, :, None], other=0.0)
-    return x.to(tl.float32), chan
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -91,21 +99,23 @@ def _qk_norm_rope_kernel(
         q = tl.arange(0, BLOCK_Q)
         qmask = q < Q
         pmask = rmask[:, None] & qmask[None, :]
-        x, chan = _load_pairs(x_ptr, b, l, q, sxb, sxl, pmask)
+        x = _load_pairs(x_ptr, b, l, q, sxb, sxl, pmask)
+        chan = _pair_channels(q)
         rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / C + eps)
         _norm_rotate_store(x, chan, rstd, w_ptr, cos_ptr, sin_ptr, o_ptr, rows, l, q, qmask, pmask, C, P)
     else:
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         for q0 in range(0, Q, BLOCK_Q):
             q = q0 + tl.arange(0, BLOCK_Q)
-            x, chan = _load_pairs(x_ptr, b, l, q, sxb, sxl, rmask[:, None] & (q < Q)[None, :])
+            x = _load_pairs(x_ptr, b, l, q, sxb, sxl, rmask[:, None] & (q < Q)[None, :])
             ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
         rstd = tl.math.rsqrt(ss / C + eps)
         for q0 in range(0, Q, BLOCK_Q):
             q = q0 + tl.arange(0, BLOCK_Q)
             qmask = q < Q
             pmask = rmask[:, None] & qmask[None, :]
-            x, chan = _load_pairs(x_ptr, b, l, q, sxb, sxl, pmask)
+            x = _load_pairs(x_ptr, b, l, q, sxb, sxl, pmask)
+            chan = _pair_channels(q)
             _norm_rotate_store(x, chan, rstd, w_ptr, cos_ptr, sin_ptr, o_ptr, rows, l, q, qmask, pmask, C, P)
 
 

@@ -413,6 +413,61 @@ def test_registration_imports_without_triton():
     assert res.returncode == 0, res.stderr
 
 
+_GPU_TRACE = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._functorch.aot_autograd import aot_export_joint_simple
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+
+class TargetOnly:  # torch's TTIR mutation analysis only asks the driver for the compile target
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(TargetOnly())
+from anyflow.kernels import conditioning as C, euler as E, rope as R
+
+bf = torch.bfloat16
+segs = ((2, 4),)
+
+
+def f(x, m, cs):
+    z = x.view(1, 2, 4, 8, 8)
+    outs = C.residual_norm(x, x, m[:, :, 2], segs, 1e-6, m[:, :, 0], m[:, :, 1], None, None) + (
+        C.adaln_modulate(x, m[:, :, 0], m[:, :, 1], segs, 1e-6),
+        C.gated_residual(x, x, m[:, :, 2], segs),
+        R.qk_norm_rope(x, torch.ones(64, dtype=bf), 1e-6, cs, cs, 4),
+        R.apply_rope(x.view(1, 8, 4, 16), cs, cs),
+        E.euler_shortcut(z, z, m[:, :, 0, 0], 1.0, 0),
+    )
+    return tuple(o.float().sum() for o in outs)
+
+
+gm = aot_export_joint_simple(f, [torch.randn(1, 8, 64, dtype=bf), torch.randn(1, 2, 6, 64), torch.randn(8, 8)],
+                             trace_joint=False)
+cloned = {}
+for node in gm.graph.nodes:
+    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        cloned.setdefault(name, set()).update(node.kwargs["tensors_to_clone"])
+print(cloned)
+assert set(cloned) == {"_residual_ln_kernel", "_qk_norm_rope_kernel", "_rope_kernel", "_euler_kernel"}, cloned
+for name, tensors in cloned.items():
+    assert tensors <= {"xo_ptr", "ho_ptr", "o_ptr"}, f"{name}: torch treats inputs as written: {tensors}"
+"""
+
+
+def test_gpu_trace_clones_only_outputs():
+    """Without the interpreter the ops are triton_ops: torch's TTIR mutation analysis decides which
+    arguments a kernel writes, and torch.compile clones those before every call. Only the outputs may
+    be among them (an input whose loaded values feed a store pointer through a helper counted as
+    written, so torch.compile copied it each call). Tracing needs only a compile target, no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _GPU_TRACE], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.gpu
 def test_compile_fullgraph_gpu():
     """On GPU the ops are triton_ops: torch.compile traces into the kernels without graph breaks."""
