@@ -22,10 +22,13 @@ from anyflow.testing.tolerances import assert_kernel_close  # noqa: E402
 K = pytest.importorskip("anyflow.kernels.attention")
 
 B, H = 1, 2
+# With a GPU the kernels run compiled on it (conftest sets TRITON_INTERPRET=1 only without one, and
+# outside the interpreter the backend takes CUDA tensors only); the program-table tests stay on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def _layouts():
@@ -163,7 +166,7 @@ def test_segmented_attention_head_dim_128(dtype):
 def test_segmented_attention_writes_every_output_element():
     q, keys, values = _segments("separate", 12)
     out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:3], float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device=q.device)
     K.segmented_attention_fwd(q, keys, values, 0.3, out=out, lse=lse)
     ref, ref_lse = ops.segmented_attention(q, keys, values, scale=0.3, return_lse=True, backend="torch")
     assert_kernel_close(out, ref)
@@ -201,7 +204,7 @@ def test_chunk_causal_fwd_writes_every_output_element(block_m):
     layout = GAP_LAYOUT
     q, k, v = _qkv(layout, 12, seed=5)
     out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:3], float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device=q.device)
     K.chunk_causal_fwd(q, k, v, layout.groups, 0.25, out=out, lse=lse, block_m=block_m)
     ref, ref_lse = ops.chunk_causal_attention(q, k, v, layout, scale=0.25, return_lse=True, backend="torch")
     assert_kernel_close(out, ref)
@@ -213,7 +216,7 @@ def test_chunk_causal_attention_overlapping_ranges_mean_their_union():
     # layouts built by chunk_causal_layout never overlap) - compare with the dense mask instead
     layout = OVERLAP_LAYOUT
     q, k, v = _qkv(layout, 12, seed=4)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask())
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device))
     assert_kernel_close(ops.chunk_causal_attention(q, k, v, layout, backend="triton"), ref)
 
 

@@ -485,4 +485,6 @@ def test_compile_fullgraph_gpu():
         got = torch.compile(f, fullgraph=True)(x, y, gt, sh, sc)
     finally:
         torch._dynamo.config.error_on_recompile = False
-    torch.testing.assert_close(got, f(x, y, gt, sh, sc), rtol=0, atol=0)
+    # Not bitwise: Inductor autotunes the kernels' num_warps on its own and may pick another config
+    # than the eager autotuner, which changes the order of the LayerNorm sums (a bf16 ulp here and there).
+    torch.testing.assert_close(got, f(x, y, gt, sh, sc))
