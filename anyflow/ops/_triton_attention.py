@@ -13,7 +13,8 @@ The kernels live in :mod:`anyflow.kernels.attention`, imported lazily so that th
 
 The :class:`~anyflow.ops.AttentionLayout` travels as a flat list of ints (:func:`encode_layout`), which
 is what an op schema can carry (``SymInt[]``: torch infers that from ``list[int]``, for ``triton_op``
-too; the values are plain Python ints from the layout); the kernels' program tables are built from it
+too; the values are plain Python ints from the layout, but torch.compile with dynamic shapes hands the
+bodies SymInts, which :func:`decode_layout` specializes); the kernels' program tables are built from it
 and cached per (layout, block size, device).
 
 On a GPU the ops are ``torch.library.triton_op`` s, so Inductor traces into the kernels. Under the
