@@ -18,6 +18,7 @@ from anyflow import ops  # noqa: E402
 from anyflow.ops import _triton_attention as ta  # noqa: E402  (registers the "triton" backend)
 from anyflow.ops.attention import AttentionLayout  # noqa: E402
 from anyflow.testing.tolerances import assert_kernel_close  # noqa: E402
+from anyflow.testing.triton_compile import COMPILE_ONLY_SM90  # noqa: E402
 
 K = pytest.importorskip("anyflow.kernels.attention")
 
@@ -430,39 +431,7 @@ def test_gpu_registration_traces_with_dynamic_shapes():
     _python_without_interpreter(_GPU_TRACE_DYNAMIC)
 
 
-_SM90_COMPILE = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-
-
-class CompileOnly:  # Triton lowers to PTX and runs its bundled ptxas; nothing is launched
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-driver.set_active(CompileOnly())
-launches = []
-
-
-class Record:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
-torch.library.wrap_triton = Record
+_SM90_COMPILE = COMPILE_ONLY_SM90 + """
 from anyflow.kernels import attention as A
 
 MAX_SHARED = 232448  # H100 / H200 opt-in shared memory per block

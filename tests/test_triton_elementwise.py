@@ -20,6 +20,7 @@ import importlib  # noqa: E402
 from anyflow import ops  # noqa: E402
 from anyflow.ops import registry  # noqa: E402
 from anyflow.testing.tolerances import assert_kernel_close  # noqa: E402
+from anyflow.testing.triton_compile import COMPILE_ONLY_SM90  # noqa: E402
 
 if registry.backend_reason("triton") is not None:
     pytest.skip(f"triton backend unavailable: {registry.backend_reason('triton')}", allow_module_level=True)
@@ -468,39 +469,7 @@ def test_gpu_trace_clones_only_outputs():
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-_SM90_COMPILE = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-
-
-class CompileOnly:  # Triton lowers to PTX and runs its bundled ptxas; nothing is launched
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-driver.set_active(CompileOnly())
-launches = []
-
-
-class Record:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
-torch.library.wrap_triton = Record
+_SM90_COMPILE = COMPILE_ONLY_SM90 + """
 from anyflow.kernels import conditioning as C, euler as E, rope as R
 
 bf = torch.bfloat16
