@@ -434,9 +434,6 @@ def test_gpu_registration_traces_with_dynamic_shapes():
 _SM90_COMPILE = COMPILE_ONLY_SM90 + """
 from anyflow.kernels import attention as A
 
-MAX_SHARED = 232448  # H100 / H200 opt-in shared memory per block
-
-
 def launch_all(dtype, d, block_m=None, block_n=None):
     # Wan-like shapes: [B, L, H, D] buffers viewed as [B, H, L, D], a KV-cache view plus a chunk
     B, H, L = 2, 40, 1560
@@ -449,23 +446,9 @@ def launch_all(dtype, d, block_m=None, block_n=None):
 
 
 def compile_all(every_config):
-    for kernel, args, kwargs in launches:
-        fn = kernel
-        while not isinstance(fn, triton.runtime.jit.JITFunction):
-            fn = fn.fn
-        configs = getattr(kernel, "configs", None)
-        if not configs:
-            configs = [triton.Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))]
-        if not every_config:
-            configs = configs[-1:]
-        fits = []
-        for c in configs:
-            k = fn.run(*args, grid=(1,), warmup=True, num_warps=c.num_warps, num_stages=c.num_stages,
-                       **kwargs, **c.kwargs)
-            fits.append(k.metadata.shared <= MAX_SHARED)
-        assert any(fits), f"{fn.__name__}: no autotune config fits in shared memory"
-        print(fn.__name__, fits)
-    launches.clear()
+    for name, fits in compile_launches(every_config):
+        assert any(fits), f"{name}: no autotune config fits in shared memory"
+        print(name, fits)
 
 
 launch_all(torch.bfloat16, 128)  # production: every config compiles, one at least fits

@@ -4,7 +4,7 @@
 it installs a stand-in Triton driver that reports an sm_90 target, so Triton lowers each kernel to PTX and
 runs its bundled ``ptxas`` while nothing is launched, and replaces ``torch.library.wrap_triton`` by a recorder:
 ``kernel[grid](*args, **kwargs)`` appends ``(kernel, args, kwargs)`` to ``launches``. The script then calls
-the op wrappers on CPU tensors and compiles every recorded launch (``kernel.run(..., warmup=True)``).
+the op wrappers on CPU tensors and compiles every recorded launch with ``compile_launches()``.
 This catches what the interpreter does not check: ``tl.dot`` shapes, constexpr and loop-carried types,
 shared memory and register limits.
 """
@@ -42,4 +42,28 @@ class Record:
 
 
 torch.library.wrap_triton = Record
+MAX_SHARED = 232448  # H100 / H200 opt-in shared memory per block
+
+
+def compile_launches(every_config=True):
+    """Compile the recorded launches (each autotune config, or only the last); returns
+    ``[(kernel name, [fits in shared memory, per config])]`` and clears ``launches``."""
+    out = []
+    for kernel, args, kwargs in launches:
+        fn = kernel
+        while not isinstance(fn, triton.runtime.jit.JITFunction):
+            fn = fn.fn
+        configs = getattr(kernel, "configs", None)
+        if not configs:
+            configs = [triton.Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))]
+        if not every_config:
+            configs = configs[-1:]
+        fits = []
+        for c in configs:
+            k = fn.run(*args, grid=(1,), warmup=True, num_warps=c.num_warps, num_stages=c.num_stages,
+                       **kwargs, **c.kwargs)
+            fits.append(k.metadata.shared <= MAX_SHARED)
+        out.append((fn.__name__, fits))
+    launches.clear()
+    return out
 '''
