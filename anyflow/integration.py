@@ -15,6 +15,7 @@ diffusers 0.42.1's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,10 +87,17 @@ def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
 # ----------------------------------------------------------------------------------------------
 # transformer forwards (same signatures as diffusers 0.42)
 # ----------------------------------------------------------------------------------------------
-def _lora_scaled(fn):
+def _enabled_forward(fn):
+    """``fn`` as an enabled ``forward``: the LoRA scale from ``attention_kwargs`` (diffusers' decorator) and
+    the instance's SDPA policy (``enable(..., attention=...)``) around the call."""
     from diffusers.utils import apply_lora_scale
 
-    return apply_lora_scale("attention_kwargs")(fn)
+    @functools.wraps(fn)
+    def forward(self, *args, **kwargs):
+        with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
+            return fn(self, *args, **kwargs)
+
+    return apply_lora_scale("attention_kwargs")(forward)
 
 
 def _bidirectional_forward(
@@ -105,11 +113,10 @@ def _bidirectional_forward(
     """``AnyFlowTransformer3DModel.forward`` through anyflow's op layer (same arguments and outputs)."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
-        out = fused.bidirectional_forward(
-            self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
-            backend=self._anyflow_backend,
-        )
+    out = fused.bidirectional_forward(
+        self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
+        backend=self._anyflow_backend,
+    )
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -137,14 +144,6 @@ def _far_forward(
     semantics (no zero keys, see the module docstring). The KV cache dicts keep diffusers' format
     (post-norm, pre-RoPE keys) so both implementations can share a cache.
     """
-    with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
-        return _far_paths(self, hidden_states, timestep, r_timestep, encoder_hidden_states, chunk_partition,
-                          encoder_hidden_states_image, clean_hidden_states, clean_timestep, kv_cache, kv_cache_flag,
-                          return_dict)
-
-
-def _far_paths(self, hidden_states, timestep, r_timestep, encoder_hidden_states, chunk_partition,
-               encoder_hidden_states_image, clean_hidden_states, clean_timestep, kv_cache, kv_cache_flag, return_dict):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     from diffusers.models.transformers.transformer_anyflow_far import AnyFlowFARTransformerOutput
 
@@ -246,17 +245,17 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
     if is_pipe:
         from .samplers import pipelines
     if isinstance(obj, AnyFlowFARPipeline):
-        _swap_model(obj.transformer, {"forward": _lora_scaled(_far_forward)}, settings, handle)
+        _swap_model(obj.transformer, {"forward": _enabled_forward(_far_forward)}, settings, handle)
         _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream},
               dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)), handle)
     elif isinstance(obj, AnyFlowPipeline):
-        _swap_model(obj.transformer, {"forward": _lora_scaled(_bidirectional_forward)}, settings, handle)
+        _swap_model(obj.transformer, {"forward": _enabled_forward(_bidirectional_forward)}, settings, handle)
         _swap(obj, {"__call__": pipelines.bidirectional_call}, dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)),
               handle)
     elif isinstance(obj, AnyFlowFARTransformer3DModel):
-        _swap_model(obj, {"forward": _lora_scaled(_far_forward)}, settings, handle)
+        _swap_model(obj, {"forward": _enabled_forward(_far_forward)}, settings, handle)
     elif isinstance(obj, AnyFlowTransformer3DModel):
-        _swap_model(obj, {"forward": _lora_scaled(_bidirectional_forward)}, settings, handle)
+        _swap_model(obj, {"forward": _enabled_forward(_bidirectional_forward)}, settings, handle)
     else:
         raise TypeError(
             "anyflow.enable expects a diffusers AnyFlowPipeline, AnyFlowFARPipeline, AnyFlowTransformer3DModel or "
