@@ -26,6 +26,8 @@ STUDENT_LORA_TARGETS = TEACHER_LORA_TARGETS + (
 FAR_CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
 
 PHASES = ("teacher", "pretrain", "onpolicy", "consistency")
+#: Distributions of the teacher phase's t (:func:`anyflow.training.flowmap.sample_teacher_timesteps`).
+TEACHER_TIMESTEPS = ("logit_normal", "uniform")
 MODEL_KINDS = ("bidirectional", "far")
 WEIGHT_TYPES = ("beta08", "gaussian", "uniform")
 DERIVATIVES = ("fd", "jvp")
@@ -267,7 +269,7 @@ def _check(cond: bool, name: str, expected: str, got) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` for out-of-range values (called on construction)."""
     _check(cfg.phase in PHASES, "phase", f"one of {PHASES}", cfg.phase)
-    _check(cfg.teacher_timesteps in ("logit_normal", "uniform"), "teacher_timesteps", "'logit_normal' or 'uniform'",
+    _check(cfg.teacher_timesteps in TEACHER_TIMESTEPS, "teacher_timesteps", f"one of {TEACHER_TIMESTEPS}",
            cfg.teacher_timesteps)
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"one of {MODEL_KINDS}", cfg.model.kind)
     _check(cfg.model.arch is None or isinstance(cfg.model.arch, dict), "model.arch", "a mapping of transformer "

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..models import fused
-from .config import FARConfig, FlowMapConfig
+from .config import TEACHER_TIMESTEPS, FARConfig, FlowMapConfig
 
 KIND_DIFFUSION, KIND_CONSISTENCY, KIND_FREE = 0, 1, 2
 KIND_NAMES = ("diffusion", "consistency", "free")
@@ -173,10 +173,6 @@ def sample_time_pairs(
 def sample_logit_normal(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """``[B]`` fp32 t = 1000 shift(sigmoid(n)), n ~ N(0, 1) (teacher / critic / bidirectional modeling)."""
     return shift_sigma(torch.sigmoid(torch.randn(batch, generator=generator)), shift) * 1000
-
-
-#: Distributions of the teacher phase's t (:func:`sample_teacher_timesteps`).
-TEACHER_TIMESTEPS = ("logit_normal", "uniform")
 
 
 def sample_teacher_timesteps(batch: int, shift: float, generator: torch.Generator,

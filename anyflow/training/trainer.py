@@ -268,12 +268,12 @@ class Trainer:
         keys = [k for k in GLOBAL_LOSSES if k in record]  # the same keys on every process (global coins)
         if not keys:
             return
-        device = next(self.model.parameters()).device
-        values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=device)
-        for k, v in zip(keys, (self.all_reduce(values) / self.world_size).tolist()):
+        values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+        for k, v in zip(keys, (self._all_reduce_on_device(values) / self.world_size).tolist()):
             record[k] = v
 
     def _all_reduce_on_device(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` over processes on the model's device (NCCL needs CUDA tensors); back on the CPU."""
         device = next(self.model.parameters()).device
         return self.all_reduce(values.to(device)).cpu()
 
