@@ -69,7 +69,7 @@ def sample(
     if noise.ndim != 5:
         raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")
     dtype = model.dtype
-    z = noise.float().clone()
+    z = noise.to(torch.float32, copy=True)
     b, f = z.shape[:2]
     n_ctx = 0
     ctx = None
