@@ -140,6 +140,23 @@ def provenance(meta: dict) -> str:
             f"driver {meta['driver']}")
 
 
+def failure_reason(exc: Exception) -> str:
+    """``Type: first line of the message`` (at most 300 characters) for a result row that failed."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def add_speedups(rows: list[dict], name_key: str, base_name: str, field: str) -> None:
+    """``row[field] = base video_ms / row video_ms`` for every ok row, the base being the ok row whose
+    ``name_key`` is ``base_name`` (nothing when it is missing or failed)."""
+    base = next((r for r in rows if r[name_key] == base_name and r["status"] == "ok"), None)
+    if base is None:
+        return
+    for r in rows:
+        if r["status"] == "ok":
+            r[field] = base["video_ms"] / r["video_ms"]
+
+
 def command_line(prog: str, argv) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
 

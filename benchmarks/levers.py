@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from anyflow.testing.tolerances import rel_l2
+
 from . import common, nfe
 
 LEVERS = {
@@ -190,15 +192,12 @@ def run(args, command: str) -> dict:
             row["nfe"] = count
             row["peak_mem_gib"] = common.peak_memory_gib(device)
             if reference is None:
-                reference = out.float()
+                reference = out
             row["rel_l2_vs_first"] = rel_l2(out, reference)
         except Exception as exc:  # noqa: BLE001 - one failing lever must not stop the others
-            row.update(status="failed", reason=_reason(exc))
+            row.update(status="failed", reason=common.failure_reason(exc))
         record["levers"].append(row)
-        base = next((r for r in record["levers"] if r["lever"] == "baseline" and r["status"] == "ok"), None)
-        for r in record["levers"]:
-            if base is not None and r["status"] == "ok":
-                r["speedup_vs_baseline"] = base["video_ms"] / r["video_ms"]
+        common.add_speedups(record["levers"], "lever", "baseline", "speedup_vs_baseline")
         save()
 
     if pipeline_names:
@@ -257,25 +256,13 @@ def time_pipelines(model, args, latent, cp, text_raw, device, names, record, sav
             elif reference is not None:
                 row["rel_l2_vs_diffusers"] = rel_l2(out, reference)
         except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
-            row.update(status="failed", reason=_reason(exc))
+            row.update(status="failed", reason=common.failure_reason(exc))
         finally:
             if handle is not None:
                 handle.disable()
         record["pipelines"].append(row)
-        base = next((r for r in record["pipelines"] if r["pipeline"] == "diffusers" and r["status"] == "ok"), None)
-        for r in record["pipelines"]:
-            if base is not None and r["status"] == "ok":
-                r["speedup_vs_diffusers"] = base["video_ms"] / r["video_ms"]
+        common.add_speedups(record["pipelines"], "pipeline", "diffusers", "speedup_vs_diffusers")
         save()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
 def markdown(rec: dict) -> str:

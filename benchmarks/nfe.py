@@ -282,7 +282,7 @@ def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: fl
         row.update(status="skipped", reason=str(exc)[:300], workloads=[])
         return row
     except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
-        row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+        row.update(status="failed", reason=common.failure_reason(exc),
                    workloads=[])
         return row
     row["peak_mem_gib"] = common.peak_memory_gib(device)
