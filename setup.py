@@ -214,10 +214,7 @@ ext_modules, cmdclass = _extensions_and_cmdclass()
 
 setup(
     version=_read_version(),
-    packages=find_packages(include=["anyflow", "anyflow.*"])
-    + ["anyflow.kernels"]
-    + [f"anyflow.kernels.{p}" for p in find_packages(where="kernels")],
-    package_dir={"anyflow.kernels": "kernels"},
+    packages=find_packages(include=["anyflow", "anyflow.*"]),
     # the shipped default model (anyflow.default_model)
     package_data={"anyflow": ["assets/*/*.json", "assets/*/*/*.json", "assets/*/*/*.safetensors"]},
     ext_modules=ext_modules,
