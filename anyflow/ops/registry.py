@@ -7,29 +7,65 @@ callable that receives the call's tensors and returns a reason string when it ca
 (device, dtype, head dim, ...).
 
 Selection: an explicit backend name must work or a :class:`BackendUnavailableError` lists why not.
-``"auto"`` walks :data:`AUTO_PRIORITY` for the device of the call and takes the first that can run; the
-environment variable ``ANYFLOW_BACKEND`` replaces ``"auto"`` by a fixed name.
+``"auto"`` walks the priority list of the call's device (:func:`auto_priority`: a kernel only where the
+committed GPU results of :mod:`anyflow.ops.measured` show it correct and faster on that architecture, then
+the PyTorch path) and takes the first that can run; the environment variable ``ANYFLOW_BACKEND``
+replaces ``"auto"`` by a fixed name.
+
+Run-time failures (a Triton compile or out-of-resources error, a CUDA error, a shape found unsupported
+only at launch): a backend chosen by name raises :class:`KernelRuntimeError` naming the op, the backend,
+the shapes and the reason; under ``"auto"`` the call falls back to the next backend (in the end the
+PyTorch path) with one warning, and that (op, backend, shapes) is not tried again in this process.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 BACKENDS = ("torch", "triton", "cuda")
 
-#: Order in which ``"auto"`` tries the backends, per device type. On CPU only the PyTorch path is
-#: worth running: the Triton interpreter and the C++ CPU twins exist for testing, not for speed.
-#: On CUDA, "auto" stays on the PyTorch path until ``benchmarks/kernels.py`` has checked the Triton and
-#: CUDA kernels on a GPU and shown where they win; they are used today when asked for by name
-#: (``backend="triton"`` / ``"cuda"`` or ``ANYFLOW_BACKEND``).
-AUTO_PRIORITY = {"cuda": ("torch",), "cpu": ("torch",)}
-
 
 class BackendUnavailableError(RuntimeError):
     """Raised when the requested backend (or every backend, for ``"auto"``) cannot run a call."""
+
+
+class KernelRuntimeError(RuntimeError):
+    """A backend asked for by name accepted a call and then failed running it (compile error, out of
+    resources, CUDA error, ...). The message names the op, the backend, the shapes and the reason; the
+    original exception is the ``__cause__``."""
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def auto_priority(op: str, device_type: str, device_index: Optional[int] = None) -> tuple:
+    """Backends ``"auto"`` tries for ``op`` on a device, in order.
+
+    On CPU only the PyTorch path (the Triton interpreter and the C++ CPU twins exist for testing, not for
+    speed). On a CUDA device of architecture ``sm_XY``: the backend that :data:`anyflow.ops.measured.AUTO_KERNELS`
+    lists for (``sm_XY``, ``op``), i.e. one that the committed GPU results show correct and faster than the
+    PyTorch path at every measured shape, then the PyTorch path.
+    """
+    if device_type != "cuda":
+        return ("torch",)
+    from .measured import AUTO_KERNELS
+
+    try:
+        arch = _arch(device_index if device_index is not None else 0)
+    except Exception:  # noqa: BLE001 - no usable device: nothing measured applies
+        return ("torch",)
+    kernel = AUTO_KERNELS.get(arch, {}).get(op)
+    return (kernel, "torch") if kernel and kernel != "torch" else ("torch",)
 
 
 @dataclass(frozen=True)
@@ -165,6 +201,43 @@ def requested_backend(backend) -> "str | tuple":
     return backend
 
 
+def _tensors(args):
+    import torch
+
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+def _shapes(args) -> str:
+    """``"[1, 4680, 1536] bfloat16, ..."`` of a call's tensors (nested lists included), for messages and keys."""
+    text = ", ".join(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in _tensors(args))
+    return text[:400]
+
+
+#: (op, backend, shapes) that failed at run time under "auto": skipped from then on in this process
+_FAILED: set = set()
+
+
+def _compiling() -> bool:
+    import torch
+
+    return bool(torch.compiler.is_compiling())
+
+
+def _run(impl: Implementation, args, kwargs):
+    """Call a named backend; a failure becomes a :class:`KernelRuntimeError` naming op, backend and shapes."""
+    if impl.backend == "torch" or _compiling():
+        return impl.fn(*args, **kwargs)
+    try:
+        return impl.fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any kernel failure is reported with its context
+        raise KernelRuntimeError(f"anyflow.ops.{impl.op}: backend {impl.backend!r} failed at run time on "
+                                 f"[{_shapes(args)}]: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+
+
 def dispatch(op: str, backend: Optional[str], device_type: str, *args, **kwargs):
     """Run ``op`` on the selected backend. ``device_type`` is the device of the call's tensors."""
     impls = _IMPLS.get(op, {})
@@ -176,17 +249,35 @@ def dispatch(op: str, backend: Optional[str], device_type: str, *args, **kwargs)
         reason = _impl_reason(impl, backend, args, kwargs)
         if reason is not None:
             raise BackendUnavailableError(f"anyflow.ops.{op}: backend {backend!r} cannot run this call: {reason}")
-        return impl.fn(*args, **kwargs)
-    return _first_runnable(op, impls, AUTO_PRIORITY.get(device_type, ("torch",)), args, kwargs)
+        return _run(impl, args, kwargs)
+    index = None
+    if device_type == "cuda":
+        first = next(_tensors(args), None)
+        index = first.device.index if first is not None else None
+    return _first_runnable(op, impls, auto_priority(op, device_type, index), args, kwargs, fallback=True)
 
 
-def _first_runnable(op, impls, names, args, kwargs):
+def _first_runnable(op, impls, names, args, kwargs, fallback: bool = False):
+    """The first backend of ``names`` that can run the call. With ``fallback`` (``"auto"``) a backend that
+    fails at run time is reported once (a warning) and the next one runs; otherwise the failure raises."""
     reasons = []
+    key = None
     for name in names:
         impl = impls.get(name)
         reason = _impl_reason(impl, name, args, kwargs)
+        if reason is None and fallback and name != "torch":
+            key = key or (op, _shapes(args))
+            if (name,) + key in _FAILED:
+                reason = "failed at run time on these shapes earlier in this process"
         if reason is None:
-            return impl.fn(*args, **kwargs)
+            if not fallback or name == "torch":
+                return _run(impl, args, kwargs)
+            try:
+                return _run(impl, args, kwargs)
+            except KernelRuntimeError as exc:
+                _FAILED.add((name,) + key)
+                warnings.warn(f"{exc}; falling back to the next backend for these shapes", RuntimeWarning, stacklevel=3)
+                reason = "failed at run time"
         reasons.append(f"{name}: {reason}")
     raise BackendUnavailableError(f"anyflow.ops.{op}: no backend can run this call ({'; '.join(reasons)})")
 
@@ -203,7 +294,7 @@ def report(device_type: str = "cuda") -> list[dict]:
             impl = _IMPLS[op].get(backend)
             reason = "no implementation registered" if impl is None else backend_reason(backend)
             rows.append({"op": op, "backend": backend, "available": reason is None, "reason": reason})
-        for name in AUTO_PRIORITY.get(device_type, ()):
+        for name in auto_priority(op, device_type):
             if _IMPLS[op].get(name) is not None and backend_reason(name) is None:
                 auto_choice = name
                 break
