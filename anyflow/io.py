@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -291,19 +292,42 @@ def frame_strip(videos, labels, columns: int = 6, gap: int = 2):
     return out
 
 
+def _create_sibling(path: Path, suffix: str) -> str:
+    """Create an empty, uniquely named file next to ``path`` and return its name.
+
+    Opened with ``O_CREAT | O_EXCL`` and mode ``0o666``, so the kernel applies the user's umask (and a
+    directory's default ACL) exactly as for any other new file; ``tempfile.mkstemp`` would force ``0600``
+    onto the final output. When ``path`` already exists, its permission bits are kept instead, as an
+    in-place overwrite would keep them.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        return str(tmp)
+    raise FileExistsError(f"{path.parent}: could not create a unique temporary file for {path.name}")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str | None = None):
     """Write a file atomically: yield a temporary path in ``path``'s folder, then fsync it and
     ``os.replace`` it onto ``path``. On any exception (KeyboardInterrupt included) the temporary file is
     removed and an existing ``path`` is left untouched.
 
+    The result has the permissions of any new file (``0o666`` minus the umask), or those of the file it
+    replaces.
+
     Args:
         path: final destination.
         suffix: suffix of the temporary file (default: ``path``'s, so format sniffing still works).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _create_sibling(path, path.suffix if suffix is None else suffix)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -1,6 +1,7 @@
 """anyflow.io: real inputs at small sizes, decode errors, atomic video writing."""
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -9,31 +10,26 @@ import torch
 
 from anyflow.io import read_image, read_video, write_video_atomic
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anyflow_eval"
-needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason=f"real evaluation inputs not found at {EVAL}")
 
 
-@needs_eval
 @pytest.mark.parametrize("size", [(64, 96), (48, 32)])
-def test_read_real_image(size):
-    x = read_image(EVAL / "images" / "1.jpg", *size)
+def test_read_real_image(size, eval_data):
+    x = read_image(eval_data / "images" / "1.jpg", *size)
     assert x.shape == (1, 1, 3, *size) and x.dtype == torch.float32
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.01
 
 
-@needs_eval
-def test_read_real_video_snaps_to_4k_plus_1():
-    v = read_video(EVAL / "videos" / "1.mp4", 32, 48, num_frames=11)
+def test_read_real_video_snaps_to_4k_plus_1(eval_data):
+    v = read_video(eval_data / "videos" / "1.mp4", 32, 48, num_frames=11)
     assert v.shape == (1, 9, 3, 32, 48) and v.dtype == torch.float32
     assert 0.0 <= v.min() and v.max() <= 1.0
     assert (v[0, 0] - v[0, -1]).abs().mean() > 0  # real motion, distinct frames
 
 
-@needs_eval
-def test_image_center_crop_keeps_aspect():
+def test_image_center_crop_keeps_aspect(eval_data):
     # a square crop of a 1280x736 image: the centre, not a squeeze of the whole frame
-    full = read_image(EVAL / "images" / "1.jpg", 368, 640)  # same aspect, no crop
-    square = read_image(EVAL / "images" / "1.jpg", 368, 368)
+    full = read_image(eval_data / "images" / "1.jpg", 368, 640)  # same aspect, no crop
+    square = read_image(eval_data / "images" / "1.jpg", 368, 368)
     centre = full[..., :, 136:504]
     assert (square - centre).abs().mean() < 0.03
 
@@ -120,3 +116,40 @@ def test_unreadable_inputs_name_the_path(tmp_path):
         read_image(tmp_path / "missing.jpg", 16, 16)
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         read_video(tmp_path / "missing.mp4", 16, 16)
+
+
+@pytest.fixture
+def umask():
+    """``os.umask``, with the process umask restored after the test."""
+    old = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_umask(tmp_path, umask, mask):
+    from anyflow.io import atomic_output, write_image_atomic
+
+    umask(mask)
+    video = write_video_atomic(np.zeros((5, 16, 16, 3), np.uint8), tmp_path / "a.mp4", fps=4)
+    image = write_image_atomic(np.zeros((16, 16, 3), np.uint8), tmp_path / "a.png")
+    with atomic_output(tmp_path / "state.pt", suffix=".tmp") as tmp:
+        Path(tmp).write_bytes(b"x")
+    with open(tmp_path / "plain", "w"):  # what any other new file gets
+        pass
+    expected = 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == expected
+    for f in (video, image, tmp_path / "state.pt"):
+        assert stat.S_IMODE(f.stat().st_mode) == expected, f
+
+
+def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
+    target = tmp_path / "clip.mp4"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    umask(0o000)
+    write_video_atomic(np.zeros((5, 16, 16, 3), np.uint8), target, fps=4)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert target.stat().st_size > 3
