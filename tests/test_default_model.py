@@ -56,6 +56,7 @@ def _call(defaults, prompt, steps, **kw):
                 generator=torch.Generator().manual_seed(0), **kw)
 
 
+@pytest.mark.eval_data  # the captions of the evaluation set
 @pytest.mark.parametrize("steps", [1, 4])
 def test_plain_diffusers_and_anyflow_same_latents(model_dir, defaults, steps):
     import anyflow
@@ -87,6 +88,7 @@ def _coherence(z: torch.Tensor) -> tuple[float, float]:
     return temporal, spatial
 
 
+@pytest.mark.eval_data  # the captions of the evaluation set
 @pytest.mark.parametrize("caption", [0, 2])
 def test_real_caption_gives_a_video_not_noise(model_dir, defaults, caption):
     """A 4-step T2V sample from a real caption is a video, not noise.
@@ -126,6 +128,7 @@ def test_real_caption_gives_a_video_not_noise(model_dir, defaults, caption):
         assert np.abs(np.diff(video, axis=axis)).mean() < 0.2 * np.abs(np.diff(uniform, axis=axis)).mean()
 
 
+@pytest.mark.eval_data  # the captions of the evaluation set
 def test_cli_generate_without_model_and_grid(tmp_path, monkeypatch, model_dir):
     from anyflow.cli import main
 

@@ -43,6 +43,7 @@ def test_tensor_clips_caption_table_and_resume():
         TensorClips(lat, table, 2, text_index=index + 1)
 
 
+@pytest.mark.eval_data
 def test_eval_videos_are_real_footage():
     from anyflow.training.data import load_eval_videos
 

@@ -136,22 +136,36 @@ class EvalVideo:
     caption: str
 
 
+#: Environment variable naming the ``anyflow_eval`` folder (videos, images, caption files), which the
+#: repository does not ship.
+EVAL_DATA_ENV = "ANYFLOW_EVAL_DATA"
+
+
 def eval_data_root(root=None) -> Path:
-    """The ``anyflow_eval`` folder: ``root``, else ``$ANYFLOW_EVAL_DATA``, else ``../shared/data/anyflow_eval``
-    next to the repository (or the current directory).
+    """The ``anyflow_eval`` folder (the evaluation videos, images and caption files).
+
+    Looked up in this order, the first that is given deciding: ``root``; else ``$ANYFLOW_EVAL_DATA``
+    (when set, it is the only place looked at, so ``ANYFLOW_EVAL_DATA=/nonexistent`` hides the data);
+    else ``../shared/data/anyflow_eval`` next to the repository, then next to / under the current directory.
 
     Raises:
-        FileNotFoundError: none of them holds ``eval_caption_v2v.json``.
+        FileNotFoundError: the chosen folder (or none of the default ones) holds ``eval_caption_v2v.json``;
+            the message names the places looked at and ``ANYFLOW_EVAL_DATA``.
     """
-    here = Path(__file__).resolve().parents[2]
-    candidates = [root] if root is not None else [
-        os.environ.get("ANYFLOW_EVAL_DATA"), here.parent / "shared/data/anyflow_eval",
-        Path.cwd().parent / "shared/data/anyflow_eval", Path.cwd() / "shared/data/anyflow_eval"]
+    env = os.environ.get(EVAL_DATA_ENV)
+    if root is not None:
+        candidates = [Path(root)]
+    elif env:
+        candidates = [Path(env).expanduser()]
+    else:
+        here = Path(__file__).resolve().parents[2]
+        candidates = [here.parent / "shared/data/anyflow_eval", Path.cwd().parent / "shared/data/anyflow_eval",
+                      Path.cwd() / "shared/data/anyflow_eval"]
     for c in candidates:
-        if c and (Path(c) / "eval_caption_v2v.json").is_file():
-            return Path(c)
-    raise FileNotFoundError(f"no anyflow_eval folder (with eval_caption_v2v.json) among {[str(c) for c in candidates if c]}; "
-                            "pass root= or set ANYFLOW_EVAL_DATA")
+        if (c / "eval_caption_v2v.json").is_file():
+            return c
+    raise FileNotFoundError(f"no anyflow_eval folder (with eval_caption_v2v.json) at {', '.join(map(str, candidates))}; "
+                            f"pass root= or set {EVAL_DATA_ENV} to the folder")
 
 
 def load_eval_videos(height: int, width: int, root=None, names: Optional[Sequence[str]] = None) -> list[EvalVideo]:
