@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from . import ops
-from .models import fused
+from .models import fused, offload
 from .ops import registry
 
 _SUBCLASSES: dict[type, type] = {}
@@ -39,7 +39,10 @@ class EnableHandle:
 
     def disable(self) -> None:
         for obj, cls in reversed(self._swapped):
+            enabled = type(obj)
             obj.__class__ = cls
+            if "forward" in enabled.__dict__:
+                _rebind_hooked_forward(obj, enabled, cls)
             for name in _SETTINGS:
                 obj.__dict__.pop(name, None)
         self._swapped.clear()
@@ -49,6 +52,17 @@ class EnableHandle:
 
     def __exit__(self, *exc):
         self.disable()
+
+
+def _method_like(fn, original):
+    """``fn`` as a method that presents ``original``'s signature and docstring (``inspect.signature``,
+    ``help``); ``__wrapped__`` points at ``original``."""
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return method
 
 
 def _subclass(cls: type, namespace: dict) -> type:
@@ -69,10 +83,38 @@ _BLOCK = {"forward": _block_forward, "_anyflow_block": True}
 
 
 def _swap_model(model, namespace: dict, settings: dict, handle: EnableHandle) -> None:
-    """Swap a transformer and its blocks (a block called as a module, as FSDP2 needs, runs anyflow's forward)."""
+    """Swap a transformer and its blocks (a block called as a module, as FSDP2 needs, runs anyflow's forward).
+
+    ``None`` (a pipeline built without a transformer) is skipped."""
+    if model is None:
+        return
     _swap(model, namespace, settings, handle)
     for block in model.blocks:
         _swap(block, _BLOCK, settings, handle)
+
+
+def _rebind_hooked_forward(obj, old_cls: type, new_cls: type) -> None:
+    """Point the forward that offload hooks wrap at ``new_cls.forward``.
+
+    diffusers' hook registry and accelerate's ``add_hook_to_module`` replace ``obj.forward`` with a wrapper
+    around the bound ``forward`` of the moment they were added; after a class swap that is still the other
+    class's, so the hooked call would skip (or, after ``disable``, keep) anyflow's forward.
+    """
+    import types
+
+    def rebound(fn):
+        if isinstance(fn, types.MethodType) and fn.__self__ is obj and fn.__func__ is old_cls.forward:
+            return types.MethodType(new_cls.forward, obj)
+        return fn
+
+    registry = obj.__dict__.get("_diffusers_hook")
+    for ref in getattr(registry, "_fn_refs", ()):
+        ref.forward = rebound(ref.forward)
+        ref.original_forward = rebound(ref.original_forward)
+    if "_old_forward" in obj.__dict__:
+        obj.__dict__["_old_forward"] = rebound(obj.__dict__["_old_forward"])
+    if "forward" in obj.__dict__:
+        obj.__dict__["forward"] = rebound(obj.__dict__["forward"])
 
 
 def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
@@ -80,6 +122,8 @@ def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
     if getattr(cls, "_anyflow_original_class", None) is None:
         handle._swapped.append((obj, cls))
         obj.__class__ = _subclass(cls, namespace)
+        if "forward" in namespace:
+            _rebind_hooked_forward(obj, cls, obj.__class__)
     for name, value in settings.items():  # already enabled: only the settings change
         setattr(obj, name, value)
 
@@ -88,14 +132,19 @@ def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
 # transformer forwards (same signatures as diffusers 0.42)
 # ----------------------------------------------------------------------------------------------
 def _enabled_forward(fn):
-    """``fn`` as an enabled ``forward``: the LoRA scale from ``attention_kwargs`` (diffusers' decorator) and
-    the instance's SDPA policy (``enable(..., attention=...)``) around the call."""
+    """``fn`` as an enabled ``forward``: the LoRA scale from ``attention_kwargs`` (diffusers' decorator),
+    the instance's SDPA policy (``enable(..., attention=...)``) and, under group / sequential offloading,
+    the offload hooks of the weights read outside module calls (:mod:`anyflow.models.offload`) around it."""
     from diffusers.utils import apply_lora_scale
 
     @functools.wraps(fn)
     def forward(self, *args, **kwargs):
         with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
-            return fn(self, *args, **kwargs)
+            if torch.compiler.is_compiling() or not offload.is_offloaded(self):
+                return fn(self, *args, **kwargs)
+            # the offload hooks of the transformer itself have run: this forward is what they wrap
+            with offload.model_onloaded(self, root_fired=True):
+                return fn(self, *args, **kwargs)
 
     return apply_lora_scale("attention_kwargs")(forward)
 
@@ -196,8 +245,11 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
     Args:
         pipe_or_transformer: an ``AnyFlowPipeline``, ``AnyFlowFARPipeline``,
             ``AnyFlowTransformer3DModel`` or ``AnyFlowFARTransformer3DModel`` (diffusers >= 0.39).
-            Pipelines get the fast samplers of :mod:`anyflow.samplers` as ``__call__`` (same arguments
-            and outputs) plus ``pipe.stream(...)``; their transformer is enabled too.
+            Pipelines get the fast samplers of :mod:`anyflow.samplers` as ``__call__`` (same arguments,
+            signature, docstring and outputs) plus ``pipe.stream(...)``; their transformer is enabled too
+            (a pipeline built with ``transformer=None`` is accepted and keeps ``encode_prompt``). Offloading
+            (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, ``enable_group_offload`` at
+            block or leaf level, with or without streams, before or after ``enable``) keeps working.
         backend: ``"auto"`` (default; ``ANYFLOW_BACKEND`` overrides), ``"torch"``, ``"triton"`` or
             ``"cuda"``: the preferred backend of every op of the enabled forward; ops that backend does
             not implement, or calls it cannot run, take the PyTorch path (:func:`anyflow.ops.registry.prefer`).
@@ -244,14 +296,16 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
     settings = {"_anyflow_backend": name, "_anyflow_attention": attention}
     if is_pipe:
         from .samplers import pipelines
+
+        pipe_settings = dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs))
+        original_call = getattr(type(obj), "_anyflow_original_class", type(obj)).__call__
     if isinstance(obj, AnyFlowFARPipeline):
         _swap_model(obj.transformer, {"forward": _enabled_forward(_far_forward)}, settings, handle)
-        _swap(obj, {"__call__": pipelines.far_call, "stream": pipelines.far_stream},
-              dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)), handle)
+        call = _method_like(pipelines.far_call, original_call)
+        _swap(obj, {"__call__": call, "stream": pipelines.far_stream}, pipe_settings, handle)
     elif isinstance(obj, AnyFlowPipeline):
         _swap_model(obj.transformer, {"forward": _enabled_forward(_bidirectional_forward)}, settings, handle)
-        _swap(obj, {"__call__": pipelines.bidirectional_call}, dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)),
-              handle)
+        _swap(obj, {"__call__": _method_like(pipelines.bidirectional_call, original_call)}, pipe_settings, handle)
     elif isinstance(obj, AnyFlowFARTransformer3DModel):
         _swap_model(obj, {"forward": _enabled_forward(_far_forward)}, settings, handle)
     elif isinstance(obj, AnyFlowTransformer3DModel):

@@ -10,6 +10,10 @@ submodules (so LoRA / PEFT layers and offload hooks keep working), with these di
 * FAR attention from chunk-partition range tables (no dense or flex block mask, no zero padding);
 * optional prompt-constant cross-attention K/V (:class:`TextContext`) computed once per prompt.
 
+Under group offloading or sequential CPU offload (:mod:`.offload`) every forward fires the offload hooks
+of the modules whose parameters it reads directly, runs block by block (each block's hooks around it),
+and projects the text inside the forward, as diffusers does; the output is the same.
+
 Tensor layouts follow diffusers: latents ``[B, F, C, H, W]`` (frames before channels), timesteps
 ``[B, F]`` per frame in [0, 1000], text ``[B, L_text, text_dim]``.
 """
@@ -17,6 +21,7 @@ Tensor layouts follow diffusers: latents ``[B, F, C, H, W]`` (frames before chan
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional
@@ -24,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
+from . import offload
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -46,15 +52,28 @@ class TextContext:
             the model has an image embedder).
         raw_dtype: dtype of the raw text embedding (the time-pair embedding is cast to it, as diffusers).
         kv: per block ``(k, v)`` of ``[B, L, H, Dh]``, or ``None`` to compute them on the fly.
+        image: raw image embedding of a not yet projected context.
+        projected: ``False`` when ``tokens`` is the raw text embedding, to be projected inside each forward
+            (what :func:`prepare_text` returns for an offloaded model, whose weights are only loaded there).
     """
 
     tokens: torch.Tensor
     raw_dtype: torch.dtype
     kv: Optional[list] = None
+    image: Optional[torch.Tensor] = None
+    projected: bool = True
 
 
 def prepare_text(model, encoder_hidden_states, encoder_hidden_states_image=None, cache_kv: bool = False) -> TextContext:
-    """Project the text once; with ``cache_kv`` also precompute each block's cross-attention K/V."""
+    """Project the text once; with ``cache_kv`` also precompute each block's cross-attention K/V.
+
+    On a model with offload hooks (:func:`anyflow.models.offload.is_offloaded`), called outside a forward,
+    nothing is computed: the context keeps the raw embeddings and every forward projects them (and
+    computes the K/V) while its weights are loaded.
+    """
+    if not torch.compiler.is_compiling() and not offload.in_scope(model) and offload.is_offloaded(model):
+        return TextContext(encoder_hidden_states, encoder_hidden_states.dtype, image=encoder_hidden_states_image,
+                           projected=False)
     ce = model.condition_embedder
     tokens = ce.text_embedder(encoder_hidden_states)
     if encoder_hidden_states_image is not None:
@@ -74,7 +93,7 @@ def prepare_text(model, encoder_hidden_states, encoder_hidden_states_image=None,
 
 def _as_text(model, text, image=None) -> TextContext:
     if isinstance(text, TextContext):
-        return text
+        return text if text.projected else prepare_text(model, text.tokens, text.image)
     return prepare_text(model, text, image)
 
 
@@ -245,10 +264,18 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
 
     Blocks sharded with FSDP2 (:func:`anyflow.training.distributed.shard_model`) are called as modules,
     ``block(...)``, so FSDP's hooks gather their parameters and reduce their gradients; this needs the
-    block class swapped by :func:`anyflow.enable`. Otherwise the blocks' submodules are used directly.
+    block class swapped by :func:`anyflow.enable`. Under offloading each block runs inside its offload
+    hooks (:func:`anyflow.models.offload.block_onloaded`), reading only its own parameters. Otherwise the
+    blocks' submodules are used directly.
     """
     blocks = list(model.blocks)
     ckpt = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
+    text = _as_text(model, text)
+    if not torch.compiler.is_compiling() and offload.in_scope(model):
+        for i, block in enumerate(blocks):
+            args = (block, i, x, text, m_rows, segments, self_attention, backend)
+            x = _checkpoint_block(_offloaded_block, block, *args) if ckpt else _offloaded_block(*args)
+        return x
     if _is_sharded(blocks[0]):
         if not getattr(blocks[0], "_anyflow_block", False):
             raise TypeError("FSDP-sharded blocks need anyflow.enable(model) (their forward must be anyflow's)")
@@ -273,6 +300,11 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
         else:
             x, h = block_forward(*args)
     return x
+
+
+def _offloaded_block(block, *args):
+    with offload.block_onloaded(block):
+        return sharded_block_forward(block, *args)
 
 
 def head(model, x, e_rows, segments, backend=None):
@@ -333,9 +365,23 @@ def _frame_times(name, t, b, f, device):
     return t
 
 
+def _onloaded(fn):
+    """Run ``fn(model, ...)`` inside the model's offload scope (:func:`anyflow.models.offload.model_onloaded`)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        if torch.compiler.is_compiling() or offload.in_scope(model) or not offload.is_offloaded(model):
+            return fn(model, *args, **kwargs)
+        with offload.model_onloaded(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------
 # bidirectional model
 # ----------------------------------------------------------------------------------------------
+@_onloaded
 def bidirectional_forward(
     model, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image=None, backend=None
 ):
@@ -409,6 +455,7 @@ def split_chunks(num_chunks: int, limit: int) -> tuple[int, int]:
     return num_chunks - full, full
 
 
+@_onloaded
 def far_sequence_forward(
     model,
     hidden_states,
@@ -484,6 +531,7 @@ def far_sequence_forward(
     return unpatchify(model, out, nf_frames, hh, ww)
 
 
+@_onloaded
 def far_cached_step(
     model,
     hidden_states,

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .. import ops
-from ..models import fused
+from ..models import fused, offload
 from . import graphs
 from .kv_cache import FARKVCache, kv_capacity
 
@@ -113,7 +113,7 @@ class FARSession:
 
     def cache_step(self, k: int, latents: torch.Tensor) -> None:
         """Make chunks ``0..k`` context; ``latents`` ``[B', >= f1, C, H, W]`` holds their final values."""
-        with ops.sdpa_policy(self.attention):
+        with ops.sdpa_policy(self.attention), offload.model_onloaded(self.model):
             self._cache_step(k, latents)
 
     def _cache_step(self, k: int, latents: torch.Tensor) -> None:

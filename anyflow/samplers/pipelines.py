@@ -20,11 +20,12 @@ Differences from diffusers 0.42.1, on purpose:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..models import fused
+from ..models import fused, offload
 from . import bidirectional as bidirectional_sampler
 from . import far as far_sampler
 from .schedule import time_pairs
@@ -58,24 +59,34 @@ def _onload(model) -> None:
     """Bring the transformer's weights to the execution device under ``enable_model_cpu_offload``.
 
     The sampler calls the transformer's submodules, not ``transformer.forward``, so accelerate's
-    offload hook on ``forward`` would not fire; run its ``pre_forward`` once here. Sequential and group
-    offload move weights per submodule call and are not supported (the fused paths read parameters
-    such as ``scale_shift_table`` directly): they raise instead of computing on the wrong device.
+    offload hook on ``forward`` would not fire; run its ``pre_forward`` once here. Group offloading and
+    sequential CPU offload load weights per module: every fused forward fires those hooks itself
+    (:mod:`anyflow.models.offload`).
     """
+    if offload.is_offloaded(model):
+        return
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError(
-            "anyflow.enable does not support sequential CPU offload (parameters on the meta device); "
-            "use pipe.enable_model_cpu_offload() instead"
+            "pipe.transformer has parameters on the meta device and no offload hooks to load them (what "
+            "sequential CPU offload leaves behind once its hooks are removed, or an empty-weights model): "
+            "load its weights, or enable the offload again"
         )
-    try:
-        from diffusers.hooks.group_offloading import _is_group_offload_enabled
-    except ImportError:  # older diffusers without group offloading
-        _is_group_offload_enabled = None
-    if _is_group_offload_enabled is not None and _is_group_offload_enabled(model):
-        raise ValueError("anyflow.enable does not support group offloading; use pipe.enable_model_cpu_offload() instead")
     hook = getattr(model, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
         hook.pre_forward(model)
+
+
+def _cuda_graphs(pipe, model) -> bool:
+    """``cuda_graphs`` of the enabled pipeline, off (with one warning per pipeline) under offloading:
+    a graph cannot replay the weight transfers of the offload hooks."""
+    wanted = getattr(pipe, "_anyflow_cuda_graphs", False)
+    if wanted and offload.is_offloaded(model):
+        if not pipe.__dict__.get("_anyflow_graphs_warned"):
+            warnings.warn("anyflow: cuda_graphs=True is ignored while the transformer is offloaded "
+                          "(group offloading / sequential CPU offload); the forwards run eagerly", stacklevel=3)
+            pipe.__dict__["_anyflow_graphs_warned"] = True
+        return False
+    return wanted
 
 
 @dataclass
@@ -103,6 +114,9 @@ def _sync(device):
 
 def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
     """Everything before the denoising loop, through the pipeline's own helpers."""
+    if pipe.transformer is None:
+        raise ValueError("the pipeline's transformer is None: it can encode prompts (pipe.encode_prompt) but not "
+                         "generate; build it with a transformer")
     prompt, negative_prompt = kw["prompt"], kw["negative_prompt"]
     _validate_prompt(prompt, kw["prompt_embeds"])
     pipe.check_inputs(
@@ -199,6 +213,9 @@ def _finish(pipe, latents_bfchw: torch.Tensor, output_type: str, return_dict: bo
 def decode(pipe, latents_bcfhw: torch.Tensor, output_type: str = "np"):
     """Denormalise ``[B, C, F, h, w]`` latents and decode them with the pipeline's VAE."""
     vae = pipe.vae
+    if vae is None:
+        raise ValueError(f"the pipeline's vae is None: it cannot decode to output_type={output_type!r}; "
+                         "pass output_type='latent'")
     latents = latents_bcfhw.to(vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
@@ -255,7 +272,7 @@ def bidirectional_call(self, *args, **kwargs):
         run = bidirectional_sampler.sample(
             model, p.noise, p.pairs, p.text, context=p.context, guidance_scale=kw["guidance_scale"],
             use_mean_velocity=kw["use_mean_velocity"], backend=getattr(model, "_anyflow_backend", None),
-            cuda_graphs=getattr(self, "_anyflow_cuda_graphs", False), attention=getattr(model, "_anyflow_attention", None),
+            cuda_graphs=_cuda_graphs(self, model), attention=getattr(model, "_anyflow_attention", None),
             on_step=on_step, interrupted=lambda: self.interrupt,
         )
     _sync(p.device)
@@ -282,7 +299,7 @@ def _far_setup(pipe, args, kwargs):
     cp = fused.check_chunk_partition(cp, p.noise.shape[1])
     session = far_sampler.FARSession(
         model, p.text, cp, p.noise.shape[3:], backend=getattr(model, "_anyflow_backend", None),
-        cuda_graphs=getattr(pipe, "_anyflow_cuda_graphs", False), attention=getattr(model, "_anyflow_attention", None),
+        cuda_graphs=_cuda_graphs(pipe, model), attention=getattr(model, "_anyflow_attention", None),
     )
     return kw, p, session
 
