@@ -6,7 +6,10 @@ checks) and ``csrc/cpu/*.cpp`` (CPU twins of the kernels) everywhere, and a ``CU
 the torch-free kernels ``csrc/kernels/*.cu`` and their CUDA registrations ``csrc/cuda/*.cpp`` when torch
 is a CUDA build or ``ANYFLOW_BUILD_CUDA=1``.
 Any failure while configuring or compiling it prints a warning and the install goes on without it
-(the pure-Python/Triton paths still work); the reason is recorded in ``anyflow/_build_info.py``.
+(the pure-Python/Triton paths still work); the reason is recorded in ``anyflow/_build_info.py``, with the
+source folder, and ``import anyflow`` / ``anyflow env`` print it in one line with the command that adds
+the extension. Under build isolation (plain ``pip install .``) torch is not importable, so that is what
+happens; pip shows the build's own line only with ``-v``.
 
 Environment variables:
     ANYFLOW_BUILD_CUDA: ``1`` forces the CUDA extension, ``0`` builds the CPU extension only; unset
@@ -73,9 +76,10 @@ def _extensions_and_cmdclass():
     try:
         import torch
         from torch.utils import cpp_extension
-    except Exception as exc:  # no torch at build time: pure-Python install
-        reason = f"torch is not importable at build time ({type(exc).__name__}: {exc})"
-        print(f"anyflow: {reason}; skipping anyflow._C", file=sys.stderr)
+    except Exception as exc:  # no torch at build time (pip's build isolation): pure-Python install
+        reason = f"torch was not importable at build time: {type(exc).__name__}, pip build isolation?"
+        print(f"anyflow: building without {EXT_NAME} ({reason}); add it with: pip install --no-build-isolation --no-deps "
+              f"--force-reinstall {ROOT}", file=sys.stderr)
         return [], {"build_py": _build_py_recording(reason)}
 
     def sources(*pattern):
@@ -124,6 +128,7 @@ def _extensions_and_cmdclass():
                 "torch_version": torch.__version__,
                 "cuda_version": cuda_version,
                 "error": None,
+                "source": ROOT,
             }
             try:
                 self._write_version_header(info)
@@ -186,7 +191,8 @@ def _build_py_recording(reason: str):
     class RecordingBuildPy(build_py):
         def run(self):
             super().run()
-            info = {"built": False, "torch_version": None, "cuda_version": None, "error": reason}
+            info = {"built": False, "skipped": True, "torch_version": None, "cuda_version": None, "error": reason,
+                    "source": ROOT}
             path = os.path.join(self.build_lib, "anyflow", BUILD_INFO_FILE)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:

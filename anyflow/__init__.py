@@ -17,6 +17,21 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "enable", "load_pipeline"]
 
 
+def _say_if_extension_absent() -> None:
+    """Print one line on stderr, once per process, when the compiled backend is missing (see
+    :func:`anyflow._ext.absent_notice`); an installation with ``anyflow._C`` built prints nothing."""
+    import sys
+
+    from ._ext import absent_notice
+
+    notice = absent_notice()
+    if notice is not None:
+        print(notice, file=sys.stderr)
+
+
+_say_if_extension_absent()
+
+
 def enable(pipe_or_transformer, backend: str = "auto", *, attention=None, cuda_graphs: bool = False):
     """Accelerate a diffusers AnyFlow pipeline or transformer in place. See :func:`anyflow.integration.enable`."""
     from .integration import enable as _enable

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 from types import ModuleType
@@ -31,6 +32,12 @@ def _read_build_info() -> Optional[dict]:
 def _extension_present() -> bool:
     """Whether a compiled ``anyflow._C`` file exists, found without loading it."""
     return importlib.util.find_spec(EXTENSION) is not None
+
+
+def _library_file_present() -> bool:
+    """Whether the ``_C`` shared library sits in the package folder (no import machinery involved)."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    return any(os.path.isfile(os.path.join(folder, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def _runtime_versions() -> tuple[str, Optional[str]]:
@@ -97,7 +104,8 @@ def extension_status() -> tuple[Optional[ModuleType], Optional[str]]:
         info = _read_build_info()
         if info is not None and not info.get("built", False):
             error = info.get("error")
-            return None, f"{EXTENSION} failed to build at install time" + (f" ({error})" if error else "")
+            what = "was not built" if info.get("skipped") else "failed to build"
+            return None, f"{EXTENSION} {what} at install time" + (f" ({error})" if error else "")
         if info is None or not _extension_present():
             return None, f"{EXTENSION} not built (pure-Python install)"
         reason = compatibility_reason(info, *_runtime_versions())
@@ -106,6 +114,29 @@ def extension_status() -> tuple[Optional[ModuleType], Optional[str]]:
         return importlib.import_module(EXTENSION), None
     except Exception as exc:  # an unloadable library must degrade to the other backends, not crash
         return None, f"cannot load {EXTENSION}: {_first_line(exc)}"
+
+
+def _build_command(info: Optional[dict]) -> str:
+    source = (info or {}).get("source")
+    target = source if source and os.path.isfile(os.path.join(source, "setup.py")) else "<anyflow source folder>"
+    return f"pip install --no-build-isolation --no-deps --force-reinstall {target}"
+
+
+def absent_notice() -> Optional[str]:
+    """One line saying that ``anyflow._C`` is absent and the one command that adds it, or ``None``.
+
+    ``None`` when the extension was built (whether or not it later loads: :func:`extension_status` says
+    that) or is switched off with ``ANYFLOW_DISABLE_EXTENSION``. Decided from the build record and the
+    presence of the library file only, so it is cheap enough for ``import anyflow`` and loads nothing.
+    """
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    info = _read_build_info()
+    if info is not None and info.get("built", False) and _library_file_present():
+        return None
+    why = (info or {}).get("error") or "pure-Python install"
+    return (f"anyflow: compiled backend {EXTENSION} not built ({why}); add it with: {_build_command(info)} "
+            f"(CUDA kernels: ANYFLOW_BUILD_CUDA=1; silence: {DISABLE_ENV}=1)")
 
 
 def build_info() -> Optional[dict]:

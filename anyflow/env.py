@@ -50,7 +50,8 @@ def _extension() -> dict:
     from . import _ext
 
     module, reason = _ext.extension_status()
-    return {"loaded": module is not None, "reason": reason, "build_info": _ext.build_info()}
+    return {"loaded": module is not None, "reason": reason, "build_info": _ext.build_info(),
+            "notice": _ext.absent_notice()}
 
 
 def _backends(device_type: str) -> dict:
@@ -82,7 +83,7 @@ def collect() -> dict:
     Returns:
         A dict with ``python``, ``platform``, ``anyflow``, ``packages`` (name -> version or
         ``"not installed"``), ``cuda`` (``torch_cuda``, ``available``, ``devices``), ``extension``
-        (``loaded``, ``reason``, ``build_info``), ``env`` (relevant environment variables, ``None`` when
+        (``loaded``, ``reason``, ``build_info``, ``notice``: :func:`anyflow._ext.absent_notice`), ``env`` (relevant environment variables, ``None`` when
         unset), ``backends`` (``device_type``, ``rows`` from :func:`anyflow.ops.registry.report`,
         ``error``) and ``sdpa`` (``device``, ``policy``, ``kernels`` from
         :func:`anyflow.ops.sdpa.available_kernels`, ``error``), ``cuda_graphs`` (``None`` when the
@@ -149,6 +150,8 @@ def format_report(info: dict | None = None) -> str:
     built = ext["build_info"] or {}
     built_for = f" (built for torch {built.get('torch_version')}, CUDA {built.get('cuda_version') or 'none'})" if built else ""
     lines.append(_row("anyflow._C", ("loaded" if ext["loaded"] else "not loaded: " + ext["reason"]) + built_for))
+    if ext.get("notice"):
+        lines.append(_row("", ext["notice"]))
     lines += [_row(name, value if value is not None else "(unset)") for name, value in info["env"].items()]
     if "default_model" in info:
         lines.append(_row("default model", info["default_model"]))
