@@ -36,7 +36,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["SUPPORTED_TRANSFORMER_CLASSES", "load_pipeline", "load_transformer", "resolve_transformer_kind"]
+__all__ = [
+    "SUPPORTED_TRANSFORMER_CLASSES",
+    "CheckpointFileError",
+    "check_safetensors",
+    "load_pipeline",
+    "load_transformer",
+    "resolve_transformer_kind",
+]
 
 #: Transformer config ``_class_name`` values this loader understands.
 SUPPORTED_TRANSFORMER_CLASSES = (
@@ -50,6 +57,139 @@ SUPPORTED_TRANSFORMER_CLASSES = (
 DEFAULT_CHUNK_PARTITION = [1, 3, 3, 3, 3, 3, 3, 2]
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
+_TEXT_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+#: Bytes per element of every dtype the safetensors format defines (sub-byte float4 types excluded).
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+#: Largest header the safetensors library accepts (100 MB); a bigger length field is garbage.
+_MAX_HEADER = 100_000_000
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that exists but cannot be used (truncated, corrupt, or not what its folder
+    needs). The message is one line that starts with the file's path as the user named it."""
+
+
+def check_safetensors(file) -> dict:
+    """Check that ``file`` is a complete, well-formed safetensors file, without reading its tensors.
+
+    Reads the 8-byte little-endian header length and the JSON header, then checks every tensor entry
+    (known dtype, shape, ``data_offsets`` that match ``prod(shape) * itemsize``, tile the data area
+    without gaps or overlaps) and that the file is exactly ``8 + header + data`` bytes long.
+
+    Args:
+        file: path of the ``.safetensors`` file; the error messages name it as given.
+
+    Returns:
+        The parsed header (``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}``).
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist.
+        CheckpointFileError: (a ``ValueError``) empty, truncated or oversized file, unreadable header, or
+            inconsistent tensor entries; the message is ``"<file>: <what is wrong>"``.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+
+    def bad(what: str) -> CheckpointFileError:
+        return CheckpointFileError(f"{file}: {what}")
+
+    size = file.stat().st_size
+    if size == 0:
+        raise bad("empty file (0 bytes), expected a safetensors file")
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise bad(f"truncated: {size} bytes, shorter than the 8-byte header length of a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER:
+            raise bad(f"corrupt: header length field reads {n} bytes (at most {_MAX_HEADER}); not a safetensors file")
+        if 8 + n > size:
+            raise bad(f"truncated: header says it is {n} bytes, file has {size - 8} after the length field")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"corrupt header: not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad(f"corrupt header: expected a JSON object, got {type(header).__name__}")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
+                    or not isinstance(end, int):
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"corrupt header: tensor {name!r} has entry {entry!r}, expected dtype, shape and "
+                      "data_offsets [begin, end]") from None
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise bad(f"corrupt header: tensor {name!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _SAFETENSORS_ITEMSIZE[dtype] or begin < 0:
+            raise bad(f"corrupt header: tensor {name!r} ({dtype} {shape}) needs {numel * _SAFETENSORS_ITEMSIZE[dtype]} "
+                      f"bytes, data_offsets give [{begin}, {end}]")
+        spans.append((begin, end, name))
+    spans.sort()
+    expected = 0
+    for begin, end, name in spans:
+        if begin != expected:
+            raise bad(f"corrupt header: tensor {name!r} starts at byte {begin} of the data, expected {expected} "
+                      "(tensors must tile the data without gaps or overlaps)")
+        expected = end
+    data = size - 8 - n
+    if data < expected:
+        raise bad(f"truncated: header says {8 + n + expected} bytes, file has {size}")
+    if data > expected:
+        raise bad(f"corrupt: header says {8 + n + expected} bytes, file has {size} ({data - expected} trailing bytes)")
+    return header
+
+
+def _check_weight_files(files: list[Path], component: str) -> None:
+    """Check every safetensors file (and the tensors an index maps to each shard) before loading any."""
+    headers = {}
+    for file in files:
+        if file.name.endswith(".safetensors"):
+            headers[file.name] = check_safetensors(file)
+    for index in (f for f in files if f.name.endswith(".index.json")):
+        weight_map = _read_json(index, f"component '{component}' weight index").get("weight_map", {})
+        for key, shard in weight_map.items():
+            if shard in headers and key not in headers[shard]:
+                raise CheckpointFileError(f"{index.parent / shard}: lacks tensor {key!r}, which {index.name} maps to it")
+
+
+def _check_loading_info(model, info: dict, folder: Path, component: str):
+    """Turn the libraries' silent partial loads (missing tensors left random or on the meta device,
+    unexpected or mis-shaped tensors dropped) into one line naming the folder; returns ``model``."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "with a shape other than the config's")):
+        names = [k[0] if isinstance(k, (tuple, list)) else k for k in (info.get(key) or ())]
+        if names:
+            problems.append(f"{len(names)} tensors {what} (e.g. {sorted(names)[0]!r})")
+    if problems:
+        raise CheckpointFileError(
+            f"{folder}: the weights of component '{component}' do not fit its config.json: " + "; ".join(problems)
+        )
+    return model
+
+
+def _load_error(folder: Path, component: str, exc: Exception) -> CheckpointFileError:
+    """One line for a failure inside ``from_pretrained`` that the file checks did not foresee."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return CheckpointFileError(f"{folder}: component '{component}' cannot be loaded: {type(exc).__name__}: {text}")
 _WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
@@ -183,6 +323,8 @@ def load_transformer(folder, dtype=None):
     Raises:
         FileNotFoundError: ``folder``, its ``config.json`` or its weights are missing.
         ValueError: unsupported config (see :func:`resolve_transformer_kind`).
+        CheckpointFileError: (a ``ValueError``) a truncated or corrupt weight file, or weights that do
+            not fit the config; one line naming the file or folder (see :func:`check_safetensors`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -192,13 +334,26 @@ def load_transformer(folder, dtype=None):
     kind = resolve_transformer_kind(config, where=str(config_file))
     cls = _transformer_class(kind)
     weights = _weight_files(folder, "transformer")
+    _check_weight_files(weights, "transformer")
+    torch_dtype = _resolve_dtype(dtype)
     with tempfile.TemporaryDirectory(prefix="anyflow-transformer-") as view:
         view = Path(view)
         (view / "config.json").write_text(json.dumps(_upstream_config(config, cls, kind), indent=2))
         for file in weights:
             _link_or_copy(file, view / file.name)
-        model = cls.from_pretrained(view, torch_dtype=_resolve_dtype(dtype), low_cpu_mem_usage=True)
-    return model.eval()
+        try:
+            model, info = cls.from_pretrained(view, torch_dtype=torch_dtype, low_cpu_mem_usage=True,
+                                              output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - reported against the user's folder, not the temporary view
+            err = _load_error(folder, "transformer", exc)
+            raise CheckpointFileError(str(err).replace(str(view), str(folder))) from exc
+    return _check_loading_info(model, info, folder, "transformer").eval()
+
+
+def _text_encoder_weights(folder: Path) -> list[Path]:
+    """The text encoder's safetensors files (with their index when sharded); ``.bin`` files are not checked."""
+    index = [folder / _TEXT_WEIGHTS_INDEX] if (folder / _TEXT_WEIGHTS_INDEX).is_file() else []
+    return index + sorted(folder.glob("*.safetensors"))
 
 
 def _load_text_encoder(folder: Path, entry, dtype):
@@ -209,10 +364,16 @@ def _load_text_encoder(folder: Path, entry, dtype):
         name = "UMT5EncoderModel"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"component 'text_encoder' has no config: expected {folder / 'config.json'}")
+    _read_json(folder / "config.json", "component 'text_encoder' config")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise FileNotFoundError(f"component 'text_encoder' has no weights (*.safetensors or *.bin) in {folder}")
+    _check_weight_files(_text_encoder_weights(folder), "text_encoder")
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return getattr(transformers, name).from_pretrained(folder, **kwargs).eval()
+    try:
+        model, info = getattr(transformers, name).from_pretrained(folder, output_loading_info=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line naming the folder instead of a library traceback
+        raise _load_error(folder, "text_encoder", exc) from exc
+    return _check_loading_info(model, info, folder, "text_encoder").eval()
 
 
 def _load_tokenizer(folder: Path):
@@ -223,16 +384,23 @@ def _load_tokenizer(folder: Path):
             f"component 'tokenizer' has no tokenizer files: expected tokenizer.json, tokenizer_config.json "
             f"or spiece.model in {folder}"
         )
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - e.g. a corrupt tokenizer.json
+        raise _load_error(folder, "tokenizer", exc) from exc
 
 
 def _load_vae(folder: Path, dtype):
     from diffusers import AutoencoderKLWan
 
     _read_json(folder / "config.json", "component 'vae' config")
-    _weight_files(folder, "vae")
+    _check_weight_files(_weight_files(folder, "vae"), "vae")
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    return AutoencoderKLWan.from_pretrained(folder, **kwargs).eval()
+    try:
+        model, info = AutoencoderKLWan.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line naming the folder instead of a library traceback
+        raise _load_error(folder, "vae", exc) from exc
+    return _check_loading_info(model, info, folder, "vae").eval()
 
 
 def _load_scheduler(folder: Path):
@@ -267,6 +435,9 @@ def load_pipeline(path, dtype=None, device=None, transformer_only: bool = False)
             config or its weights are missing (the message names the component).
         ValueError: unreadable JSON; unsupported transformer ``_class_name`` (the message names the
             class found and the supported ones); legacy config with ``init_flowmap_model`` false.
+        CheckpointFileError: (a ``ValueError``) a truncated or corrupt weight file of any component
+            (checked for all components before any weights are read), or a component that its library
+            cannot load; one line naming the user's file or folder and what is wrong.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -284,6 +455,9 @@ def load_pipeline(path, dtype=None, device=None, transformer_only: bool = False)
     # every folder is checked before any weights are read, so a broken checkpoint fails fast
     names = ("transformer", "scheduler", "text_encoder", "tokenizer", "vae")
     dirs = {name: _component_dir(root, name) for name in names}
+    _check_weight_files(_weight_files(dirs["transformer"], "transformer"), "transformer")
+    _check_weight_files(_text_encoder_weights(dirs["text_encoder"]), "text_encoder")
+    _check_weight_files(_weight_files(dirs["vae"], "vae"), "vae")
     scheduler = _load_scheduler(dirs["scheduler"])
     transformer = load_transformer(dirs["transformer"], dtype=dtype)
     text_encoder = _load_text_encoder(dirs["text_encoder"], index.get("text_encoder"), dtype)
