@@ -1,11 +1,12 @@
-"""``python -m benchmarks {nfe,kernels,levers,report} ...`` (also ``anyflow bench ...``)."""
+"""``python -m benchmarks {ceilings,nfe,kernels,levers,report} ...`` (also ``anyflow bench ...``)."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("nfe", "kernels", "levers", "report")
-USAGE = ("usage: python -m benchmarks {nfe,kernels,levers,report} [options]   (--help after a command for its options)\n"
+COMMANDS = ("ceilings", "nfe", "kernels", "levers", "report")
+USAGE = ("usage: python -m benchmarks {ceilings,nfe,kernels,levers,report} [options]   (--help after a command for its options)\n"
+         "  ceilings environment + measured bf16 matmul TFLOP/s and copy GB/s of this device\n"
          "  nfe      per-NFE and per-video DiT time, diffusers vs anyflow backends, in one process\n"
          "  kernels  per-op correctness check + timing per backend at real shapes, with SDPA/cuDNN/Flex baselines\n"
          "  levers   whole-video sampler time with each end-to-end lever alone and all together\n"

@@ -116,8 +116,18 @@ def _driver() -> str | None:
         return None
 
 
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run_meta(device: torch.device, command: str) -> dict:
-    """Device, driver, versions, date and the exact command: recorded with every result file."""
+    """Device (name, CUDA capability), driver, versions, date, git commit and the exact command: recorded with
+    every result."""
     import anyflow
 
     return {
@@ -125,6 +135,8 @@ def run_meta(device: torch.device, command: str) -> dict:
         "command": command,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "device_type": device.type,
+        "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "git": _git_sha(),
         "driver": _driver() if device.type == "cuda" else None,
         "versions": {
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
@@ -163,6 +175,112 @@ def command_line(prog: str, argv) -> str:
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def append_jsonl(path, obj) -> None:
+    """Append ``obj`` as one JSON line to ``path`` and push it to disk at once (fsync): a stage killed by a
+    time limit or a CUDA fault keeps every line written before it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:  # a line cut short by a kill: start on a fresh line
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if torn else "") + json.dumps(obj, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON lines of ``path`` (a torn last line, from a kill mid-write, is skipped)."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class Record:
+    """A benchmark result being built row by row, saved after every change.
+
+    ``data`` is the record (``kind``, ``meta``, ``config`` and lists of rows). With ``jsonl`` every change
+    is also appended to that JSON-lines file as it happens (``{"type": "run"|"row"|"set", "run": id,
+    ...}``; :func:`records_from_jsonl` rebuilds the records), so a run cut short keeps each finished row.
+    ``key`` names the run for resuming (:meth:`done`): a rerun with the same key skips the rows a killed
+    earlier run already wrote.
+    """
+
+    def __init__(self, data: dict, key: str, jsonl=None, save=None):
+        self.data, self.key, self.jsonl, self._save = data, key, jsonl, save
+        self.run = f"{key}@{time.time_ns()}"
+        if jsonl:
+            append_jsonl(jsonl, {"type": "run", "run": self.run, "key": key, **data})
+
+    def done(self, list_name: str, field: str) -> set:
+        """``field`` of every row in ``list_name`` that an earlier run with this key wrote to the JSONL file."""
+        if not self.jsonl:
+            return set()
+        runs = {e["run"] for e in read_jsonl(self.jsonl) if e.get("type") == "run" and e.get("key") == self.key}
+        return {e["row"].get(field) for e in read_jsonl(self.jsonl)
+                if e.get("type") == "row" and e.get("run") in runs and e.get("list") == list_name}
+
+    def add(self, list_name: str, row: dict) -> dict:
+        self.data.setdefault(list_name, []).append(row)
+        if self.jsonl:
+            append_jsonl(self.jsonl, {"type": "row", "run": self.run, "list": list_name, "row": row})
+        self.save()
+        return row
+
+    def set(self, name: str, value) -> None:
+        self.data[name] = value
+        if self.jsonl:
+            append_jsonl(self.jsonl, {"type": "set", "run": self.run, "name": name, "value": value})
+        self.save()
+
+    def save(self) -> None:
+        if self._save is not None:
+            self._save(self.data)
+
+
+def records_from_jsonl(path) -> list[dict]:
+    """Rebuild the records of a JSON-lines file written through :class:`Record` (one per run, in order).
+    Rows computed from others after the fact (ratios, speed-ups) are whatever the run last set."""
+    runs: dict[str, dict] = {}
+    for e in read_jsonl(path):
+        kind, run = e.get("type"), e.get("run")
+        if kind == "run":
+            runs[run] = {k: v for k, v in e.items() if k not in ("type", "run", "key")}
+        elif run in runs and kind == "row":
+            runs[run].setdefault(e["list"], []).append(e["row"])
+        elif run in runs and kind == "set":
+            runs[run][e["name"]] = e["value"]
+    return list(runs.values())
+
+
+def device_lost(device: torch.device) -> str | None:
+    """Why the CUDA context of ``device`` can no longer be used (a sticky fault such as an illegal memory
+    access poisons every later call in the process), or ``None`` when it still works."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as exc:  # noqa: BLE001 - any failure here means the context is gone
+        return failure_reason(exc)
+    return None
+
+
+#: Exit status of a benchmark process that stopped because its CUDA context was lost; the device check
+#: reruns such a stage with the rows already written skipped.
+EXIT_DEVICE_LOST = 75
 
 
 def write_json(path: Path, obj) -> None:

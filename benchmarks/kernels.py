@@ -4,7 +4,9 @@ One run does, on the current device:
 1. peaks measured in the same process: bf16 matmul TFLOP/s and device-to-device copy GB/s;
 2. for each op and each backend (``torch`` reference, ``triton``, ``cuda`` where registered): a
    correctness check against the fp32 torch reference (the project's tolerance rule) and the median
-   time (``triton.testing.do_bench`` on CUDA, a wall-clock loop on CPU);
+   time of the Python call (``ms``: ``triton.testing.do_bench`` on CUDA, a wall-clock loop on CPU) and,
+   on CUDA, of the same call replayed from a CUDA graph (``device_ms``: the kernels alone, without the
+   registry, argument checks and launch overhead that dominate below ~100 us);
 3. baselines: concatenate + RoPE + SDPA (what diffusers does at a FAR inference step), SDPA with the
    cuDNN backend on the same dense shape, FlexAttention with a block mask for the chunk-causal form
    (forward and forward+backward).
@@ -12,7 +14,10 @@ One run does, on the current device:
     python -m benchmarks kernels --out benchmarks/results/h100 --model 1.3B        # on a GPU
     TRITON_INTERPRET=1 python -m benchmarks kernels --smoke --out /tmp/k          # CPU smoke run
 
-Ratios are only meaningful within one run (same device, same process).
+Every (op, backend) row is caught on its own: an exception (a Triton compile or out-of-resources
+error, a CUDA error) costs that row, which records the reason; a lost CUDA context ends the process
+with exit status 75 after recording the row, and ``--resume`` reruns skip the rows already in
+``--jsonl``. Ratios are only meaningful within one run (same device, same process).
 """
 
 from __future__ import annotations
@@ -69,7 +74,14 @@ def _cases(s: dict, device, dtype):
     keys = [buf_k[:, :, a:c] for a, c in zip(bounds, bounds[1:])]
     values = [buf_v[:, :, a:c] for a, c in zip(bounds, bounds[1:])]
     att_flops = 4 * lq * (lc + lf + lq) * dh * heads
+    # adjacent views of one cache buffer: the Triton launcher merges them into one segment
     yield "segmented_attention", lambda b: ops.segmented_attention(q, keys, values, backend=b), 0, att_flops
+    # the same keys in separate allocations, keys and values interleaved so that no two key (or value)
+    # segments are adjacent in memory: the multi-segment path of the kernels
+    apart = [t.clone() for kv in zip(keys, values) for t in kv]
+    keys_apart, values_apart = apart[0::2], apart[1::2]
+    yield ("segmented_attention (3 separate segments)",
+           lambda b: ops.segmented_attention(q, keys_apart, values_apart, backend=b), 0, att_flops)
 
     # cache step after chunk 6: 14,430 tokens, chunk-causal, 5 compressed + 2 full chunks
     layout = ops.far_attention_layout(CP[:7], 5, tpf, ctpf)
@@ -121,65 +133,151 @@ def _cases(s: dict, device, dtype):
         yield "baseline: FlexAttention fwd+bwd", flex_fb, 0, 3.5 * mask_flops
 
 
+def graph_ms(fn, device) -> tuple[float | None, str | None]:
+    """Median ms of ``fn()`` replayed from a CUDA graph (device time without Python dispatch), or
+    ``(None, reason)`` off CUDA or when the call cannot be captured (it syncs with the host, say)."""
+    if device.type != "cuda":
+        return None, "CUDA graphs need CUDA"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return common.kernel_ms(graph.replay, device), None
+    except Exception as exc:  # noqa: BLE001 - recorded next to the Python-call time
+        torch.cuda.synchronize(device)
+        return None, common.failure_reason(exc)
+
+
+def measure(fn, backend, ref, ref32, nbytes, flops, device, peak_copy_gbs) -> dict:
+    """One (op, backend) row: check against the fp32 reference, Python-call time, graph-replay time."""
+    row = {"backend": backend, "ms": None, "device_ms": None, "ok": None, "note": ""}
+    try:
+        out = fn(backend)
+        if backend != "torch":
+            try:
+                assert_kernel_close(out, ref32, ref if ref is not ref32 else None)
+                row["ok"] = True
+            except AssertionError as exc:
+                row["ok"], row["note"] = False, str(exc).splitlines()[0][:200]
+        del out
+        row["ms"] = common.kernel_ms(lambda: fn(backend), device)
+        row["device_ms"], why = graph_ms(lambda: fn(backend), device)
+        if why and device.type == "cuda":
+            row["note"] = (row["note"] + "; " if row["note"] else "") + f"no graph replay: {why}"
+    except registry.BackendUnavailableError as exc:
+        row["status"], row["note"] = "skipped", str(exc).split(": ", 2)[-1][:300]
+        return row
+    except Exception as exc:  # noqa: BLE001 - one failing kernel costs one row
+        row["status"], row["note"] = "failed", common.failure_reason(exc)
+        return row
+    row["status"] = "ok"
+    best = row["device_ms"] or row["ms"]
+    if nbytes:
+        row["GB/s"] = nbytes / best / 1e6
+        row["of_copy_bw"] = row["GB/s"] / peak_copy_gbs
+    if flops:
+        row["TFLOP/s"] = flops / best / 1e9
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["1.3B", "14B"], default="1.3B")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter smoke run)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--backends", default="torch,triton,cuda")
-    ap.add_argument("--out", required=True, help="output folder for kernels_<model>.json and .md")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the SDPA / cuDNN / FlexAttention baseline rows")
+    ap.add_argument("--out", default=None, help="output folder for kernels_<model>.json and .md")
+    ap.add_argument("--jsonl", default=None, help="also append every row to this JSON-lines file as it is measured")
+    ap.add_argument("--resume", action="store_true", help="skip the rows an earlier run of the same shapes and "
+                    "backends already wrote to --jsonl (after a lost CUDA context)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    shape = SHAPES["smoke" if args.smoke else args.model]
+    label = "smoke" if args.smoke else args.model
+    shape = SHAPES[label]
+    backends = [b for b in args.backends.split(",") if b]
+    meta = dict(common.run_meta(device, common.command_line("python -m benchmarks kernels", argv)),
+                model=label, shape=shape, dtype=args.dtype)
+    out = Path(args.out) if args.out else None
+
+    def save(data):
+        if out is not None:
+            common.write_json(out / f"kernels_{label}.json", data)
+            (out / f"kernels_{label}.md").write_text(markdown(data))
+
+    rec = common.Record({"kind": "kernels", "meta": meta, "rows": []},
+                        key=f"kernels:{label}:{args.dtype}:{','.join(backends)}", jsonl=args.jsonl, save=save)
+    done = rec.done("rows", "id") if args.resume else set()
     pk = common.peaks(device, small=args.smoke)
-    rows = []
+    rec.data["meta"]["peaks"] = pk
+    rec.set("peaks", pk)
     # the same inputs in fp32 give the truth of the tolerance rule (conventions: kernel vs fp32 reference)
     truth = _cases(shape, device, torch.float32) if dtype != torch.float32 else None
     for name, fn, nbytes, flops in _cases(shape, device, dtype):
         fn32 = next(truth)[1] if truth is not None else None
         if name.startswith("baseline"):
-            ms = common.kernel_ms(lambda: fn(None), device)
-            rows.append({"op": name, "backend": "-", "ms": ms, "ok": None, "note": ""})
-            continue
-        ref = fn("torch")
-        ref32 = fn32("torch").float() if fn32 is not None else ref
-        for backend in args.backends.split(","):
-            row = {"op": name, "backend": backend, "ms": None, "ok": None, "note": ""}
+            if args.no_baselines or name in done:
+                continue
+            row = {"id": name, "op": name, "backend": "-", "ok": None, "note": "", "device_ms": None}
             try:
-                out = fn(backend)
-                if backend != "torch":
-                    try:
-                        assert_kernel_close(out, ref32, ref if fn32 is not None else None)
-                        row["ok"] = True
-                    except AssertionError as exc:
-                        row["ok"], row["note"] = False, str(exc).splitlines()[0][:200]
-                row["ms"] = common.kernel_ms(lambda: fn(backend), device)
-            except registry.BackendUnavailableError as exc:
-                row["note"] = str(exc).split(": ", 2)[-1][:200]
-            if row["ms"]:
-                if nbytes:
-                    row["GB/s"] = nbytes / row["ms"] / 1e6
-                    row["of_copy_bw"] = row["GB/s"] / pk["copy_gbs"]
+                row["ms"] = common.kernel_ms(lambda: fn(None), device)
+                row["status"] = "ok"
                 if flops:
                     row["TFLOP/s"] = flops / row["ms"] / 1e9
-            rows.append(row)
-    label = "smoke" if args.smoke else args.model
-    meta = dict(common.run_meta(device, common.command_line("python -m benchmarks kernels", argv)),
-                model=label, shape=shape, dtype=args.dtype, peaks=pk)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / f"kernels_{label}.json", {"kind": "kernels", "meta": meta, "rows": rows})
-    lines = [f"# anyflow kernels, {label} shapes, on {meta['device']} ({meta['date']})", "",
-             f"{common.provenance(meta)}; peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy", "",
-             "| op | backend | ms | GB/s (of copy) | TFLOP/s | check | note |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+            except Exception as exc:  # noqa: BLE001
+                row.update(ms=None, status="failed", note=common.failure_reason(exc))
+            rec.add("rows", row)
+            _stop_if_lost(device)
+            continue
+        todo = [b for b in backends if f"{name}|{b}" not in done]
+        if not todo:
+            continue
+        try:
+            ref = fn("torch")
+            ref32 = fn32("torch").float() if fn32 is not None else ref
+        except Exception as exc:  # noqa: BLE001 - without a reference the op's rows cannot be checked
+            for b in todo:
+                rec.add("rows", {"id": f"{name}|{b}", "op": name, "backend": b, "ms": None, "device_ms": None, "ok": None,
+                                 "status": "failed", "note": f"torch reference failed: {common.failure_reason(exc)}"})
+            _stop_if_lost(device)
+            continue
+        for backend in todo:
+            row = measure(fn, backend, ref, ref32, nbytes, flops, device, pk["copy_gbs"])
+            rec.add("rows", {"id": f"{name}|{backend}", "op": name, **row})
+            _stop_if_lost(device)
+        del ref, ref32
+    print(markdown(rec.data))
+    return rec.data
+
+
+def _stop_if_lost(device) -> None:
+    lost = common.device_lost(device)
+    if lost:
+        print(f"kernels: CUDA context lost ({lost}); stopping (rerun with --resume)")
+        raise SystemExit(common.EXIT_DEVICE_LOST)
+
+
+def markdown(rec: dict) -> str:
+    meta, pk = rec["meta"], rec.get("peaks") or {}
+    peaks = (f"; peaks: {pk['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {pk['copy_gbs']:.0f} GB/s copy" if pk else "")
+    lines = [f"# anyflow kernels, {meta['model']} shapes, on {meta['device']} ({meta['date']})", "",
+             f"{common.provenance(meta)}{peaks}", "",
+             "| op | backend | ms (Python call) | ms (graph replay) | GB/s (of copy) | TFLOP/s | check | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
         bw = f"{r['GB/s']:.0f} ({100 * r['of_copy_bw']:.0f}%)" if "GB/s" in r else ""
         tf = f"{r['TFLOP/s']:.1f}" if "TFLOP/s" in r else ""
-        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+        dms = f"{r['device_ms']:.3f}" if r.get("device_ms") else "-"
         ok = {True: "pass", False: "FAIL", None: ""}[r["ok"]]
-        lines.append(f"| {r['op']} | {r['backend']} | {ms} | {bw} | {tf} | {ok} | {r['note']} |")
-    (out / f"kernels_{label}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        status = "" if r.get("status", "ok") == "ok" else f"{r['status']}: "
+        lines.append(f"| {r['op']} | {r['backend']} | {ms} | {dms} | {bw} | {tf} | {ok} | {status}{r['note']} |")
+    return "\n".join(lines) + "\n"

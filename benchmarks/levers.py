@@ -18,9 +18,12 @@ run, synchronised once per video:
 Then, for the headline ratio, whole pipeline calls in the same process: the untouched diffusers
 ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` ``__call__`` around the same transformer (prompt embeddings in,
 ``output_type="latent"``, no VAE or text encoder), then the same pipeline after ``anyflow.enable`` with
-its defaults and with every lever (``--pipelines``). For FAR the enabled pipeline's cache steps append
-(the diffusers one re-encodes the prefix) and its inference steps use the official semantics (diffusers
-0.42.1 adds zero keys), so ``rel_l2_vs_diffusers`` is not a parity figure there.
+its defaults and with every lever (``--pipelines``); every row gets one warm-up call and ``--iters`` timed
+calls. For FAR the enabled pipeline's cache steps append (the diffusers one re-encodes the prefix) and its
+inference steps use the official semantics (diffusers 0.42.1 adds zero keys), so the FAR output reference
+is ``diffusers_official``, diffusers with its padded keys dropped: ``rel_l2_vs_official`` of the
+``diffusers`` row is the size of the upstream bug, of the ``anyflow`` rows anyflow's deviation from the
+official model.
 
 Two more levers are measured by what they cost, not switched: the fp32 master latent (the fused Euler
 update on an fp32 latent vs on a model-dtype latent, per step, next to the NFE time) and host syncs in
@@ -33,6 +36,7 @@ the loop (device -> host reads per step of a whole video, counted by a dispatch 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -112,13 +116,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chunk-partition", default=None, help="FAR latent frames per chunk (default 1,3,3,3,3,3,3,2)")
     ap.add_argument("--steps", type=int, default=4, help="flow-map jumps per video (FAR: per chunk)")
     ap.add_argument("--shift", type=float, default=5.0, help="time shift of the schedule")
-    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
+    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}, or none")
     ap.add_argument("--pipelines", default=",".join(PIPELINES),
                     help=f"comma list of {', '.join(PIPELINES)} (whole pipeline calls, untouched vs enabled) or none")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None)
     ap.add_argument("--iters", type=int, default=3, help="timed videos per lever (median)")
     ap.add_argument("--out", default=None, help="folder for levers_<model>_<mode>.json and .md (default: print only)")
+    ap.add_argument("--jsonl", default=None, help="also append every row to this JSON-lines file as it is measured")
+    ap.add_argument("--resume", action="store_true", help="skip the rows an earlier run of the same configuration "
+                    "already wrote to --jsonl")
 
 
 @torch.no_grad()
@@ -132,7 +139,7 @@ def run(args, command: str) -> dict:
                          f"{args.frames}, {args.height}x{args.width}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    names = [n.strip() for n in args.levers.split(",") if n.strip()]
+    names = [n.strip() for n in args.levers.split(",") if n.strip() and n.strip() != "none"]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise ValueError(f"--levers: unknown {unknown}; expected some of {list(LEVERS)}")
@@ -153,35 +160,38 @@ def run(args, command: str) -> dict:
     text_raw = torch.randn(1, common.TEXT_TOKENS, model.config.text_dim, generator=gen).to(device, dtype)
 
     n_steps = args.steps * (len(cp) if args.mode == "far" else 1)
-    record = {
+    data = {
         "kind": "levers", "meta": meta,
         "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "height": args.height,
                    "width": args.width, "frames": args.frames, "latent": list(latent), "steps": args.steps,
-                   "shift": args.shift, "chunk_partition": cp if args.mode == "far" else None},
+                   "shift": args.shift, "chunk_partition": cp if args.mode == "far" else None, "iters": args.iters},
         "levers": [], "pipelines": [], "steps_per_video": n_steps,
-        "notes": "video_ms = whole video through the sampler (FAR incl. cache steps), median; rel_l2_vs_first compares "
-                 "each lever's latents with the first lever's (same noise; levers change rounding only); pipelines = "
-                 "the whole diffusers __call__ (output_type latent, prompt embeddings given, no VAE)",
+        "notes": "video_ms = whole video through the sampler (FAR incl. cache steps), median of the timed videos "
+                 "after one warm-up video, the same count for every row; rel_l2_vs_first compares each lever's "
+                 "latents with the first lever's (same noise; levers change rounding only); pipelines = the whole "
+                 "diffusers __call__ (output_type latent, prompt embeddings given, no VAE)",
     }
-    from anyflow.testing.host_reads import HostReads
 
-    with HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
-        video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
-    record["host_reads_per_video"] = reads.count
-    record["euler"] = euler_cost(latent, 1, device, dtype)
-
-    def save():  # after every row: a stage killed by its time limit still leaves what it measured
-        record["sdpa_choices"] = ops.sdpa_choices()
-        ok = [r for r in record["levers"] if r["status"] == "ok"]
-        if ok:
-            per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
-            record["euler"]["fp32_share_of_nfe"] = record["euler"]["fp32_master_ms"] / per_nfe
+    def save(d):  # after every row: a stage killed by its time limit still leaves what it measured
         if args.out:
-            common.write_json(Path(args.out) / f"levers_{label}_{args.mode}.json", record)
-            (Path(args.out) / f"levers_{label}_{args.mode}.md").write_text(markdown(record))
+            common.write_json(Path(args.out) / f"levers_{label}_{args.mode}.json", d)
+            (Path(args.out) / f"levers_{label}_{args.mode}.md").write_text(markdown(d))
+
+    rec = common.Record(data, key=f"levers:{label}:{args.mode}:{data['config']['dtype']}:{args.steps}:"
+                        f"{args.height}x{args.width}x{args.frames}", jsonl=args.jsonl, save=save)
+    done = rec.done("levers", "lever") | rec.done("pipelines", "pipeline") if args.resume else set()
+    if names:
+        from anyflow.testing.host_reads import HostReads
+
+        with HostReads() as reads:  # host syncs of one whole video, every lever that does not change the loop on
+            video_runner(model, args.mode, latent, cp, pairs, text_raw, device, dtype, LEVERS["cross_kv"])()
+        rec.set("host_reads_per_video", reads.count)
+        rec.set("euler", euler_cost(latent, 1, device, dtype))
 
     reference = None
     for name in names:
+        if name in done:
+            continue
         lever = LEVERS[name]
         row = {"lever": name, **lever, "status": "ok", "reason": None}
         try:
@@ -196,31 +206,44 @@ def run(args, command: str) -> dict:
             row["rel_l2_vs_first"] = rel_l2(out, reference)
         except Exception as exc:  # noqa: BLE001 - one failing lever must not stop the others
             row.update(status="failed", reason=common.failure_reason(exc))
-        record["levers"].append(row)
-        common.add_speedups(record["levers"], "lever", "baseline", "speedup_vs_baseline")
-        save()
+        common.add_speedups(rec.data["levers"] + [row], "lever", "baseline", "speedup_vs_baseline")
+        rec.add("levers", row)
+        rec.set("sdpa_choices", ops.sdpa_choices())
+        ok = [r for r in rec.data["levers"] if r["status"] == "ok"]
+        if ok and "euler" in rec.data:
+            per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
+            rec.set("euler", dict(rec.data["euler"], fp32_share_of_nfe=rec.data["euler"]["fp32_master_ms"] / per_nfe))
+        _stop_if_lost(device)
 
     if pipeline_names:
-        time_pipelines(model, args, latent, cp, text_raw, device, pipeline_names, record, save)
+        time_pipelines(model, args, latent, cp, text_raw, device, pipeline_names, rec, done)
     del model
-    md = markdown(record)
-    print(md)
-    return record
+    print(markdown(rec.data))
+    return rec.data
 
 
-#: Pipeline rows: the untouched diffusers ``__call__`` and enabled ones (``anyflow.enable`` keyword arguments).
+#: Pipeline rows: the untouched diffusers ``__call__``, diffusers with the official FAR semantics (its
+#: padded zero keys dropped: the output reference for FAR), and enabled ones (``anyflow.enable`` kwargs).
 PIPELINES = {
     "diffusers": None,
+    "diffusers_official": None,
     "anyflow": {},
     "anyflow_all": {"attention": "tuned", "cuda_graphs": True},
 }
 
 
-def time_pipelines(model, args, latent, cp, text_raw, device, names, record, save) -> None:
+def time_pipelines(model, args, latent, cp, text_raw, device, names, rec, done=frozenset()) -> None:
     """Whole ``__call__`` of the diffusers AnyFlow pipeline around ``model`` (no VAE or text encoder: prompt
-    embeddings in, latents out), untouched and enabled, same noise; rows appended to ``record["pipelines"]``."""
+    embeddings in, latents out), untouched and enabled, same noise, one warm-up call and ``--iters`` timed calls
+    each, in the order of ``names`` (the device check puts the rows it cannot lose first); rows appended to
+    ``rec``'s ``pipelines``. After every row ``pipeline_comparisons`` is recomputed from the rows so far: each
+    row's speed-up over ``diffusers`` and its output difference from the official semantics
+    (``diffusers_official`` for FAR, whose diffusers 0.42.1 pads inference-step keys with zeros; ``diffusers``
+    for the bidirectional pipeline)."""
     import anyflow
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    from anyflow.testing.official import official_far_semantics
 
     cls = AnyFlowFARPipeline if args.mode == "far" else AnyFlowPipeline
     pipe = cls(transformer=model, vae=None, text_encoder=None, tokenizer=None,
@@ -234,35 +257,42 @@ def time_pipelines(model, args, latent, cp, text_raw, device, names, record, sav
     def call():
         return pipe(generator=torch.Generator(device="cpu").manual_seed(3), **kw).frames
 
-    reference = None
+    reference = "diffusers_official" if args.mode == "far" else "diffusers"
+    outputs, times = {}, {}
     for name in names:
-        row = {"pipeline": name, "enable": PIPELINES[name], "status": "ok", "reason": None}
-        handle = None
+        if name in done or (name == "diffusers_official" and args.mode != "far"):
+            continue  # the bidirectional pipeline has no padded cache step: "diffusers" is the official model
+        row = {"pipeline": name, "enable": PIPELINES[name], "status": "ok", "reason": None, "iters": args.iters}
         try:
-            if PIPELINES[name] is not None:
-                handle = anyflow.enable(pipe, **PIPELINES[name])
-            common.reset_peak_memory(device)
-            outs = []
-            # diffusers: already warm (the levers ran the model) and its FAR flex path is slow, so no warm-up
-            # and half the repetitions; enabled pipelines: one warm-up call (SDPA tuning, graph pools)
-            untouched = name == "diffusers"
-            row["video_ms"] = common.median_ms(lambda: outs.append(call()), device,
-                                               iters=max(1, args.iters // 2) if untouched else args.iters,
-                                               warmup=0 if untouched else 1)
-            out = outs[-1]
-            row["peak_mem_gib"] = common.peak_memory_gib(device)
-            if name == "diffusers":
-                reference = out
-            elif reference is not None:
-                row["rel_l2_vs_diffusers"] = rel_l2(out, reference)
+            with contextlib.ExitStack() as stack:
+                if name == "diffusers_official":
+                    stack.enter_context(official_far_semantics())
+                elif PIPELINES[name] is not None:
+                    stack.enter_context(anyflow.enable(pipe, **PIPELINES[name]))
+                common.reset_peak_memory(device)
+                outs = []
+                row["video_ms"] = common.median_ms(lambda: outs.append(call()), device, iters=args.iters, warmup=1)
+                row["peak_mem_gib"] = common.peak_memory_gib(device)
+            outputs[name], times[name] = outs[-1], row["video_ms"]
         except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
             row.update(status="failed", reason=common.failure_reason(exc))
-        finally:
-            if handle is not None:
-                handle.disable()
-        record["pipelines"].append(row)
-        common.add_speedups(record["pipelines"], "pipeline", "diffusers", "speedup_vs_diffusers")
-        save()
+        rec.add("pipelines", row)
+        comparisons = {}
+        for other in times:
+            c = comparisons.setdefault(other, {})
+            if "diffusers" in times:
+                c["speedup_vs_diffusers"] = times["diffusers"] / times[other]
+            if reference in outputs and other != reference:
+                c["rel_l2_vs_official"] = rel_l2(outputs[other], outputs[reference])
+        rec.set("pipeline_comparisons", {"reference": reference, "rows": comparisons})
+        _stop_if_lost(device)
+
+
+def _stop_if_lost(device) -> None:
+    lost = common.device_lost(device)
+    if lost:
+        print(f"levers: CUDA context lost ({lost}); stopping (rerun with --resume)")
+        raise SystemExit(common.EXIT_DEVICE_LOST)
 
 
 def markdown(rec: dict) -> str:
@@ -283,24 +313,28 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {r['lever']} | {r['video_ms']:.1f} | {r['nfe']} | {r['video_ms'] / r['nfe']:.2f} | {sp} | {mem} | "
                      f"{r['rel_l2_vs_first']:.1e} | ok |")
     if rec.get("pipelines"):
+        comp = rec.get("pipeline_comparisons") or {"reference": "-", "rows": {}}
         lines += ["", "Whole pipeline calls (diffusers `__call__`, untouched vs `anyflow.enable`; prompt embeddings in, "
                   "latents out):", "", "| pipeline | enable() arguments | video ms | vs diffusers | peak GiB | "
-                  "rel L2 vs diffusers | status |", "|---|---|---|---|---|---|---|"]
+                  f"rel L2 vs {comp['reference']} | status |", "|---|---|---|---|---|---|---|"]
         for r in rec["pipelines"]:
             args = "-" if r["enable"] is None else (", ".join(f"{k}={v}" for k, v in r["enable"].items()) or "(defaults)")
             if r["status"] != "ok":
                 lines.append(f"| {r['pipeline']} | {args} | | | | | {r['status']}: {r['reason']} |")
                 continue
+            c = comp["rows"].get(r["pipeline"], {})
             mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
-            sp = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else "-"
-            err = f"{r['rel_l2_vs_diffusers']:.1e}" if "rel_l2_vs_diffusers" in r else "-"
+            sp = f"{c['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in c else "-"
+            err = f"{c['rel_l2_vs_official']:.1e}" if "rel_l2_vs_official" in c else "-"
             lines.append(f"| {r['pipeline']} | {args} | {r['video_ms']:.1f} | {sp} | {mem} | {err} | ok |")
-    e = rec["euler"]
+    e = rec.get("euler")
+    if e is None:
+        return "\n".join(lines) + "\n"
     share = f", {100 * e['fp32_share_of_nfe']:.2f}% of the fastest NFE" if "fp32_share_of_nfe" in e else ""
     lines += ["", f"fp32 master latent: Euler update {e['fp32_master_ms']:.3f} ms vs {e['model_dtype_ms']:.3f} ms on a "
               f"model-dtype latent{share}. Host reads in a whole video: {rec['host_reads_per_video']} "
               f"({rec['steps_per_video']} steps)."]
-    if rec["sdpa_choices"]:
+    if rec.get("sdpa_choices"):
         lines += ["", "SDPA kernel per shape (tuned): " + "; ".join(f"{k}: {v['kernel']}" for k, v in rec["sdpa_choices"].items())]
     return "\n".join(lines) + "\n"
 

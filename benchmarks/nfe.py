@@ -1,4 +1,4 @@
-"""Per-NFE and per-video DiT time: untouched diffusers vs anyflow, every backend, in one process.
+"""Per-NFE DiT time: untouched diffusers vs anyflow, every backend, in one process.
 
 Builds the transformer at a real Wan2.1 config (``1.3B``, ``14B``), the tiny test config or a custom
 JSON config, with random weights created directly on the device in the benchmark dtype (weights do not
@@ -19,14 +19,16 @@ chunk (query chunk over its KV cache) and every cache step (the masked forward o
 rebuilds the cache after each chunk but the last), all at transformer level with a diffusers-format KV
 cache. Guidance on = batch 2 (conditional + unconditional in one forward).
 
-Reported per variant: median ms per NFE (FAR: mean over chunks of the per-chunk medians), NFE/s,
-achieved TFLOP/s (FLOP model of ``benchmarks.common``) and its fraction of the bf16 matmul peak
-measured in the same run, peak memory (CUDA). Per video, for 1/2/4/8/16/32 steps (per chunk for FAR):
-total DiT time with and without the FAR cache steps, **computed** as steps x measured per-NFE times
-(+ measured per-cache-step times), not timed as one loop. Note: anyflow's own FAR sampler appends to
-its cache instead of re-encoding the prefix, so its real cache steps are cheaper than the
-transformer-level cache steps timed here. With ``--pipeline tiny|DIR`` the text encoding
-(``encode_prompt``) and the VAE decode of one video are timed separately.
+Reported per variant: median ms per NFE (FAR: mean over chunks of the per-chunk medians) and per cache
+step, NFE/s, achieved TFLOP/s (FLOP model of ``benchmarks.common``) and its fraction of the bf16 matmul
+peak measured in the same run, peak memory (CUDA). Every variant gets the same warm-up call and the same
+number of timed calls. Whole-video times are *measured* by ``python -m benchmarks levers`` (the real
+sampler loops and pipeline calls), never computed here as steps x per-NFE. With ``--pipeline tiny|DIR``
+the text encoding (``encode_prompt``) and the VAE decode of one video are timed separately.
+
+Rows are saved as they are measured (``--out`` rewrites the JSON atomically, ``--jsonl`` appends a line);
+a variant that raises costs its own row; a lost CUDA context ends the process with exit status 75 and
+``--resume`` skips the variants already written to ``--jsonl``.
 
     python -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --out /tmp/nfe
     python -m benchmarks nfe --model 1.3B --mode bidirectional --out benchmarks/results/h100
@@ -46,7 +48,6 @@ from anyflow.ops.sdpa import SDPA_POLICIES
 
 from . import common
 
-STEPS = (1, 2, 4, 8, 16, 32)
 ANYFLOW_BACKENDS = ("torch", "triton", "cuda", "auto")
 DIFFUSERS_ATTENTION = {"cudnn": "_native_cudnn", "flash": "flash", "xformers": "xformers"}
 
@@ -273,7 +274,7 @@ def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: fl
     try:
         with applied(model, variant, device):
             for name, kind, chunk, flops, call in loads:
-                ms = common.median_ms(call, device, iters=iters)
+                ms = common.median_ms(call, device, iters=iters, warmup=1)
                 row["workloads"].append({
                     "name": name, "kind": kind, "chunk": chunk, "ms": ms, "tflop": flops / 1e12,
                     "tflops": flops / ms / 1e9, "of_peak": flops / ms / 1e9 / peak_tflops,
@@ -282,8 +283,7 @@ def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: fl
         row.update(status="skipped", reason=str(exc)[:300], workloads=[])
         return row
     except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
-        row.update(status="failed", reason=common.failure_reason(exc),
-                   workloads=[])
+        row.update(status="failed", reason=common.failure_reason(exc), workloads=[])
         return row
     row["peak_mem_gib"] = common.peak_memory_gib(device)
     nfes = [w for w in row["workloads"] if w["kind"] == "nfe"]
@@ -292,15 +292,13 @@ def time_variant(model, variant: str, loads, device, iters: int, peak_tflops: fl
     flops = sum(w["tflop"] for w in nfes) / len(nfes) * 1e12
     row["per_nfe"] = {"median_ms": ms, "nfe_per_s": 1e3 / ms, "tflops": flops / ms / 1e9,
                       "of_peak": flops / ms / 1e9 / peak_tflops}
-    nfe_sum_s = sum(w["ms"] for w in nfes) / 1e3  # one NFE of every chunk (bidirectional: the NFE)
-    cache_s = sum(w["ms"] for w in caches) / 1e3
-    row["video"] = {str(s): {"nfe": s * len(nfes), "cache_steps": len(caches), "dit_s_no_cache": s * nfe_sum_s,
-                             "dit_s_with_cache": s * nfe_sum_s + cache_s} for s in STEPS}
+    if caches:
+        row["per_cache_step_ms"] = sum(w["ms"] for w in caches) / len(caches)
     return row
 
 
 def ratios(rows: list[dict], baselines=("diffusers", "diffusers:cudnn")) -> dict:
-    """Speed-ups of every variant over each baseline run in the same process: per NFE and per 4-step video."""
+    """Per-NFE speed-ups of every variant over each baseline run in the same process."""
     ok = {r["variant"]: r for r in rows if r["status"] == "ok"}
     out = {}
     for base in baselines:
@@ -308,12 +306,8 @@ def ratios(rows: list[dict], baselines=("diffusers", "diffusers:cudnn")) -> dict
             continue
         b = ok[base]
         for name, r in ok.items():
-            if name == base:
-                continue
-            out[f"{name} vs {base}"] = {
-                "per_nfe": b["per_nfe"]["median_ms"] / r["per_nfe"]["median_ms"],
-                "video_4_steps_with_cache": b["video"]["4"]["dit_s_with_cache"] / r["video"]["4"]["dit_s_with_cache"],
-            }
+            if name != base:
+                out[f"{name} vs {base}"] = {"per_nfe": b["per_nfe"]["median_ms"] / r["per_nfe"]["median_ms"]}
     return out
 
 
@@ -402,6 +396,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pipeline", default=None, help="also time text encoding + VAE decode: 'wan' (Wan2.1's UMT5-XXL "
                     "and VAE, random weights), 'tiny' or a pipeline folder")
     ap.add_argument("--out", default=None, help="folder for nfe_<model>_<mode>[_cfg].json and .md (default: print only)")
+    ap.add_argument("--jsonl", default=None, help="also append every row to this JSON-lines file as it is measured")
+    ap.add_argument("--resume", action="store_true", help="skip the variants an earlier run of the same configuration "
+                    "already wrote to --jsonl")
 
 
 @torch.no_grad()
@@ -421,39 +418,47 @@ def run(args, command: str) -> dict:
     model = build_transformer(cfg, args.mode, dtype, device)
     batch = 2 if args.guidance else 1
     loads = workloads(model, args.mode, (f, args.height // 8, args.width // 8), cp, batch, device, dtype)
-    record = {
+    data = {
         "kind": "nfe", "meta": meta, "peaks": pk,
         "config": {"model": label, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
                    "guidance": args.guidance, "height": args.height, "width": args.width, "frames": args.frames,
                    "latent": [f, args.height // 8, args.width // 8],
                    "chunk_partition": cp if args.mode == "far" else None,
-                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9},
-        "notes": "per-video DiT times are computed from measured per-NFE and per-cache-step times; "
-                 "FAR per-NFE = mean over chunks of per-chunk medians; cache steps are transformer-level "
-                 "re-encodes of the prefix (anyflow's sampler appends instead, so its cache steps are cheaper)",
+                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "iters": args.iters},
+        "notes": "one warm-up and the same timed calls per variant; FAR per-NFE = mean over chunks of per-chunk "
+                 "medians; FAR cache steps are transformer-level re-encodes of the prefix (anyflow's sampler "
+                 "appends instead); whole-video times: the levers benchmark",
         "variants": [], "ratios": {},
     }
     name = f"nfe_{label}_{args.mode}{'_cfg' if args.guidance else ''}"
 
-    def save():  # after every variant: a run stopped by a time limit keeps what it measured
+    def save(d):  # after every variant: a run stopped by a time limit keeps what it measured
         if args.out:
-            common.write_json(Path(args.out) / f"{name}.json", record)
-            (Path(args.out) / f"{name}.md").write_text(markdown(record))
+            common.write_json(Path(args.out) / f"{name}.json", d)
+            (Path(args.out) / f"{name}.md").write_text(markdown(d))
 
+    rec = common.Record(data, key=f"{name}:{data['config']['dtype']}:{args.height}x{args.width}x{args.frames}",
+                        jsonl=args.jsonl, save=save)
+    done = rec.done("variants", "variant") if args.resume else set()
     for v in variants:
-        record["variants"].append(time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]))
-        record["ratios"] = ratios(record["variants"])
-        save()
+        if v in done:
+            continue
+        rec.add("variants", time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]))
+        rec.set("ratios", ratios(rec.data["variants"]))
+        lost = common.device_lost(device)
+        if lost:
+            print(f"nfe: CUDA context lost after {v} ({lost}); stopping (rerun with --resume)")
+            raise SystemExit(common.EXIT_DEVICE_LOST)
     del model, loads
     if args.pipeline:
         try:
-            record["pipeline"] = time_pipeline_parts(args.pipeline, args.mode, dtype, device, args.frames,
-                                                     args.height, args.width, args.guidance, args.iters)
+            parts = time_pipeline_parts(args.pipeline, args.mode, dtype, device, args.frames,
+                                        args.height, args.width, args.guidance, args.iters)
         except Exception as exc:  # noqa: BLE001 - recorded, the DiT numbers still stand
-            record["pipeline"] = {"pipeline": args.pipeline, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        save()
-    print(markdown(record))
-    return record
+            parts = {"pipeline": args.pipeline, "error": common.failure_reason(exc)}
+        rec.set("pipeline", parts)
+    print(markdown(rec.data))
+    return rec.data
 
 
 def markdown(rec: dict) -> str:
@@ -462,27 +467,21 @@ def markdown(rec: dict) -> str:
         f"# {c['model']} {c['mode']} {c['dtype']} {c['width']}x{c['height']}x{c['frames']}"
         f"{' CFG' if c['guidance'] else ''} on {m['device']} ({m['date']})", "",
         f"{common.provenance(m)}; peak {pk['bf16_matmul_tflops']:.1f} TFLOP/s bf16 matmul (measured). {rec['notes']}.", "",
-        "| variant | ms/NFE | NFE/s | TFLOP/s | of peak | peak GiB | DiT s, 4 steps (+cache) | status |",
+        "| variant | ms/NFE | NFE/s | TFLOP/s | of peak | ms/cache step | peak GiB | status |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rec["variants"]:
         if r["status"] != "ok":
             lines.append(f"| {r['variant']} | | | | | | | {r['status']}: {r['reason']} |")
             continue
-        p, v = r["per_nfe"], r["video"]["4"]
+        p = r["per_nfe"]
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        cache = f"{r['per_cache_step_ms']:.2f}" if "per_cache_step_ms" in r else "-"
         lines.append(f"| {r['variant']} | {p['median_ms']:.2f} | {p['nfe_per_s']:.2f} | {p['tflops']:.3g} | "
-                     f"{100 * p['of_peak']:.1f}% | {mem} | {v['dit_s_no_cache']:.3g} ({v['dit_s_with_cache']:.3g}) | ok |")
+                     f"{100 * p['of_peak']:.1f}% | {cache} | {mem} | ok |")
     if rec["ratios"]:
-        lines += ["", "| pair | per NFE | 4-step video incl. cache |", "|---|---|---|"]
-        lines += [f"| {k} | {v['per_nfe']:.2f}x | {v['video_4_steps_with_cache']:.2f}x |" for k, v in rec["ratios"].items()]
-    ok = [r for r in rec["variants"] if r["status"] == "ok"]
-    if ok:
-        lines += ["", "DiT seconds per video (without / with cache steps, computed):", "",
-                  "| variant | " + " | ".join(f"{s} steps" for s in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
-        for r in ok:
-            cells = [f"{r['video'][str(s)]['dit_s_no_cache']:.3g} / {r['video'][str(s)]['dit_s_with_cache']:.3g}" for s in STEPS]
-            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        lines += ["", "| pair | per NFE |", "|---|---|"]
+        lines += [f"| {k} | {v['per_nfe']:.2f}x |" for k, v in rec["ratios"].items()]
     p = rec.get("pipeline")
     if p:
         lines += ["", f"Pipeline `{p['pipeline']}`: " + (f"error {p['error']}" if "error" in p else

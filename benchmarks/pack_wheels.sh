@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on a machine with internet, the wheels the GPU machine lacks (it has torch 2.11+cu130,
 # Triton 3.6, transformers, accelerate, safetensors, matplotlib, pytest-benchmark; no diffusers, no
-# internet) into DIR (default benchmarks/wheels) for benchmarks/gpu_harness.sh. Never torch or triton:
+# internet) into DIR (default benchmarks/wheels) for benchmarks/device_check.sh. Never torch or triton:
 # --no-deps with an explicit list, and the result is checked.
 #   bash benchmarks/pack_wheels.sh [DIR]
 set -euo pipefail
