@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_HEAD_DIM, MAX_SEGMENTS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_SEGMENTS = 4
-MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_SEGMENTS
+
 #: True when the kernels run in Triton's CPU interpreter (decided when this module is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -46,8 +48,6 @@ MAX_BLOCK_D = 8192
 #: Elements per program the row-blocked kernels aim for. The interpreter's cost grows with the number
 #: of programs, so it gets big tiles; on a GPU ~4k elements keeps registers low at 4-16 warps.
 TILE_ELEMS = 16384 if INTERPRET else 4096
-
-MAX_SEGMENTS = 4
 
 
 # ----------------------------------------------------------------------------------------------

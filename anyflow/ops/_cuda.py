@@ -25,22 +25,9 @@ from typing import Optional
 
 import torch
 
+from ..kernels.limits import MAX_BATCH_HEADS, MAX_GROUPS, MAX_HEAD_DIM, MAX_RANGES, MAX_ROW_CHUNKS, MAX_SEGMENTS
 from . import registry
 from .attention import AttentionLayout
-
-#: Limits of the kernels (csrc/kernels/*.h).
-MAX_SEGMENTS = 4
-MAX_HEAD_DIM = 256
-MAX_GROUPS = 64
-MAX_RANGES = 4
-#: Widest row one thread block of the row kernels holds (4 x 1024 vectors of 16 bytes; CUDA only).
-MAX_ROW_BYTES = 4 * 1024 * 16
-#: Chunks one row block holds (4 per thread, 1024 threads): 16 bytes' worth of elements each when the
-#: vector width divides the row (residual_norm) or the head dim (qk_norm_rope), else 1 element
-#: (residual_norm) or 2 (qk_norm_rope) - aligned or not (csrc/kernels/conditioning.cu, rope.cu).
-MAX_ROW_CHUNKS = 4 * 1024
-#: batch * heads of an attention call (the grid's y dimension).
-MAX_BATCH_HEADS = 65535
 
 _FAKES_REGISTERED = False
 

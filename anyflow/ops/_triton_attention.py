@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.limits import MAX_BATCH_HEADS, MAX_HEAD_DIM, MAX_SEGMENTS
 from . import registry
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,8 +49,6 @@ def _triton_installed() -> bool:
 # triton_op needs triton at definition time (it scans the body for kernels); without triton the ops
 # can never run, so the opaque registration keeps `import anyflow.ops` quiet and triton-free.
 _TRITON_OP = not _INTERPRET and _triton_installed()
-MAX_SEGMENTS = 4  # = anyflow.kernels.attention.MAX_SEGMENTS (not imported: that needs triton)
-MAX_HEAD_DIM = 256  # a [BLOCK_M, D] fp32 accumulator per program; beyond this it no longer fits
 
 
 def _kernels():
@@ -198,8 +197,8 @@ def __getattr__(name):  # module attributes segmented_op, chunk_causal_op, chunk
 # ------------------------------------------------------------------------------------------------
 def _tensor_reason(tensors) -> Optional[str]:
     q = tensors[0]
-    if q.shape[0] * q.shape[1] > 65535:
-        return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds the 65535 programs of grid axis 1"
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds the {MAX_BATCH_HEADS} programs of grid axis 1"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton attention kernels"
     device = q.device.type

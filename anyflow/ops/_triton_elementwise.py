@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..kernels.limits import MAX_ROPE_DIM, MAX_SEGMENTS
 from . import registry
-
-MAX_SEGMENTS = 4  # anyflow.kernels.conditioning.MAX_SEGMENTS (not imported: that needs triton)
-MAX_ROPE_DIM = 16384  # apply_rope keeps one head in one block
 
 
 def _device_reason(t) -> Optional[str]:
