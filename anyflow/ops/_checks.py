@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import Optional, Sequence
 
 import torch
 
@@ -18,6 +20,30 @@ def check_tensor(name: str, x, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> 
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
+def check_number(name: str, value, minimum: Optional[float] = None) -> float:
+    """``value`` as a finite float (a Python or NumPy real, or a one-element tensor), at least ``minimum``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    """``value`` as an int (Python or NumPy integer; not bool, not float), at least ``minimum``."""
+    if isinstance(value, torch.SymInt):  # traced shapes: specialise, as int() did before
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_same_device(**tensors) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     first = next(iter(devices.values()))
@@ -28,10 +54,12 @@ def check_same_device(**tensors) -> torch.device:
     return first
 
 
-def check_segments(segments: Sequence[Sequence[int]], num_tokens: int, num_rows: int, arg: str = "segments"):
-    """Validate a frame-segment table: ``((frames, tokens_per_frame), ...)`` covering the token axis."""
+def check_segments(segments: Sequence[Sequence[int]], num_tokens: int, num_rows: Optional[int],
+                   arg: str = "segments"):
+    """Validate a frame-segment table: ``((frames, tokens_per_frame), ...)`` covering the token axis (and
+    ``num_rows`` frames unless it is ``None``)."""
     try:
-        segs = tuple((int(f), int(n)) for f, n in segments)
+        segs = tuple((check_int(arg, f), check_int(arg, n)) for f, n in segments)
     except (TypeError, ValueError):
         raise TypeError(f"{arg} must be a sequence of (num_frames, tokens_per_frame) pairs, got {segments!r}") from None
     if any(f < 0 or n <= 0 for f, n in segs):
@@ -40,6 +68,6 @@ def check_segments(segments: Sequence[Sequence[int]], num_tokens: int, num_rows:
     rows = sum(f for f, _ in segs)
     if tokens != num_tokens:
         raise ValueError(f"{arg}={segs} covers {tokens} tokens but the input has {num_tokens}")
-    if rows != num_rows:
+    if num_rows is not None and rows != num_rows:
         raise ValueError(f"{arg}={segs} covers {rows} frames but the modulation has {num_rows} rows")
     return segs

@@ -19,6 +19,7 @@ the context, the clean copies of strictly earlier chunks, and itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import registry
-from ._checks import check_same_device, check_tensor
+from ._checks import check_int, check_number, check_same_device, check_tensor
 from .sdpa import sdpa
 
 Range = tuple[int, int]
@@ -74,13 +75,14 @@ def chunk_causal_layout(
         :class:`AttentionLayout` with ``q_len = sum(chunk_tokens) (+ clean copies)``.
 
     Raises:
-        ValueError: negative sizes or more context chunks than chunks.
+        ValueError / TypeError: chunk sizes that are not positive ints, a negative ``kv_offset`` or more
+            context chunks than chunks.
     """
-    toks = [int(n) for n in chunk_tokens]
-    if any(n <= 0 for n in toks) or not 0 <= num_context_chunks <= len(toks) or kv_offset < 0:
-        raise ValueError(
-            f"invalid chunk layout: chunk_tokens={toks}, num_context_chunks={num_context_chunks}, kv_offset={kv_offset}"
-        )
+    toks = _positive_ints("chunk_tokens", chunk_tokens)
+    num_context_chunks = check_int("num_context_chunks", num_context_chunks)
+    kv_offset = check_int("kv_offset", kv_offset, minimum=0)
+    if not 0 <= num_context_chunks <= len(toks):
+        raise ValueError(f"num_context_chunks must be in [0, {len(toks)}] (chunks in chunk_tokens), got {num_context_chunks}")
     starts = [sum(toks[:i]) for i in range(len(toks))]
     ends = [s + n for s, n in zip(starts, toks)]
     total = sum(toks)
@@ -116,6 +118,16 @@ def chunk_causal_layout(
     return AttentionLayout(q_len, o + q_len, tuple(groups))
 
 
+def _positive_ints(name: str, values) -> list[int]:
+    """A non-empty sequence of positive ints, or a ValueError / TypeError naming ``name``."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {type(values).__name__} {values!r}")
+    out = [check_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    if not out or any(v <= 0 for v in out):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {out}")
+    return out
+
+
 def _merge(ranges):
     out = []
     for s, e in sorted(ranges):
@@ -143,9 +155,13 @@ def far_attention_layout(
         clean_copy: training form with clean copies of the full chunks; context = compressed chunks.
 
     Raises:
-        ValueError: ``num_compressed_chunks`` outside ``[0, len(chunk_partition)]`` or empty chunks.
+        ValueError / TypeError: ``num_compressed_chunks`` outside ``[0, len(chunk_partition)]``, chunk
+            sizes or tokens per frame that are not positive ints.
     """
-    cp = [int(c) for c in chunk_partition]
+    cp = _positive_ints("chunk_partition", chunk_partition)
+    full_tokens_per_frame = check_int("full_tokens_per_frame", full_tokens_per_frame, minimum=1)
+    compressed_tokens_per_frame = check_int("compressed_tokens_per_frame", compressed_tokens_per_frame, minimum=1)
+    num_compressed_chunks = check_int("num_compressed_chunks", num_compressed_chunks)
     if not 0 <= num_compressed_chunks <= len(cp):
         raise ValueError(f"num_compressed_chunks must be in [0, {len(cp)}], got {num_compressed_chunks}")
     toks = [
@@ -258,13 +274,35 @@ def segmented_attention(
             )
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"keys[{i}]/values[{i}] must have q's dtype {q.dtype}, got {k.dtype}/{v.dtype}")
-        check_same_device(q=q, key=k, value=v)
+        check_same_device(q=q, **{f"keys[{i}]": k, f"values[{i}]": v})
     if sum(k.shape[2] for k in keys) == 0:
-        raise ValueError("segmented_attention needs at least one key")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        raise ValueError(f"keys must hold at least one key in total, got lengths {[k.shape[2] for k in keys]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_number("scale", scale)
     return registry.dispatch(
         "segmented_attention", backend, q.device.type, q, tuple(keys), tuple(values), scale, bool(return_lse)
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _check_layout(layout: AttentionLayout) -> None:
+    """The groups tile ``[0, q_len)`` in order; each has sorted, disjoint, non-empty key ranges inside
+    ``[0, kv_len)``. (The builders guarantee it; a hand-made layout is checked once per process.)"""
+    at = 0
+    for qs, qe, ranges in layout.groups:
+        if qs != at or qe <= qs:
+            raise ValueError(f"layout groups must tile [0, {layout.q_len}) in order; a group covers [{qs}, {qe}) "
+                             f"where [{at}, ...) comes next")
+        if not ranges:
+            raise ValueError(f"layout group [{qs}, {qe}) has no key range (its queries would attend to nothing)")
+        end = 0
+        for ks, ke in ranges:
+            if ks < end or ke <= ks or ke > layout.kv_len:
+                raise ValueError(f"layout group [{qs}, {qe}) has key ranges {list(ranges)}; expected sorted, disjoint, "
+                                 f"non-empty ranges inside [0, {layout.kv_len})")
+            end = ke
+        at = qe
+    if at != layout.q_len:
+        raise ValueError(f"layout groups cover [0, {at}) of the {layout.q_len} queries")
 
 
 @registry.register("chunk_causal_attention", "torch")
@@ -310,7 +348,9 @@ def chunk_causal_attention(
         ``[B, H, Lq, D]`` in ``q.dtype`` (and the LSE when asked).
 
     Raises:
-        ValueError / TypeError: mismatched shapes, dtypes or devices, or a layout of other lengths.
+        ValueError / TypeError: mismatched shapes, dtypes or devices, a layout of other lengths, or
+            one whose groups do not tile the queries or whose key ranges are unsorted, overlapping,
+            empty or out of bounds.
 
     Source: the FAR cache step and training mask (diffusers ``_build_far_block_mask_from_far_cfg``,
     without the padding to 128 that only the flex block size needs).
@@ -328,8 +368,10 @@ def chunk_causal_attention(
         raise ValueError(
             f"layout is for {layout.q_len} queries x {layout.kv_len} keys, got {q.shape[2]} x {k.shape[2]}"
         )
+    # cached per layout in eager; a trace checks the (constant) layout once, uncached
+    (_check_layout.__wrapped__ if torch.compiler.is_compiling() else _check_layout)(layout)
     check_same_device(q=q, k=k, v=v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_number("scale", scale)
     return registry.dispatch(
         "chunk_causal_attention", backend, q.device.type, q, k, v, layout, scale, bool(return_lse)
     )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
-from ._checks import check_same_device, check_segments, check_tensor
+from ._checks import check_int, check_number, check_same_device, check_segments, check_tensor
 
 Segments = Sequence[Sequence[int]]
 
@@ -99,19 +99,49 @@ def time_pair_embedding(
 
     Source: AnyFlow §3 (time-pair conditioning); diffusers ``AnyFlowDualTimestepTextImageEmbedding``.
     """
-    check_tensor("t", t, dtypes=None)
-    check_tensor("delta", delta, dtypes=None)
-    if t.ndim != 1 or delta.shape != t.shape:
+    check_tensor("t", t, ndim=1, dtypes=None)
+    check_tensor("delta", delta, ndim=1, dtypes=None)
+    if delta.shape != t.shape:
         raise ValueError(f"t and delta must be 1-D of equal length, got {tuple(t.shape)} and {tuple(delta.shape)}")
-    if len(time_mlp) != 4 or len(delta_mlp) != 4 or len(proj) != 2:
-        raise ValueError("time_mlp/delta_mlp must be (w1, b1, w2, b2) and proj (w, b)")
-    if time_mlp[0].shape[1] != freq_dim:
-        raise ValueError(f"time_mlp[0] must have {freq_dim} input features, got {tuple(time_mlp[0].shape)}")
-    check_same_device(t=t, delta=delta, w=time_mlp[0], gate=gate)
+    for name, value in (("t", t), ("delta", delta)):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real timesteps, got dtype {value.dtype}")
+    freq_dim = check_int("freq_dim", freq_dim, minimum=1)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    check_tensor("gate", gate, dtypes=None)
+    if gate.numel() != 1:
+        raise ValueError(f"gate must hold one value (shape [1]), got shape {tuple(gate.shape)}")
+    width = _check_mlp("time_mlp", time_mlp, freq_dim)
+    if _check_mlp("delta_mlp", delta_mlp, freq_dim) != width:
+        raise ValueError(f"delta_mlp must have the width of time_mlp ({width}), got {tuple(delta_mlp[0].shape)}")
+    if not isinstance(proj, (list, tuple)) or len(proj) != 2:
+        raise ValueError(f"proj must be (w [6d, d], b [6d]), got {len(proj) if hasattr(proj, '__len__') else proj!r}")
+    check_tensor("proj[0]", proj[0], ndim=2, dtypes=None)
+    check_tensor("proj[1]", proj[1], ndim=1, dtypes=None)
+    if proj[0].shape[1] != width or proj[1].shape[0] != proj[0].shape[0]:
+        raise ValueError(f"proj must be (w [6d, {width}], b [6d]), got {tuple(proj[0].shape)} and {tuple(proj[1].shape)}")
+    check_same_device(t=t, delta=delta, gate=gate, **{f"time_mlp[{i}]": w for i, w in enumerate(time_mlp)},
+                      **{f"delta_mlp[{i}]": w for i, w in enumerate(delta_mlp)}, **{"proj[0]": proj[0], "proj[1]": proj[1]})
     return registry.dispatch(
         "time_pair_embedding", backend, t.device.type, t, delta, tuple(time_mlp), tuple(delta_mlp), tuple(proj),
         gate, freq_dim, out_dtype,
     )
+
+
+def _check_mlp(name: str, mlp, in_features: int) -> int:
+    """Check ``(w1 [d, in], b1 [d], w2 [d, d], b2 [d])``; return d."""
+    if not isinstance(mlp, (list, tuple)) or len(mlp) != 4:
+        raise ValueError(f"{name} must be (w1, b1, w2, b2), got {len(mlp) if hasattr(mlp, '__len__') else mlp!r}")
+    for i, (w, ndim) in enumerate(zip(mlp, (2, 1, 2, 1))):
+        check_tensor(f"{name}[{i}]", w, ndim=ndim, dtypes=None)
+    d = mlp[0].shape[0]
+    if mlp[0].shape[1] != in_features:
+        raise ValueError(f"{name}[0] must have freq_dim={in_features} input features, got {tuple(mlp[0].shape)}")
+    if mlp[1].shape != (d,) or mlp[2].shape != (d, d) or mlp[3].shape != (d,):
+        shapes = ", ".join(str(tuple(w.shape)) for w in mlp)
+        raise ValueError(f"{name} must be (w1 [{d}, {in_features}], b1 [{d}], w2 [{d}, {d}], b2 [{d}]), got {shapes}")
+    return d
 
 
 def delta_time(t: torch.Tensor, r: torch.Tensor, deltatime_type: str) -> torch.Tensor:
@@ -190,12 +220,13 @@ def adaln_modulate(
     check_tensor("scale", scale, ndim=3)
     if shift.shape != scale.shape or shift.shape[0] != x.shape[0] or shift.shape[2] != x.shape[2]:
         raise ValueError(
-            f"shift and scale must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(shift.shape)} and "
+            f"shift and scale must be [B, R, d] with B, d of x {tuple(x.shape)}, got {tuple(shift.shape)} and "
             f"{tuple(scale.shape)}"
         )
     check_same_device(x=x, shift=shift, scale=scale)
     segs = check_segments(segments, x.shape[1], shift.shape[1])
-    return registry.dispatch("adaln_modulate", backend, x.device.type, x, shift, scale, segs, float(eps))
+    eps = check_number("eps", eps, minimum=0.0)
+    return registry.dispatch("adaln_modulate", backend, x.device.type, x, shift, scale, segs, eps)
 
 
 @registry.register("gated_residual", "torch")
@@ -237,7 +268,7 @@ def gated_residual(
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     if gate.shape[0] != x.shape[0] or gate.shape[2] != x.shape[2]:
-        raise ValueError(f"gate must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(gate.shape)}")
+        raise ValueError(f"gate must be [B, R, d] with B, d of x {tuple(x.shape)}, got {tuple(gate.shape)}")
     check_same_device(x=x, y=y, gate=gate)
     segs = check_segments(segments, x.shape[1], gate.shape[1])
     return registry.dispatch("gated_residual", backend, x.device.type, x, y, gate, segs)
@@ -316,13 +347,16 @@ def residual_norm(
             raise ValueError(f"shift/scale must be [B, R, d] like gate, got {tuple(shift.shape)} and {tuple(scale.shape)}")
         rows = shift.shape[1]
     for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_tensor(name, p, ndim=1)
         if p is not None and p.shape != (x.shape[2],):
             raise ValueError(f"{name} must be [{x.shape[2]}], got {tuple(p.shape)}")
     for name, t in (("gate", gate), ("shift", shift)):
         if t is not None and (t.shape[0] != x.shape[0] or t.shape[2] != x.shape[2]):
-            raise ValueError(f"{name} must be [B, R, d] = [{x.shape[0]}, R, {x.shape[2]}], got {tuple(t.shape)}")
+            raise ValueError(f"{name} must be [B, R, d] with B, d of x {tuple(x.shape)}, got {tuple(t.shape)}")
     check_same_device(x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
-    segs = check_segments(segments, x.shape[1], rows if rows is not None else sum(f for f, _ in segments))
+    segs = check_segments(segments, x.shape[1], rows)
+    eps = check_number("eps", eps, minimum=0.0)
     return registry.dispatch(
-        "residual_norm", backend, x.device.type, x, y, gate, segs, float(eps), shift, scale, weight, bias
+        "residual_norm", backend, x.device.type, x, y, gate, segs, eps, shift, scale, weight, bias
     )

@@ -12,19 +12,21 @@ from typing import Optional, Union
 import torch
 
 from . import registry
-from ._checks import check_same_device, check_tensor
+from ._checks import check_int, check_number, check_same_device, check_tensor
 
 TimeArg = Union[float, torch.Tensor]
 
 
 def _per_frame_time(x: TimeArg, b: int, f: int, device, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real timesteps, got dtype {x.dtype}")
         if x.numel() == 1:
             return x.reshape(1, 1).to(device=device, dtype=torch.float64).expand(b, f)
         if x.shape != (b, f):
             raise ValueError(f"{name} must be a number or a [B, F] = [{b}, {f}] tensor, got shape {tuple(x.shape)}")
         return x.to(device=device, dtype=torch.float64)
-    return torch.full((b, f), float(x), dtype=torch.float64, device=device)
+    return torch.full((b, f), check_number(name, x), dtype=torch.float64, device=device)
 
 
 @registry.register("euler_shortcut", "torch")
@@ -81,15 +83,18 @@ def euler_shortcut(
         raise ValueError(
             f"velocity must be [B or 2B, F, C, H, W] with latents {tuple(latents.shape)}, got {tuple(velocity.shape)}"
         )
-    if not 0 <= int(num_context_frames) <= f:
+    num_context_frames = check_int("num_context_frames", num_context_frames)
+    if not 0 <= num_context_frames <= f:
         raise ValueError(f"num_context_frames must be in [0, {f}], got {num_context_frames}")
+    guidance_scale = check_number("guidance_scale", guidance_scale)
     if out is not None:
         check_tensor("out", out, ndim=5)
         if out.shape != latents.shape or out.dtype != latents.dtype:
-            raise ValueError(f"out must match latents {tuple(latents.shape)} {latents.dtype}")
+            raise ValueError(f"out must match latents {tuple(latents.shape)} {latents.dtype}, got {tuple(out.shape)} "
+                             f"{out.dtype}")
     check_same_device(latents=latents, velocity=velocity, out=out)
     dt = (_per_frame_time(t, b, f, latents.device, "t") - _per_frame_time(r, b, f, latents.device, "r")) / 1000.0
     return registry.dispatch(
-        "euler_shortcut", backend, latents.device.type, latents, velocity, dt.float(), float(guidance_scale),
-        int(num_context_frames), out,
+        "euler_shortcut", backend, latents.device.type, latents, velocity, dt.float(), guidance_scale,
+        num_context_frames, out,
     )

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import registry
-from ._checks import check_same_device, check_tensor
+from ._checks import check_int, check_number, check_same_device, check_tensor
 
 
 def rope_pair_split(head_dim: int) -> tuple[int, int, int]:
@@ -29,6 +29,7 @@ def rope_pair_split(head_dim: int) -> tuple[int, int, int]:
     Raises:
         ValueError: odd ``head_dim`` or one too small to give every axis a pair.
     """
+    head_dim = check_int("head_dim", head_dim)
     if head_dim % 2 or head_dim < 6:
         raise ValueError(f"head_dim must be even and >= 6 for 3-axis RoPE, got {head_dim}")
     hw = head_dim // 6
@@ -108,11 +109,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
         ValueError / TypeError: table shapes that do not match ``x``.
     """
     check_tensor("x", x, ndim=4)
+    if x.shape[3] % 2:
+        raise ValueError(f"x must be [B, L, H, D] with an even head dim D (interleaved pairs), got shape {tuple(x.shape)}")
     check_tensor("cos", cos, ndim=2, dtypes=(torch.float32,))
     check_tensor("sin", sin, ndim=2, dtypes=(torch.float32,))
     if cos.shape != (x.shape[1], x.shape[3] // 2) or sin.shape != cos.shape:
         raise ValueError(
-            f"cos/sin must be [L, D/2] = [{x.shape[1]}, {x.shape[3] // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}"
+            f"cos/sin must be [L, D/2] = [{x.shape[1]}, {x.shape[3] // 2}] for x {tuple(x.shape)}, got "
+            f"{tuple(cos.shape)}, {tuple(sin.shape)}"
         )
     check_same_device(x=x, cos=cos, sin=sin)
     return registry.dispatch("apply_rope", backend, x.device.type, x, cos, sin)
@@ -156,12 +160,18 @@ def qk_norm_rope(
     """
     check_tensor("x", x, ndim=3)
     check_tensor("weight", weight, ndim=1)
-    if heads <= 0 or x.shape[2] % heads or weight.shape[0] != x.shape[2]:
+    heads = check_int("heads", heads, minimum=1)
+    if x.shape[2] % heads or weight.shape[0] != x.shape[2]:
         raise ValueError(f"x [B, L, H*Dh] = {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit heads={heads}")
     dh = x.shape[2] // heads
+    if dh % 2:
+        raise ValueError(f"x must be [B, L, H*Dh] with an even head dim Dh (interleaved pairs), got Dh={dh} "
+                         f"(shape {tuple(x.shape)}, heads={heads})")
     check_tensor("cos", cos, ndim=2, dtypes=(torch.float32,))
     check_tensor("sin", sin, ndim=2, dtypes=(torch.float32,))
     if cos.shape != (x.shape[1], dh // 2) or sin.shape != cos.shape:
-        raise ValueError(f"cos/sin must be [L, Dh/2] = [{x.shape[1]}, {dh // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        raise ValueError(f"cos/sin must be [L, Dh/2] = [{x.shape[1]}, {dh // 2}] for x {tuple(x.shape)}, got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
     check_same_device(x=x, weight=weight, cos=cos, sin=sin)
-    return registry.dispatch("qk_norm_rope", backend, x.device.type, x, weight, float(eps), cos, sin, int(heads))
+    eps = check_number("eps", eps, minimum=0.0)
+    return registry.dispatch("qk_norm_rope", backend, x.device.type, x, weight, eps, cos, sin, heads)
