@@ -5,13 +5,18 @@ A checkpoint is one ``torch.save`` file holding plain containers and tensors onl
 generator and the global RNGs (torch CPU and CUDA, Python ``random``, NumPy), the data iterator's state
 when it has one, and the step. It is written to a temporary file in the target folder, flushed and
 fsynced, then moved into place with ``os.replace``, so a crash or an exception never leaves a partial
-file under the final name.
+file under the final name. A process killed outright (SIGKILL, power loss) mid-write leaves only its
+hidden temporary file, which :func:`remove_partial_checkpoints` deletes when the run resumes; and
+:func:`latest_checkpoint` passes over a file under the final name that is not a complete ``torch.save``
+archive (copied in part, or written by another tool), so a run never resumes from a partial checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -158,10 +163,44 @@ def checkpoint_path(output_dir: PathLike, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step:07d}.pt"
 
 
+def is_complete(path: PathLike) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive: a zip whose central directory (written last)
+    is present and whose members are all there (their headers and sizes are read, not the data)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            end = os.path.getsize(path)
+            return all(info.header_offset + info.compress_size <= end for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
-    """The checkpoint with the largest step in ``output_dir`` (``None`` if there is none)."""
+    """The complete checkpoint with the largest step in ``output_dir`` (``None`` if there is none).
+
+    A ``checkpoint-*.pt`` that is not a complete archive (:func:`is_complete`) is passed over with a
+    warning naming it; the newest complete one before it is returned.
+    """
     d = Path(output_dir)
     if not d.is_dir():
         return None
-    found = sorted(d.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
+    for path in sorted(d.glob("checkpoint-*.pt"), reverse=True):
+        if is_complete(path):
+            return path
+        warnings.warn(f"{path}: incomplete checkpoint (not a whole torch.save archive), skipped; resuming from an "
+                      "earlier one", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def remove_partial_checkpoints(output_dir: PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_save` leaves when its process is killed mid-write
+    (``.checkpoint-*.tmp`` in ``output_dir``); returns them. Call it only where no other process is
+    writing checkpoints into ``output_dir`` (rank 0, before training resumes)."""
+    d = Path(output_dir)
+    removed = []
+    for tmp in d.glob(".checkpoint-*.tmp") if d.is_dir() else ():
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -186,6 +186,10 @@ def train_from_config(
         trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher, cfg), real_score=teacher,
                           output_dir=out, log_stream=log_stream, fsdp=ctx is not None)
         if resume:
+            if main:  # a run killed mid-write left its temporary checkpoint file behind
+                from .checkpoint import remove_partial_checkpoints
+
+                remove_partial_checkpoints(out)
             path = trainer.resume()
             if path is not None and log_stream is not None:
                 print(f"resumed from {path} (step {trainer.step})", file=log_stream, flush=True)
