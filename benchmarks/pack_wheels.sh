@@ -9,7 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DIR="${1:-benchmarks/wheels}"
 PY="${PYTHON:-.venv/bin/python}"
 # diffusers 0.42.1 is the pin; the rest are its light needs missing on the GPU image (the tree that travels is <= 64 MiB).
-PACKAGES=("diffusers==0.42.1" importlib_metadata zipp ftfy wcwidth)  # no imageio-ffmpeg: 60 MB, benchmarks write no video
+# requests and its needs: diffusers checks for it at import and the GPU image lacks it (found by the rehearsal,
+# benchmarks/rehearse_gpu_image.sh). No imageio-ffmpeg: 60 MB, benchmarks write no video.
+PACKAGES=("diffusers==0.42.1" importlib_metadata zipp ftfy wcwidth requests charset-normalizer idna urllib3 certifi)
 mkdir -p "$DIR"
 plat=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

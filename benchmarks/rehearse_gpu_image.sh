@@ -16,13 +16,14 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$VENV/bin/python" -m pip install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.4" "transformers==5.17.0" \
     "setuptools<82" accelerate safetensors matplotlib pytest pytest-benchmark ninja pybind11 pyyaml
 fi
-if ! compgen -G "benchmarks/wheels/*.whl" > /dev/null; then bash benchmarks/pack_wheels.sh; fi
+bash benchmarks/pack_wheels.sh
 "$VENV/bin/python" -c "import diffusers" 2> /dev/null && { echo "rehearse: $VENV has diffusers; the GPU image has none" >&2; exit 1; }
 rm -rf "$OUT"; mkdir -p "$OUT"
 # the extension against torch 2.11, in a copy of the tree so that the project's own build stays as it is
 SRC="$(mktemp -d)"; trap 'rm -rf "$SRC"' EXIT
 git ls-files -z | xargs -0 -I{} cp --parents {} "$SRC"
 cp -r benchmarks/wheels "$SRC/benchmarks/"
+if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/local/cuda; fi  # as device_check.sh does
 ( cd "$SRC" && MAX_JOBS=2 "$VENV/bin/python" setup.py -q build_ext --inplace > "$OUT/rehearsal-build.log" 2>&1 ) \
   || { echo "rehearse: extension build failed (see $OUT/rehearsal-build.log)"; }
 HARNESS_SMOKE=1 PYTHON="$VENV/bin/python" bash "$SRC/benchmarks/device_check.sh" "$OUT"

@@ -20,8 +20,9 @@ the code is our own.
   output row is owned by exactly one program: no atomics, deterministic.
 
 Every launch is one kernel launch per op call (all groups, heads and batches in one grid). Host tables
-are cached per (layout, block size, device). Launches go through ``torch.library.wrap_triton`` so the
-ops that call them can be ``torch.library.triton_op`` s that torch.compile traces.
+are cached per (layout, block size, device). Launches go through :func:`anyflow.kernels.conditioning.launcher`
+(``torch.library.wrap_triton`` on GPU) so the ops that call them can be ``torch.library.triton_op`` s that
+torch.compile traces.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the constexpr ``INTERPRETED`` works around two interpreter
 bugs so that the CPU results carry the GPU's rounding: every ``tl.dot`` upcasts its operands to fp32
@@ -38,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .conditioning import launcher
 from .limits import MAX_HEAD_DIM, MAX_SEGMENTS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -575,7 +577,7 @@ def segmented_attention_fwd(q, keys, values, scale: float, *, out=None, lse=None
         lens.append(k.shape[2])
         strides += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)]
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    torch.library.wrap_triton(_segmented_fwd_kernel)[grid](
+    launcher(_segmented_fwd_kernel)[grid](
         q, out, lse, *ptrs, *lens, *strides,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, scale * LOG2E,
@@ -601,7 +603,7 @@ def chunk_causal_fwd(q, k, v, groups, scale: float, *, out=None, lse=None, block
     prog, ranges, n = _table(query_tiles, groups, k.shape[2], block_m, q)
     if n == 0 or B * H == 0:
         return out, lse
-    torch.library.wrap_triton(_chunk_fwd_kernel)[(n, B * H)](
+    launcher(_chunk_fwd_kernel)[(n, B * H)](
         q, k, v, out, lse, prog, ranges,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -635,7 +637,7 @@ def chunk_causal_bwd(q, k, v, out, lse, dout, dlse, groups, scale: float, *, dq=
     if Lq:
         pre_block = 64 if not INTERPRET else 32
         dl = dlse if dlse is not None else lse  # placeholder pointer, compiled out by HAS_DLSE
-        torch.library.wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(Lq, pre_block), B * H)](
+        launcher(_bwd_preprocess_kernel)[(triton.cdiv(Lq, pre_block), B * H)](
             out, dout, dl, delta,
             out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dl.stride(0), dl.stride(1), dl.stride(2),
@@ -647,7 +649,7 @@ def chunk_causal_bwd(q, k, v, out, lse, dout, dlse, groups, scale: float, *, dq=
     block_n = block_n or _key_block(q.dtype, D)
     prog, ranges, n = _table(key_tiles, groups, Lk, block_n, q)
     if n:
-        torch.library.wrap_triton(_chunk_bwd_dkdv_kernel)[(n, B * H)](
+        launcher(_chunk_bwd_dkdv_kernel)[(n, B * H)](
             q, k, v, dout, lse, delta, dk, dv, prog, ranges, *qkv_strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             H, Lq, scale, scale * LOG2E,
@@ -656,7 +658,7 @@ def chunk_causal_bwd(q, k, v, out, lse, dout, dlse, groups, scale: float, *, dq=
     block_m = block_m or _query_block(q.dtype, D)
     prog, ranges, n = _table(query_tiles, groups, Lk, block_m, q)
     if n:
-        torch.library.wrap_triton(_chunk_bwd_dq_kernel)[(n, B * H)](
+        launcher(_chunk_bwd_dq_kernel)[(n, B * H)](
             q, k, v, dout, lse, delta, dq, prog, ranges, *qkv_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, Lq, scale, scale * LOG2E,

@@ -74,8 +74,10 @@ def define_op(name: str, fn: Callable, mutates_args, fake: Callable):
 
 
 def launcher(kernel):
-    """``wrap_triton(kernel)``: a HOP call on GPU, the plain kernel under the interpreter."""
-    return torch.library.wrap_triton(kernel)
+    """How every kernel of this package is launched: ``wrap_triton(kernel)`` on GPU (a higher-order op that
+    ``torch.compile`` traces into), the plain kernel under the interpreter (torch 2.11's ``wrap_triton``
+    rejects the interpreter's kernels; the interpreted ops are opaque ``custom_op`` s anyway)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 def alloc_output(shape, dtype, device) -> torch.Tensor:
