@@ -24,6 +24,7 @@ import torch
 from . import ops
 from .models import fused, offload
 from .ops import registry
+from .ops.sdpa import get_sdpa_policy
 
 _SUBCLASSES: dict[type, type] = {}
 #: per-instance attributes set by :func:`enable` (and removed by ``disable``)
@@ -279,6 +280,7 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline, AnyFlowTransformer3DModel
 
     registry.warm_up()
+    get_sdpa_policy()  # resolve ANYFLOW_SDPA now: a compiled forward must not see the policy change on first use
     name = registry.prefer(backend) if backend != "auto" else "auto"
     wanted = registry.requested_backend(backend)
     if wanted not in ("auto", "torch") and registry.backend_reason(wanted):

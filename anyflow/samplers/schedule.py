@@ -1,10 +1,48 @@
-"""Flow-map time grids: the (t, r) pairs of an N-step sampler, validated."""
+"""The flow-map time grid, in one place: the shifted grid of an N-step sampler and its (t, r) pairs.
+
+Every sampler, training rollout, consistency sampler and the any-step study take their grid from
+:func:`time_grid`; :func:`time_pairs` reads a diffusers ``FlowMapEulerDiscreteScheduler`` (its shift, or
+the custom sigmas / timesteps a pipeline call passes). Timesteps are in [0, 1000], sigma = t / 1000.
+"""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+
+
+def shift_sigma(s, shift: float):
+    """Flow shift ``k s / (1 + (k - 1) s)`` of sigma ``s`` in [0, 1] (identity for k = 1; AnyFlow §3, the
+    shift of diffusers ``FlowMapEulerDiscreteScheduler``).
+
+    Works on Python floats and tensors; a tensor keeps its dtype (bf16 arithmetic rounds every op,
+    which is how the official trainer's bf16 timesteps come about).
+    """
+    if shift == 1.0:
+        return s
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def time_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``[N + 1]`` float64 grid ``num_train_timesteps * shift(linspace(1, 0, N + 1))``, from 1000 down to 0.
+
+    The grid of diffusers ``FlowMapEulerDiscreteScheduler.set_timesteps(N)`` (equal to it in float64) and of
+    the official trainer's rollouts. Jump i goes from ``grid[i]`` to ``grid[i + 1]``.
+
+    Raises:
+        ValueError: ``num_steps`` is not an int >= 1.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigma(s, shift) * num_train_timesteps
+
+
+def pairs_of(grid) -> list[tuple[float, float]]:
+    """``[(grid[0], grid[1]), (grid[1], grid[2]), ...]`` as Python floats (a tensor is read once)."""
+    values = grid.tolist() if isinstance(grid, torch.Tensor) else [float(v) for v in grid]
+    return list(zip(values[:-1], values[1:]))
 
 
 def _decreasing(name: str, values: Sequence[float], low: float, high: float) -> list[float]:
@@ -29,8 +67,8 @@ def time_pairs(
 ) -> list[tuple[float, float]]:
     """The (t, r) jumps of a sampler, in [0, 1000], from a diffusers ``FlowMapEulerDiscreteScheduler``.
 
-    The grid is the scheduler's own (shifted ``linspace(1, 0, N + 1)`` in float64, or the custom
-    ``sigmas`` / ``timesteps`` with the terminal 0 appended); jump i goes from t_i to t_{i+1}.
+    The grid is the scheduler's own: :func:`time_grid` with its shift, or the custom ``sigmas`` /
+    ``timesteps`` (shifted by the scheduler, the terminal 0 appended); jump i goes from t_i to t_{i+1}.
 
     Args:
         scheduler: the pipeline's ``FlowMapEulerDiscreteScheduler`` (its state is reset).
@@ -59,5 +97,6 @@ def time_pairs(
         if not 1 <= num_inference_steps <= 1000:
             raise ValueError(f"num_inference_steps must be in [1, 1000], got {num_inference_steps}")
     scheduler.set_timesteps(num_inference_steps, device="cpu", sigmas=sigmas, timesteps=timesteps)
-    grid = (scheduler.sigmas.to(torch.float64) * scheduler.config.num_train_timesteps).tolist()
-    return list(zip(grid[:-1], grid[1:]))
+    if sigmas is None and timesteps is None:
+        return pairs_of(time_grid(num_inference_steps, scheduler.config.shift, scheduler.config.num_train_timesteps))
+    return pairs_of(scheduler.sigmas.to(torch.float64) * scheduler.config.num_train_timesteps)
