@@ -78,6 +78,21 @@ def test_resume_after_an_interruption_logs_each_step_once(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_after_a_kill_mid_log_line(tmp_path):
+    """A kill while a log record was being written leaves half a line: the resume drops it (it used to fail)."""
+    import json
+
+    cfg = {"preset": "tiny", "total_iter": 4, "save_every": 2}
+    _trainer(cfg, output_dir=tmp_path).fit(3)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')
+    b = _trainer(cfg, output_dir=tmp_path)
+    assert b.resume() is not None and b.step == 2
+    b.fit(2)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_checkpoint_restores_global_rng_and_loads_weights_only(tmp_path):
     tr = _trainer({"preset": "tiny", "total_iter": 1})
     torch.manual_seed(5), random.seed(5), np.random.seed(5)

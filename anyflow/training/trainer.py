@@ -614,14 +614,21 @@ class Trainer:
 
     def _truncate_log(self) -> None:
         """Drop ``log.jsonl`` records of steps after the resumed one (an interrupted run logged them
-        past its last checkpoint; the resumed run logs them again)."""
+        past its last checkpoint; the resumed run logs them again) and a line a kill cut short."""
         if self.output_dir is None or self.rank != 0:
             return
         log = Path(self.output_dir) / "log.jsonl"
         if not log.is_file():
             return
         lines = log.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= self.step
+            except (json.JSONDecodeError, AttributeError):
+                return False
+
+        keep = [line for line in lines if line.strip() and kept(line)]
         if len(keep) != len(lines):
             from ..io import atomic_output
 
