@@ -7,7 +7,7 @@ import sys
 COMMANDS = ("ceilings", "nfe", "kernels", "levers", "report")
 USAGE = ("usage: python -m benchmarks {ceilings,nfe,kernels,levers,report} [options]   (--help after a command for its options)\n"
          "  ceilings environment + measured bf16 matmul TFLOP/s and copy GB/s of this device\n"
-         "  nfe      per-NFE and per-video DiT time, diffusers vs anyflow backends, in one process\n"
+         "  nfe      per-NFE DiT time, diffusers vs anyflow backends and SDPA policies, in one process\n"
          "  kernels  per-op correctness check + timing per backend at real shapes, with SDPA/cuDNN/Flex baselines\n"
          "  levers   whole-video sampler time with each end-to-end lever alone and all together\n"
          "  report   regenerate the README performance table from benchmarks/results/")

@@ -11,7 +11,7 @@ One run does, on the current device:
    cuDNN backend on the same dense shape, FlexAttention with a block mask for the chunk-causal form
    (forward and forward+backward).
 
-    python -m benchmarks kernels --out benchmarks/results/h100 --model 1.3B        # on a GPU
+    python -m benchmarks kernels --out benchmarks/results/h200 --model 1.3B        # on a GPU
     TRITON_INTERPRET=1 python -m benchmarks kernels --smoke --out /tmp/k          # CPU smoke run
 
 Every (op, backend) row is caught on its own: an exception (a Triton compile or out-of-resources

@@ -30,7 +30,7 @@ update on an fp32 latent vs on a model-dtype latent, per step, next to the NFE t
 the loop (device -> host reads per step of a whole video, counted by a dispatch mode: must be 0).
 
     python -m benchmarks levers --model 1.3B --mode bidirectional --steps 4 --out OUT
-    python -m benchmarks levers --model tiny --mode far --height 64 --width 64 --frames 21 --steps 2
+    python -m benchmarks levers --model tiny --mode far --height 64 --width 64 --frames 21 --chunk-partition 1,2,2,1 --steps 2
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ Rows are saved as they are measured (``--out`` rewrites the JSON atomically, ``-
 a variant that raises costs its own row; a lost CUDA context ends the process with exit status 75 and
 ``--resume`` skips the variants already written to ``--jsonl``.
 
-    python -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --out /tmp/nfe
-    python -m benchmarks nfe --model 1.3B --mode bidirectional --out benchmarks/results/h100
+    python -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --chunk-partition 1,2,2,1 --out /tmp/nfe
+    python -m benchmarks nfe --model 1.3B --mode bidirectional --guidance --out benchmarks/results/h200
 """
 
 from __future__ import annotations
