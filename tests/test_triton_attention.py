@@ -212,13 +212,15 @@ def test_chunk_causal_fwd_writes_every_output_element(block_m):
     assert_kernel_close(lse, ref_lse)
 
 
-def test_chunk_causal_attention_overlapping_ranges_mean_their_union():
-    # (the torch backend concatenates the ranges, i.e. it would count overlapping keys twice; the
-    # layouts built by chunk_causal_layout never overlap) - compare with the dense mask instead
-    layout = OVERLAP_LAYOUT
-    q, k, v = _qkv(layout, 12, seed=4)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device))
-    assert_kernel_close(ops.chunk_causal_attention(q, k, v, layout, backend="triton"), ref)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunk_causal_attention_rejects_overlapping_ranges(backend):
+    # overlapping key ranges meant their union to the Triton kernel but counted the overlap twice in the
+    # torch reference (it concatenates the ranges): a backend-dependent result, so the op rejects them (the
+    # layouts built by chunk_causal_layout never overlap; the kernels' program tables still merge them,
+    # test_program_tables_cover_the_mask_exactly)
+    q, k, v = _qkv(OVERLAP_LAYOUT, 12, seed=4)
+    with pytest.raises(ValueError, match="layout group .* sorted, disjoint"):
+        ops.chunk_causal_attention(q, k, v, OVERLAP_LAYOUT, backend=backend)
 
 
 def test_chunk_causal_attention_strided_inputs_keep_their_layout():
