@@ -166,7 +166,8 @@ def format_report(info: dict | None = None) -> str:
                           else f"eager: {reason}"))
 
     backends = info["backends"]
-    lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks):")
+    lines.append(f"op backends on {backends['device_type']} ('auto' row: the backend auto picks; then what each "
+                 "supports):")
     if backends["error"]:
         lines.append(f"  {backends['error']}")
     for row in backends["rows"]:
@@ -175,4 +176,6 @@ def format_report(info: dict | None = None) -> str:
         else:
             status = "available" if row["available"] else f"unavailable: {row['reason']}"
         lines.append(f"  {row['op']:<24} {row['backend']:<7} {status}")
+        if row.get("supports"):
+            lines.append(f"  {'':<24} {'':<7}   supports: {row['supports']}")
     return "\n".join(lines)

@@ -298,7 +298,7 @@ def test_attention_kernel_paths(device, impl):
     layout = O.far_attention_layout([1, 3, 2], 1, 70, 18, clean_copy=True)
     g = _gen(9)
     q, k, v = (_rand(1, 2, layout.q_len, 64, gen=g, dtype=torch.bfloat16, device=device) for _ in range(3))
-    flat = _cuda._flat_layout(layout)
+    flat = O.attention.flat_layout(layout)
     out, lse = torch.ops.anyflow.c_chunk_causal_attention(q, k, v, flat, 0.125, True, impl)
     ref32, lse32 = O.chunk_causal_attention(q.float(), k.float(), v.float(), layout, scale=0.125, return_lse=True,
                                             backend="torch")
@@ -433,9 +433,14 @@ def test_checks_mirror_the_cuda_launch_limits():
     assert _cuda._row_limit(4, 5120, 1) == 16384 and _cuda._row_limit(4, 5122, 1) == 4096
     # qk_norm_rope: the head dim decides the chunk; pairs when the vector width does not divide it
     assert _cuda._row_limit(2, 128, 2) == 32768 and _cuda._row_limit(2, 6, 2) == 8192
-    q = torch.empty(1, 65536, 2, 8, device="meta")
-    assert "batch * heads must be <= 65535" in _cuda._check_segmented(q, [q], [q], 0.1, False)
-    assert _cuda._check_segmented(q[:, :65535], [q[:, :65535]], [q[:, :65535]], 0.1, False) is None
+    cuda = registry._IMPLS["segmented_attention"]["cuda"].supports
+    q = torch.empty(1, 65536, 2, 8)
+
+    def reasons(q):
+        return "; ".join(cuda.reasons("cuda", registry._CALLS["segmented_attention"](q, [q], [q], 0.1, False), (), {}))
+
+    assert "batch * heads must be <= 65535" in reasons(q)
+    assert reasons(q[:, :65535]) == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +467,7 @@ def _opcheck_cases():
                                   _rand(2, 3, 4, gen=g))),
         ("c_segmented_attention", (q, [kv[:, :, :4], kv[:, :, 4:]], [kv[:, :, :4], kv[:, :, 4:]], 0.3, True)),
         ("c_segmented_attention", (q.transpose(1, 2).contiguous().transpose(1, 2), [kv], [kv], 0.3, False)),
-        ("c_chunk_causal_attention", (q, kv, kv, _cuda._flat_layout(layout), 0.3, True)),
+        ("c_chunk_causal_attention", (q, kv, kv, O.attention.flat_layout(layout), 0.3, True)),
     ]
 
 

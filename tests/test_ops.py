@@ -351,6 +351,71 @@ def test_registry_report_lists_every_op_and_backend():
                 assert r["reason"], r
 
 
+def test_backend_context_precedence(monkeypatch):
+    """``backend=`` argument > innermost ``ops.backend`` setting > ANYFLOW_BACKEND > "auto"."""
+    monkeypatch.delenv("ANYFLOW_BACKEND", raising=False)
+    monkeypatch.setattr(registry, "_selected", None)
+    assert registry.requested_backend() == "auto"
+    monkeypatch.setenv("ANYFLOW_BACKEND", "cuda")
+    assert registry.requested_backend() == "cuda"
+    with ops.backend("triton") as inside:
+        assert inside == "triton" and registry.requested_backend() == "triton"
+        assert registry.requested_backend("torch") == "torch"
+        with ops.backend(("triton", "torch")):
+            assert registry.requested_backend() == ("triton", "torch")
+        with ops.backend("auto"):  # undoes the outer setting: the environment decides again
+            assert registry.requested_backend() == "cuda"
+        with ops.backend(None):  # sets and restores nothing
+            assert registry.requested_backend() == "triton"
+        with pytest.raises(KeyError), ops.backend("torch"):
+            raise KeyError
+        assert registry.requested_backend() == "triton"
+    assert registry.requested_backend() == "cuda"
+    ops.backend("torch")  # process-wide, as set_sdpa_policy
+    assert registry.requested_backend() == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.backend("flash")
+    x, rows = randn(1, 5, 8), randn(1, 5, 8)
+    with ops.backend("triton"), pytest.raises(registry.BackendUnavailableError, match="'triton'.*at most 4"):
+        ops.adaln_modulate(x, rows, rows, ((1, 1),) * 5)
+
+
+def test_backend_context_compiles_without_recompiles(monkeypatch):
+    """Entered inside a compiled function (as an enabled forward does), the setting is traced: no graph
+    break, and calls with new values reuse the graph."""
+    monkeypatch.setattr(registry, "_selected", None)
+    segs = ((2, 3), (1, 5))
+
+    def f(x, shift, scale):
+        with ops.backend("torch"):
+            return ops.adaln_modulate(x, shift, scale, segs)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(f, fullgraph=True, backend="eager")
+        for seed in (0, 1):
+            args = (randn(1, 11, 8, seed=seed), randn(1, 3, 8, seed=seed + 2), randn(1, 3, 8, seed=seed + 4))
+            with torch._dynamo.config.patch(error_on_recompile=seed == 1):
+                torch.testing.assert_close(compiled(*args), f(*args))
+    finally:
+        torch._dynamo.reset()
+    assert registry._selected is None  # the context restored the setting
+
+
+def test_not_supported_reasons_lists_every_declared_constraint():
+    q = randn(1, 2, 3, 9).requires_grad_()
+    five = (randn(1, 2, 3, 9),) * 5
+    with torch.enable_grad():
+        reasons = registry.not_supported_reasons("segmented_attention", "cuda", q, five, five, 0.1, False)
+    if registry.backend_reason("cuda") is None:
+        assert any("forward-only" in r for r in reasons) and any("at most 4 non-empty KV" in r for r in reasons)
+    assert registry.not_supported_reasons("segmented_attention", "torch", q, five, five, 0.1, False) == []
+    supports = {(r["op"], r["backend"]): r["supports"] for r in registry.report("cpu")}
+    assert "forward-only" in supports[("segmented_attention", "cuda")]
+    assert "segments <= 4" in supports[("adaln_modulate", "triton")]
+    assert supports[("adaln_modulate", "torch")] == "any call"
+
+
 # ----------------------------------------------------------------------------------------------
 # fused residual + norm, fused QK RMSNorm + RoPE
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from anyflow import ops  # noqa: E402
-from anyflow.ops import _triton_attention as ta  # noqa: E402  (registers the "triton" backend)
+from anyflow.ops import _triton as ta  # noqa: E402
 from anyflow.ops.attention import AttentionLayout  # noqa: E402
 from anyflow.testing.tolerances import assert_kernel_close  # noqa: E402
 from anyflow.testing.triton_compile import COMPILE_ONLY_SM90  # noqa: E402
@@ -293,20 +293,20 @@ def test_chunk_causal_bwd_writes_every_gradient_element():
 def test_opcheck_chunk_causal_ops():
     layout = LAYOUTS["short_2_2_1_clean"]
     q, k, v = (t.requires_grad_() for t in _qkv(layout, 12, seed=6))
-    flat = ta.encode_layout(layout)
-    torch.library.opcheck(ta.chunk_causal_op, (q, k, v, flat, 0.3))
-    out, lse = ta.chunk_causal_op(q.detach(), k.detach(), v.detach(), flat, 0.3)
+    flat, defined = ta.encode_layout(layout), ta.define_ops()
+    torch.library.opcheck(defined["chunk_causal_attention"], (q, k, v, flat, 0.3))
+    out, lse = defined["chunk_causal_attention"](q.detach(), k.detach(), v.detach(), flat, 0.3)
     dout, dlse = randn(*out.shape, seed=7), randn(*lse.shape, seed=8)
     q, k, v = q.detach(), k.detach(), v.detach()
-    torch.library.opcheck(ta.chunk_causal_backward_op, (q, k, v, out, lse, dout, dlse, flat, 0.3))
-    torch.library.opcheck(ta.chunk_causal_backward_op, (q, k, v, out, lse, dout, None, flat, 0.3))
+    torch.library.opcheck(defined["chunk_causal_attention_backward"], (q, k, v, out, lse, dout, dlse, flat, 0.3))
+    torch.library.opcheck(defined["chunk_causal_attention_backward"], (q, k, v, out, lse, dout, None, flat, 0.3))
 
 
 def test_opcheck_segmented_op():
     q, keys, values = _segments("separate", 12, lens=(5, 0, 8), lq=7)
-    torch.library.opcheck(ta.segmented_op, (q, keys, values, 0.3))
+    torch.library.opcheck(ta.define_ops()["segmented_attention"], (q, keys, values, 0.3))
     q, keys, values = _segments("adjacent", 12, lens=(5, 8), lq=7)
-    torch.library.opcheck(ta.segmented_op, (q, keys, values, 0.3))
+    torch.library.opcheck(ta.define_ops()["segmented_attention"], (q, keys, values, 0.3))
 
 
 def test_compiled_chunk_causal_attention_fullgraph_with_backward():
@@ -344,7 +344,7 @@ from triton.backends.compiler import GPUTarget
 from torch._functorch.aot_autograd import aot_export_joint_simple
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from anyflow import ops
-from anyflow.ops import _triton_attention as ta
+from anyflow.ops import _triton as ta
 
 
 class TargetOnly:  # torch's TTIR mutation analysis only asks the driver for the compile target
@@ -354,12 +354,13 @@ class TargetOnly:  # torch's TTIR mutation analysis only asks the driver for the
 
 triton.runtime.driver.set_active(TargetOnly())
 assert ta._TRITON_OP, "expected the triton_op registration"
+chunk_causal_op = ta.define_ops()["chunk_causal_attention"]
 layout = ops.far_attention_layout([1, 3, 3, 2], 2, 6, 2, clean_copy=True)
 q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.bfloat16, requires_grad=True)
            for n in (layout.q_len, layout.kv_len, layout.kv_len))
 
 def loss(q, k, v):  # the op directly: the registry rightly refuses "triton" here (no GPU, no interpreter)
-    out, lse = ta.chunk_causal_op(q, k, v, ta.encode_layout(layout), 0.125)
+    out, lse = chunk_causal_op(q, k, v, ta.encode_layout(layout), 0.125)
     return (out.float().sum() + lse.sum(),)
 
 code = aot_export_joint_simple(loss, [q, k, v], trace_joint=True).code
@@ -385,7 +386,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from torch._dynamo.backends.common import aot_autograd
 from anyflow import ops
-from anyflow.ops import _triton_attention as ta
+from anyflow.ops import _triton as ta
 
 
 class TargetOnly:
@@ -405,10 +406,11 @@ def stub(gm, example_inputs):  # tracing is the point; nothing can launch withou
 
 triton.runtime.driver.set_active(TargetOnly())
 assert ta._TRITON_OP
+chunk_causal_op = ta.define_ops()["chunk_causal_attention"]
 
 
 def loss(q, k, v, layout):
-    out, lse = ta.chunk_causal_op(q, k, v, ta.encode_layout(layout), 0.125)
+    out, lse = chunk_causal_op(q, k, v, ta.encode_layout(layout), 0.125)
     return out.float().sum() + lse.sum()
 
 
@@ -493,9 +495,11 @@ def test_backend_module_imports_without_triton():
         "        if name == 'triton' or name.startswith('triton.'):\n"
         "            raise ImportError('blocked')\n"
         "sys.meta_path.insert(0, Blocker())\n"
-        "import anyflow.ops._triton_attention as m\n"
+        "import anyflow.ops._triton as m\n"
         "from anyflow.ops import registry\n"
         "assert 'triton' not in sys.modules\n"
         "assert registry._IMPLS['chunk_causal_attention']['triton'].fn is m._chunk_causal_attention_triton\n"
+        "assert 'triton' in registry._IMPLS['euler_shortcut']\n"
+        "assert registry.backend_reason('triton') is not None\n"
     )
     assert not res.stderr.strip(), res.stderr

@@ -15,8 +15,6 @@ import torch
 
 pytest.importorskip("triton")
 
-import importlib  # noqa: E402
-
 from anyflow import ops  # noqa: E402
 from anyflow.ops import registry  # noqa: E402
 from anyflow.testing.tolerances import assert_kernel_close  # noqa: E402
@@ -26,8 +24,7 @@ if registry.backend_reason("triton") is not None:
     pytest.skip(f"triton backend unavailable: {registry.backend_reason('triton')}", allow_module_level=True)
 
 from anyflow.kernels import conditioning as kcond  # noqa: E402
-from anyflow.kernels import euler as keuler  # noqa: E402,F401  (defines the anyflow::euler_* ops)
-from anyflow.kernels import rope as krope  # noqa: E402,F401  (defines the anyflow::*rope ops)
+from anyflow.ops import _triton  # noqa: E402
 
 # the interpreter warns inside Triton itself for loops with a runtime bound (numpy >= 1.25)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -36,20 +33,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 SEGS = [((4, 9), (3, 39), (3, 39)), ((0, 9), (3, 39)), ((5, 39),)]
 SEGS4 = ((1, 3), (2, 5), (0, 4), (1, 7), (2, 2))  # four non-empty segments (the most supported) and an empty one
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _triton_registered():
-    """Register the "triton" implementations for this module only.
-
-    Until ``anyflow.ops`` imports ``_triton_elementwise`` itself, other test modules expect the
-    registry without them; the registry is restored afterwards (a no-op once the import is permanent).
-    """
-    saved = {op: dict(impls) for op, impls in registry._IMPLS.items()}
-    importlib.import_module("anyflow.ops._triton_elementwise")
-    yield
-    registry._IMPLS.clear()
-    registry._IMPLS.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -383,7 +366,8 @@ def test_opcheck(case, requires_grad):
     if requires_grad:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
-    torch.library.opcheck(getattr(torch.ops.anyflow, name).default, args)
+    _triton.define_ops()
+    torch.library.opcheck(getattr(torch.ops.anyflow, f"triton_{name}").default, args)
 
 
 def test_checks_give_reasons():
@@ -401,19 +385,6 @@ def test_checks_give_reasons():
         ops.apply_rope(xr, cos, cos, backend="triton")
 
 
-def test_registration_imports_without_triton():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import anyflow.ops._triton_elementwise as m\n"
-        "from anyflow.ops import registry\n"
-        "assert 'triton' in registry._IMPLS['euler_shortcut']\n"
-        "assert registry.backend_reason('triton') is not None\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-
-
 _GPU_TRACE = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -427,7 +398,7 @@ class TargetOnly:  # torch's TTIR mutation analysis only asks the driver for the
 
 
 triton.runtime.driver.set_active(TargetOnly())
-from anyflow.kernels import conditioning as C, euler as E, rope as R
+from anyflow.ops import _triton as T
 
 bf = torch.bfloat16
 segs = ((2, 4),)
@@ -435,12 +406,12 @@ segs = ((2, 4),)
 
 def f(x, m, cs):
     z = x.view(1, 2, 4, 8, 8)
-    outs = C.residual_norm(x, x, m[:, :, 2], segs, 1e-6, m[:, :, 0], m[:, :, 1], None, None) + (
-        C.adaln_modulate(x, m[:, :, 0], m[:, :, 1], segs, 1e-6),
-        C.gated_residual(x, x, m[:, :, 2], segs),
-        R.qk_norm_rope(x, torch.ones(64, dtype=bf), 1e-6, cs, cs, 4),
-        R.apply_rope(x.view(1, 8, 4, 16), cs, cs),
-        E.euler_shortcut(z, z, m[:, :, 0, 0], 1.0, 0),
+    outs = T._residual_norm_triton(x, x, m[:, :, 2], segs, 1e-6, m[:, :, 0], m[:, :, 1], None, None) + (
+        T._adaln_modulate_triton(x, m[:, :, 0], m[:, :, 1], segs, 1e-6),
+        T._gated_residual_triton(x, x, m[:, :, 2], segs),
+        T._qk_norm_rope_triton(x, torch.ones(64, dtype=bf), 1e-6, cs, cs, 4),
+        T._apply_rope_triton(x.view(1, 8, 4, 16), cs, cs),
+        T._euler_shortcut_triton(z, z, m[:, :, 0, 0], 1.0, 0, None),
     )
     return tuple(o.float().sum() for o in outs)
 
@@ -471,6 +442,7 @@ def test_gpu_trace_clones_only_outputs():
 
 _SM90_COMPILE = COMPILE_ONLY_SM90 + """
 from anyflow.kernels import conditioning as C, euler as E, rope as R
+from anyflow.ops.conditioning import flat_segments
 
 bf = torch.bfloat16
 
@@ -479,15 +451,15 @@ def launch_all(dtype, d, heads, segs):
     n = sum(f * t for f, t in segs)
     x = torch.empty(2, n, d, dtype=dtype)
     mod = torch.empty(2, sum(f for f, _ in segs), 6, d)  # [B, R, 6, d] modulation, strided rows
-    shift, scale, gate, flat = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2], C.flat_segments(segs)
-    C._adaln_modulate_impl(x, shift, scale, flat, 1e-6)
-    C._gated_residual_impl(x, x, gate, flat)
-    C._residual_norm_impl(x, x, gate, flat, 1e-6, shift, scale, None, None)
-    C._residual_norm_impl(x, x, None, flat, 1e-6, None, None, torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype))
+    shift, scale, gate, flat = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2], flat_segments(segs)
+    C.adaln_modulate_fwd(x, shift, scale, flat, 1e-6)
+    C.gated_residual_fwd(x, x, gate, flat)
+    C.residual_norm_fwd(x, x, gate, flat, 1e-6, shift, scale, None, None)
+    C.residual_norm_fwd(x, x, None, flat, 1e-6, None, None, torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype))
     qkv = torch.empty(2, n, 3 * d, dtype=dtype)  # q as a slice of a fused projection
     tab = torch.empty(n, d // heads // 2)
-    R._qk_norm_rope_impl(qkv[:, :, :d], torch.empty(d, dtype=dtype), 1e-6, tab, tab, heads)
-    R._apply_rope_impl(qkv[:, :, :d].unflatten(-1, (heads, d // heads)), tab, tab)
+    R.qk_norm_rope_fwd(qkv[:, :, :d], torch.empty(d, dtype=dtype), 1e-6, tab, tab, heads)
+    R.apply_rope_fwd(qkv[:, :, :d].unflatten(-1, (heads, d // heads)), tab, tab)
 
 
 launch_all(bf, 5120, 40, ((1, 1560), (2, 1560)))  # Wan 14B: BLOCK_D 8192, one row per program
@@ -495,8 +467,8 @@ launch_all(torch.float32, 1536, 12, ((1, 65), (3, 39), (1, 7), (2, 9)))  # 1.3B 
 C.MAX_BLOCK_D = 1024  # the chunked two-pass paths
 launch_all(bf, 1536, 12, ((2, 39),))
 lat = torch.empty(2, 21, 16, 60, 104, dtype=bf)
-E._euler_impl(lat, torch.empty(4, 21, 16, 60, 104, dtype=bf), torch.empty(2, 21), 5.0, 1)  # CFG
-E._euler_out_impl(lat, lat, torch.empty(2, 21), 1.0, 0, lat)  # in place
+E.euler_shortcut_fwd(lat, torch.empty(4, 21, 16, 60, 104, dtype=bf), torch.empty(2, 21), 5.0, 1)  # CFG
+E.euler_shortcut_fwd_out(lat, lat, torch.empty(2, 21), 1.0, 0, lat)  # in place
 
 seen = set()
 for name, fits in compile_launches():

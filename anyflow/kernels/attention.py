@@ -33,16 +33,13 @@ bugs so that the CPU results carry the GPU's rounding: every ``tl.dot`` upcasts 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .conditioning import launcher
+from .conditioning import INTERPRET, launcher
 from .limits import MAX_HEAD_DIM, MAX_SEGMENTS
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 

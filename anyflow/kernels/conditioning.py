@@ -17,20 +17,15 @@ modulation ``[B, R, d]`` (any strides) is never expanded per token. Math is fp32
 upcast right after the load, which the Triton interpreter needs as well), LayerNorm uses the biased
 variance with ``eps`` inside the rsqrt.
 
-torch.library ops (namespace ``anyflow``): ``adaln_modulate``, ``gated_residual``, ``residual_norm``.
-Under ``TRITON_INTERPRET=1`` they are opaque ``custom_op`` s with an explicit fake implementation
-(``triton_op`` would run the interpreted kernel on fake tensors: ``wrap_triton`` returns the raw
-``InterpretedFunction`` there, so neither FakeTensor propagation nor functionalisation can trace it);
-with a GPU they are ``triton_op`` s launched through ``wrap_triton`` so ``torch.compile`` sees the
-kernels. Backward: analytic PyTorch math in fp32 (not a Triton kernel), which expands the modulation
-per token; it is registered with ``torch.library.register_autograd``.
-
-The helpers :func:`define_op`, :func:`autotune_configs` and :func:`alloc_output` are shared with
-``anyflow.kernels.rope`` and ``anyflow.kernels.euler``.
+Entry points: the launchers ``<op>_fwd`` (bodies of the ``anyflow::triton_<op>`` ops, which
+:mod:`anyflow.ops._triton` registers) and the analytic PyTorch backward in fp32 (``<op>_setup`` /
+``<op>_backward`` for ``register_autograd``; not a Triton kernel; it expands the modulation per token).
+The helpers :func:`launcher`, :func:`autotune_configs` and :func:`alloc_output` are shared with the
+other kernel modules.
 """
 
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -58,19 +53,6 @@ def autotune_configs(num_warps: Sequence[int] = (4, 8, 16)) -> List[triton.Confi
     if INTERPRET:
         return [triton.Config({}, num_warps=4)]
     return [triton.Config({}, num_warps=w) for w in num_warps]
-
-
-def define_op(name: str, fn: Callable, mutates_args, fake: Callable):
-    """Register ``fn`` as the torch.library op ``name``: ``triton_op`` on GPU, ``custom_op`` when interpreting.
-
-    ``fake`` is the shape function used for FakeTensor / ``torch.compile`` tracing in the interpreted
-    case (on GPU, ``triton_op`` traces ``fn`` itself).
-    """
-    if INTERPRET:
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(name, fn, mutates_args=mutates_args)
 
 
 def launcher(kernel):
@@ -120,11 +102,6 @@ def segment_args(segs: Sequence[int]) -> Tuple[int, list]:
     nseg = len(pairs)
     tail = lambda v, fill, k: (v + [fill] * k)[:k]  # noqa: E731
     return nseg, tail(starts[1:], 0, 3) + tail(rows[1:], 0, 3) + tail(tpf, 1, 4)
-
-
-def flat_segments(segs) -> List[int]:
-    """``((frames, tokens_per_frame), ...)`` -> ``[f0, n0, f1, n1, ...]`` (the op's ``int[]`` argument)."""
-    return [int(v) for pair in segs for v in pair]
 
 
 def frame_index(segs: Sequence[int], device) -> torch.Tensor:
@@ -327,36 +304,23 @@ def _launch(x, y, gate, shift, scale, weight, bias, segs, eps, store_x: bool, no
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops
+# forward launchers (the bodies of the anyflow::triton_* ops, anyflow/ops/_triton.py)
 # ----------------------------------------------------------------------------------------------
-def _adaln_modulate_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segs: List[int],
-                         eps: float) -> torch.Tensor:
+def adaln_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segs: List[int],
+                       eps: float) -> torch.Tensor:
     return _launch(x, None, None, shift, scale, None, None, segs, eps, store_x=False, norm=True)[1]
 
 
-def _gated_residual_impl(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segs: List[int]) -> torch.Tensor:
+def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segs: List[int]) -> torch.Tensor:
     return _launch(x, y, gate, None, None, None, None, segs, 0.0, store_x=True, norm=False)[0]
 
 
-def _residual_norm_impl(
+def residual_norm_fwd(
     x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], segs: List[int], eps: float,
     shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, y, gate, shift, scale, weight, bias, segs, eps, store_x=True, norm=True)
-
-
-def _like_x(x, *args):
-    return x.new_empty(x.shape)
-
-
-def _like_x2(x, *args):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
-adaln_modulate_op = define_op("anyflow::adaln_modulate", _adaln_modulate_impl, (), _like_x)
-gated_residual_op = define_op("anyflow::gated_residual", _gated_residual_impl, (), _like_x)
-residual_norm_op = define_op("anyflow::residual_norm", _residual_norm_impl, (), _like_x2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,13 +360,13 @@ def _modulated_ln_backward(g, x, shift, scale, idx, eps, need):
     return dx, d_shift, d_scale
 
 
-def _adaln_setup(ctx, inputs, output):
+def adaln_modulate_setup(ctx, inputs, output):
     x, shift, scale, segs, eps = inputs
     ctx.save_for_backward(x, shift, scale)
     ctx.segs, ctx.eps = list(segs), eps
 
 
-def _adaln_backward(ctx, grad):
+def adaln_modulate_backward(ctx, grad):
     x, shift, scale = ctx.saved_tensors
     idx = frame_index(ctx.segs, x.device)
     need = ctx.needs_input_grad[:3]
@@ -410,14 +374,14 @@ def _adaln_backward(ctx, grad):
     return _cast(dx, x), _cast(dsh, shift), _cast(dsc, scale), None, None
 
 
-def _gated_setup(ctx, inputs, output):
+def gated_residual_setup(ctx, inputs, output):
     x, y, gate, segs = inputs
     ctx.save_for_backward(y, gate)
     ctx.segs = list(segs)
     ctx.x_dtype = x.dtype
 
 
-def _gated_backward(ctx, grad):
+def gated_residual_backward(ctx, grad):
     y, gate = ctx.saved_tensors
     idx = frame_index(ctx.segs, y.device)
     g = grad.float()
@@ -428,13 +392,13 @@ def _gated_backward(ctx, grad):
     return dx, dy, dgate, None
 
 
-def _rn_setup(ctx, inputs, output):
+def residual_norm_setup(ctx, inputs, output):
     x, y, gate, segs, eps, shift, scale, weight, bias = inputs
     ctx.save_for_backward(output[0], y, gate, shift, scale, weight, bias)
     ctx.segs, ctx.eps, ctx.x_dtype = list(segs), eps, x.dtype
 
 
-def _rn_backward(ctx, grad_x, grad_h):
+def residual_norm_backward(ctx, grad_x, grad_h):
     x_new, y, gate, shift, scale, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     idx = frame_index(ctx.segs, x_new.device)
@@ -464,27 +428,3 @@ def _rn_backward(ctx, grad_x, grad_h):
         dgate = _cast(_per_frame_sum(d_x_new * y.float(), idx, gate.shape[1]), gate) if need[2] else None
     return (dx, dy, dgate, None, None, _cast(d_shift, shift), _cast(d_scale, scale), _cast(d_w, weight),
             _cast(d_b, bias))
-
-
-torch.library.register_autograd("anyflow::adaln_modulate", _adaln_backward, setup_context=_adaln_setup)
-torch.library.register_autograd("anyflow::gated_residual", _gated_backward, setup_context=_gated_setup)
-torch.library.register_autograd("anyflow::residual_norm", _rn_backward, setup_context=_rn_setup)
-
-
-# ----------------------------------------------------------------------------------------------
-# entry points (the arguments of the ops' torch references)
-# ----------------------------------------------------------------------------------------------
-def adaln_modulate(x, shift, scale, segs, eps):
-    """``LN(x) * (1 + scale[f]) + shift[f]``; ``segs`` as ``((frames, tokens_per_frame), ...)``."""
-    return adaln_modulate_op(x, shift, scale, flat_segments(segs), float(eps))
-
-
-def gated_residual(x, y, gate, segs):
-    """``x + y * gate[f]`` in fp32, cast to ``x.dtype``."""
-    return gated_residual_op(x, y, gate, flat_segments(segs))
-
-
-def residual_norm(x, y, gate, segs, eps, shift, scale, weight, bias):
-    """``(x_new, h)``: the residual update and the (modulated or affine) LayerNorm of it."""
-    x_new, h = residual_norm_op(x, y, gate, flat_segments(segs), float(eps), shift, scale, weight, bias)
-    return x_new, h

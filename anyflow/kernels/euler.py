@@ -7,19 +7,19 @@ are copied through unchanged (the velocity is not read there). One read of each 
 writing in place (``out`` is ``latents``) is safe because every element is loaded before it is stored
 by the same program.
 
-torch.library ops: ``anyflow::euler_shortcut`` (functional, with autograd: analytic PyTorch backward)
-and ``anyflow::euler_shortcut_out`` (writes ``out``, declared ``mutates_args=("out",)``, no autograd;
-callers that need gradients use the functional op and copy).
+Entry points: the launchers ``euler_shortcut_fwd`` (functional) and ``euler_shortcut_fwd_out`` (writes
+``out``), bodies of ``anyflow::triton_euler_shortcut`` / ``anyflow::triton_euler_shortcut_out``
+(registered by :mod:`anyflow.ops._triton`), and the functional op's analytic PyTorch backward in fp32
+(``euler_shortcut_setup`` / ``euler_shortcut_backward``); the ``_out`` op has no autograd (callers that
+need gradients use the functional op and copy).
 """
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from . import conditioning as _c
-from .conditioning import cast_to, define_op, launcher
+from .conditioning import cast_to, launcher
 
 #: Elements per program (one frame is 16*60*104 = 99,840 elements for Wan 480p latents).
 BLOCK = 16384 if _c.INTERPRET else 2048
@@ -57,41 +57,29 @@ def _launch(latents, velocity, dt, guidance_scale, num_context_frames, out):
     )
 
 
-def _euler_impl(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
-                num_context_frames: int) -> torch.Tensor:
+def euler_shortcut_fwd(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
+                       num_context_frames: int) -> torch.Tensor:
     out = _c.alloc_output(latents.shape, latents.dtype, latents.device)
     _launch(latents.contiguous(), velocity.contiguous(), dt.contiguous(), guidance_scale, num_context_frames, out)
     return out
 
 
-def _euler_out_impl(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
-                    num_context_frames: int, out: torch.Tensor) -> None:
+def euler_shortcut_fwd_out(latents: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor, guidance_scale: float,
+                           num_context_frames: int, out: torch.Tensor) -> None:
     # ``out`` must be contiguous (the entry point routes other layouts through the functional op)
     _launch(latents.contiguous(), velocity.contiguous(), dt.contiguous(), guidance_scale, num_context_frames, out)
-
-
-def _euler_fake(latents, velocity, dt, guidance_scale, num_context_frames):
-    return latents.new_empty(latents.shape)
-
-
-def _euler_out_fake(latents, velocity, dt, guidance_scale, num_context_frames, out):
-    return None
-
-
-euler_shortcut_op = define_op("anyflow::euler_shortcut", _euler_impl, (), _euler_fake)
-euler_shortcut_out_op = define_op("anyflow::euler_shortcut_out", _euler_out_impl, ("out",), _euler_out_fake)
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd of the functional op: analytic backward in PyTorch (fp32)
 # ----------------------------------------------------------------------------------------------
-def _setup(ctx, inputs, output):
+def euler_shortcut_setup(ctx, inputs, output):
     latents, velocity, dt, guidance_scale, num_context_frames = inputs
     ctx.save_for_backward(velocity, dt)
     ctx.g, ctx.nctx, ctx.lat_dtype = guidance_scale, num_context_frames, latents.dtype
 
 
-def _backward(ctx, grad):
+def euler_shortcut_backward(ctx, grad):
     velocity, dt = ctx.saved_tensors
     need = ctx.needs_input_grad
     b = grad.shape[0]
@@ -111,19 +99,3 @@ def _backward(ctx, grad):
             u = u[:b] + ctx.g * (u[b:] - u[:b])
         d_dt = (-(gz * u).sum((2, 3, 4)) * live).to(dt.dtype)
     return d_lat, d_vel, d_dt, None, None
-
-
-torch.library.register_autograd("anyflow::euler_shortcut", _backward, setup_context=_setup)
-
-
-def euler_shortcut(latents, velocity, dt, guidance_scale, num_context_frames, out: Optional[torch.Tensor] = None):
-    """One Euler jump; ``out`` (possibly ``latents`` itself) is written in one pass when it is contiguous
-    and no gradient is needed, otherwise the functional op runs and ``out.copy_`` follows."""
-    args = (latents, velocity, dt, float(guidance_scale), int(num_context_frames))
-    if out is None:
-        return euler_shortcut_op(*args)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (latents, velocity, dt, out))
-    if needs_grad or not out.is_contiguous() or not latents.is_contiguous():
-        return out.copy_(euler_shortcut_op(*args))
-    euler_shortcut_out_op(*args, out)
-    return out

@@ -11,20 +11,18 @@
   (``<=`` :data:`anyflow.kernels.conditioning.MAX_BLOCK_D`); wider rows take two passes over chunks
   (sum of squares, then normalise / rotate / store).
 
-One read and one write per element, math in fp32, one rounding at the store. torch.library ops:
-``anyflow::apply_rope`` and ``anyflow::qk_norm_rope`` (``triton_op`` on GPU, ``custom_op`` + fake
-under the interpreter, see :mod:`anyflow.kernels.conditioning`). Backward: analytic PyTorch math in
-fp32 (the rotation by ``-theta``; the RMSNorm backward), not a Triton kernel.
+One read and one write per element, math in fp32, one rounding at the store. Entry points: the
+launchers ``apply_rope_fwd`` / ``qk_norm_rope_fwd`` (bodies of ``anyflow::triton_apply_rope`` /
+``anyflow::triton_qk_norm_rope``, registered by :mod:`anyflow.ops._triton`) and their analytic PyTorch
+backward in fp32 (the rotation by ``-theta``; the RMSNorm backward), not a Triton kernel.
 """
-
-from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
 from . import conditioning as _c
-from .conditioning import autotune_configs, cast_to, define_op, launcher
+from .conditioning import autotune_configs, cast_to, launcher
 
 
 @triton.autotune(configs=autotune_configs((2, 4, 8)), key=["P", "BLOCK_M", "BLOCK_P"])
@@ -120,9 +118,9 @@ def _qk_norm_rope_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops
+# forward launchers
 # ----------------------------------------------------------------------------------------------
-def _apply_rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     bsz, seq, heads, dim = x.shape
     out = _c.alloc_output((bsz, seq, heads, dim), x.dtype, x.device)
     m = bsz * seq * heads
@@ -139,8 +137,8 @@ def _apply_rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out
 
 
-def _qk_norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                       heads: int) -> torch.Tensor:
+def qk_norm_rope_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                     heads: int) -> torch.Tensor:
     bsz, seq, c = x.shape
     out = _c.alloc_output((bsz, seq, heads, c // heads), x.dtype, x.device)
     m = bsz * seq
@@ -160,18 +158,6 @@ def _qk_norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: t
         BLOCK_M=block_m, BLOCK_Q=block_q, CHUNKED=chunked,
     )
     return out
-
-
-def _apply_rope_fake(x, cos, sin):
-    return x.new_empty(x.shape)
-
-
-def _qk_norm_rope_fake(x, weight, eps, cos, sin, heads):
-    return x.new_empty((x.shape[0], x.shape[1], heads, x.shape[2] // heads))
-
-
-apply_rope_op = define_op("anyflow::apply_rope", _apply_rope_impl, (), _apply_rope_fake)
-qk_norm_rope_op = define_op("anyflow::qk_norm_rope", _qk_norm_rope_impl, (), _qk_norm_rope_fake)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +181,12 @@ def _table_grads(g, h, need_cos, need_sin):
     return d_cos, d_sin
 
 
-def _rope_setup(ctx, inputs, output):
+def apply_rope_setup(ctx, inputs, output):
     x, cos, sin = inputs
     ctx.save_for_backward(x, cos, sin)
 
 
-def _rope_backward(ctx, grad):
+def apply_rope_backward(ctx, grad):
     x, cos, sin = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = _rotate_back(grad, cos, sin).to(x.dtype) if need[0] else None
@@ -208,13 +194,13 @@ def _rope_backward(ctx, grad):
     return dx, d_cos, d_sin
 
 
-def _qk_setup(ctx, inputs, output):
+def qk_norm_rope_setup(ctx, inputs, output):
     x, weight, eps, cos, sin, heads = inputs
     ctx.save_for_backward(x, weight, cos, sin)
     ctx.eps, ctx.heads = eps, heads
 
 
-def _qk_backward(ctx, grad):
+def qk_norm_rope_backward(ctx, grad):
     x, weight, cos, sin = ctx.saved_tensors
     need = ctx.needs_input_grad
     xf = x.float()
@@ -231,23 +217,3 @@ def _qk_backward(ctx, grad):
         dxhat = gh * weight.float()
         dx = (rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))).to(x.dtype)
     return dx, dw, None, d_cos, d_sin, None
-
-
-torch.library.register_autograd("anyflow::apply_rope", _rope_backward, setup_context=_rope_setup)
-torch.library.register_autograd("anyflow::qk_norm_rope", _qk_backward, setup_context=_qk_setup)
-
-
-# ----------------------------------------------------------------------------------------------
-# entry points (the arguments of the ops' torch references)
-# ----------------------------------------------------------------------------------------------
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs of ``x [B, L, H, D]`` by ``cos`` / ``sin [L, D/2]``; contiguous, ``x.dtype``."""
-    return apply_rope_op(x, cos, sin)
-
-
-def qk_norm_rope(x, weight, eps, cos, sin, heads):
-    """RMSNorm across heads times ``weight``, then RoPE: ``[B, L, H*Dh] -> [B, L, H, Dh]`` in ``x.dtype``."""
-    return qk_norm_rope_op(x, weight, float(eps), cos, sin, int(heads))
-
-
-__all__: List[str] = ["apply_rope", "qk_norm_rope", "apply_rope_op", "qk_norm_rope_op"]

@@ -1,12 +1,13 @@
 """Fused operations of the AnyFlow engine, each with a plain PyTorch reference.
 
 Every op validates its arguments, then dispatches through :mod:`anyflow.ops.registry` to the
-``"torch"``, ``"triton"`` or ``"cuda"`` backend (``backend="auto"`` by default; ``ANYFLOW_BACKEND``
-overrides). The ``"torch"`` implementations are the specification the kernels are tested against.
+``"torch"``, ``"triton"`` or ``"cuda"`` backend: the op's ``backend=`` argument, else the innermost
+:class:`backend` setting (``with ops.backend("triton"): ...``), else ``ANYFLOW_BACKEND``, else
+``"auto"``. The ``"torch"`` implementations are the specification the kernels are tested against.
 """
 
 from . import registry
-from . import _cuda, _triton_attention, _triton_elementwise  # noqa: F401  (register backends; load nothing yet)
+from . import _cuda, _triton  # noqa: F401  (register backends; load nothing yet)
 from .attention import (
     AttentionLayout,
     chunk_causal_attention,
@@ -23,7 +24,7 @@ from .conditioning import (
     timestep_sinusoid,
 )
 from .euler import euler_shortcut
-from .registry import BackendUnavailableError
+from .registry import BackendUnavailableError, KernelRuntimeError, backend
 from .rope import apply_rope, qk_norm_rope, rope_angles, rope_pair_split, rope_table
 from .sdpa import (
     SDPA_POLICIES,
@@ -38,9 +39,11 @@ from .sdpa import (
 __all__ = [
     "AttentionLayout",
     "BackendUnavailableError",
+    "KernelRuntimeError",
     "SDPA_POLICIES",
     "adaln_modulate",
     "apply_rope",
+    "backend",
     "chunk_causal_attention",
     "chunk_causal_layout",
     "clear_sdpa_choices",

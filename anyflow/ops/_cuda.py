@@ -11,15 +11,15 @@ importing this module loads nothing (the registry checks the extension before it
 implementation). Fake (meta) implementations are registered once the library is loaded, or at import
 when it already is (torch imports this module for them: ``set_python_module`` in the bindings).
 
-Each implementation has a ``check`` that returns why it cannot take a call (so ``backend="auto"``
-moves on): inputs that require grad (the kernels are forward-only), dtype combinations, and the
-kernels' limits (4 non-empty segments, head dim <= 256, 64 query groups / 4 key ranges per group,
-batch * heads <= 65535, the row width of the row kernels on CUDA).
+Each implementation declares what it supports (:class:`anyflow.ops.registry.Supports`): forward only,
+the limits of :mod:`anyflow.kernels.limits` (4 non-empty segments, head dim <= 256, batch * heads <=
+65535), plus small checks for what data cannot say (64 query groups / 4 key ranges per group of a
+layout, the row width of the row kernels on CUDA, ``y`` in ``x``'s dtype).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import sys
 from typing import Optional
 
@@ -27,7 +27,8 @@ import torch
 
 from ..kernels.limits import MAX_BATCH_HEADS, MAX_GROUPS, MAX_HEAD_DIM, MAX_RANGES, MAX_ROW_CHUNKS, MAX_SEGMENTS
 from . import registry
-from .attention import AttentionLayout
+from .attention import flat_layout
+from .conditioning import flat_segments
 
 _FAKES_REGISTERED = False
 
@@ -57,55 +58,9 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _flat_segments(segs) -> list[int]:
-    return [int(v) for pair in segs for v in pair]
-
-
-def _flatten_layout(layout: AttentionLayout) -> tuple[list[int], int]:
-    """``(q_start, q_end, n, k_start_1, k_end_1, ...)`` per group, as ``c_chunk_causal_attention`` takes
-    it, and the largest number of non-empty key ranges of a group. Plain loops: torch.compile folds them."""
-    flat, most = [], 0
-    for qs, qe, ranges in layout.groups:
-        flat += [int(qs), int(qe), len(ranges)]
-        n = 0
-        for ks, ke in ranges:
-            flat += [int(ks), int(ke)]
-            n += 1 if ke > ks else 0
-        most = n if n > most else most
-    return flat, most
-
-
-_flatten_layout_cached = functools.lru_cache(maxsize=256)(_flatten_layout)
-
-
-def _layout_info(layout: AttentionLayout) -> tuple[list[int], int]:
-    if torch.compiler.is_compiling():  # a constant for the tracer; the cache only helps eager calls
-        return _flatten_layout(layout)
-    return _flatten_layout_cached(layout)
-
-
-def _flat_layout(layout: AttentionLayout) -> list[int]:
-    return _layout_info(layout)[0]
-
-
 # ----------------------------------------------------------------------------------------------
-# checks: why the cuda backend cannot take a call (None when it can)
+# constraints (limits: anyflow/kernels/limits.py, the ones csrc/kernels is built to)
 # ----------------------------------------------------------------------------------------------
-def _grad_reason(*tensors) -> Optional[str]:
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return "the CUDA C++ kernels are forward-only (an input requires grad)"
-    return None
-
-
-def _segments_reason(segs) -> Optional[str]:
-    non_empty = 0
-    for f, _ in segs:
-        non_empty += 1 if f > 0 else 0
-    if non_empty > MAX_SEGMENTS:
-        return f"at most {MAX_SEGMENTS} non-empty frame segments are supported, got {non_empty}"
-    return None
-
-
 def _row_limit(element_size: int, unit: int, fallback: int) -> int:
     """Widest row (channels) the CUDA row kernels take: ``MAX_ROW_CHUNKS`` chunks of 16 bytes' worth of
     elements when that vector width divides ``unit`` (the row, or the head dim), else of ``fallback``."""
@@ -122,98 +77,75 @@ def _row_reason(x: torch.Tensor, width: int, unit: Optional[int] = None, fallbac
     return None
 
 
-def _check_adaln(x, shift, scale, segs, eps):
-    return _grad_reason(x, shift, scale) or _segments_reason(segs) or _row_reason(x, x.shape[-1])
+def _check_row(x, *args):
+    """Rows fit one thread block (on CUDA)."""
+    return _row_reason(x, x.shape[-1])
 
 
-def _check_gated(x, y, gate, segs):
+def _check_residual(x, y, *args):
+    """y has x's dtype; rows fit one thread block (on CUDA)."""
     if y.dtype != x.dtype:
         return f"y must have x's dtype {x.dtype}, got {y.dtype}"
-    return _grad_reason(x, y, gate) or _segments_reason(segs) or _row_reason(x, x.shape[-1])
+    return _row_reason(x, x.shape[-1])
 
 
-def _check_residual_norm(x, y, gate, segs, eps, shift, scale, weight, bias):
-    if y.dtype != x.dtype:
-        return f"y must have x's dtype {x.dtype}, got {y.dtype}"
-    return _grad_reason(x, y, gate, shift, scale, weight, bias) or _segments_reason(segs) or _row_reason(x, x.shape[-1])
+def _check_qk_row(x, weight, eps, cos, sin, heads):
+    """Rows fit one thread block (on CUDA)."""
+    return _row_reason(x, x.shape[-1], x.shape[-1] // heads, 2)
 
 
-def _check_qk_norm_rope(x, weight, eps, cos, sin, heads):
-    head_dim = x.shape[-1] // heads if heads > 0 else x.shape[-1]
-    return _grad_reason(x, weight) or _row_reason(x, x.shape[-1], head_dim, 2)
-
-
-def _check_apply_rope(x, cos, sin):
-    return _grad_reason(x)
-
-
-def _check_euler(latents, velocity, dt, guidance_scale, num_context_frames, out):
-    return _grad_reason(latents, velocity)
-
-
-def _attention_shape_reason(q) -> Optional[str]:
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim must be <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        return f"batch * heads must be <= {MAX_BATCH_HEADS}, got {q.shape[0] * q.shape[1]}"
+def _check_layout(q, k, v, layout, scale, return_lse):
+    """At most 64 query groups and 4 key ranges per group."""
+    if len(layout.groups) > MAX_GROUPS:
+        return f"at most {MAX_GROUPS} query groups are supported, the layout has {len(layout.groups)}"
+    ranges = max(len(r) for _, _, r in layout.groups)
+    if ranges > MAX_RANGES:
+        return f"at most {MAX_RANGES} key ranges per query group are supported, the layout has {ranges}"
     return None
 
 
-def _check_segmented(q, keys, values, scale, return_lse):
-    non_empty = 0
-    for k in keys:
-        non_empty += 1 if k.shape[2] > 0 else 0
-    if non_empty > MAX_SEGMENTS:
-        return f"at most {MAX_SEGMENTS} non-empty KV segments are supported, got {non_empty}"
-    return _grad_reason(q, *keys, *values) or _attention_shape_reason(q)
-
-
-def _check_chunk_causal(q, k, v, layout, scale, return_lse):
-    if len(layout.groups) > MAX_GROUPS:
-        return f"at most {MAX_GROUPS} query groups are supported, the layout has {len(layout.groups)}"
-    ranges = _layout_info(layout)[1]
-    if ranges > MAX_RANGES:
-        return f"at most {MAX_RANGES} key ranges per query group are supported, the layout has {ranges}"
-    return _grad_reason(q, k, v) or _attention_shape_reason(q)
+_FORWARD = registry.Supports(autograd=False)  # CUDA tensors, or CPU tensors on the C++ CPU twins
+_SEGMENTED = dataclasses.replace(_FORWARD, max_segments=MAX_SEGMENTS)
+_ATTENTION = dataclasses.replace(_FORWARD, max_head_dim=MAX_HEAD_DIM, max_batch_heads=MAX_BATCH_HEADS)
 
 
 # ----------------------------------------------------------------------------------------------
 # implementations (argument lists of the _<op>_torch references)
 # ----------------------------------------------------------------------------------------------
-@registry.register("adaln_modulate", "cuda", check=_check_adaln)
+@registry.register("adaln_modulate", "cuda", dataclasses.replace(_SEGMENTED, check=_check_row))
 def _adaln_modulate_cuda(x, shift, scale, segs, eps):
-    return _ops().c_adaln_modulate(_unit(x), _unit(shift), _unit(scale), _flat_segments(segs), eps)
+    return _ops().c_adaln_modulate(_unit(x), _unit(shift), _unit(scale), flat_segments(segs), eps)
 
 
-@registry.register("gated_residual", "cuda", check=_check_gated)
+@registry.register("gated_residual", "cuda", dataclasses.replace(_SEGMENTED, check=_check_residual))
 def _gated_residual_cuda(x, y, gate, segs):
-    return _ops().c_gated_residual(_unit(x), _unit(y), _unit(gate), _flat_segments(segs))
+    return _ops().c_gated_residual(_unit(x), _unit(y), _unit(gate), flat_segments(segs))
 
 
-@registry.register("residual_norm", "cuda", check=_check_residual_norm)
+@registry.register("residual_norm", "cuda", dataclasses.replace(_SEGMENTED, check=_check_residual))
 def _residual_norm_cuda(x, y, gate, segs, eps, shift, scale, weight, bias):
     def opt(t, fix):
         return None if t is None else fix(t)
 
     return tuple(
         _ops().c_residual_norm(
-            _unit(x), _unit(y), opt(gate, _unit), _flat_segments(segs), eps, opt(shift, _unit), opt(scale, _unit),
+            _unit(x), _unit(y), opt(gate, _unit), flat_segments(segs), eps, opt(shift, _unit), opt(scale, _unit),
             opt(weight, torch.Tensor.contiguous), opt(bias, torch.Tensor.contiguous),
         )
     )
 
 
-@registry.register("qk_norm_rope", "cuda", check=_check_qk_norm_rope)
+@registry.register("qk_norm_rope", "cuda", dataclasses.replace(_FORWARD, check=_check_qk_row))
 def _qk_norm_rope_cuda(x, weight, eps, cos, sin, heads):
     return _ops().c_qk_norm_rope(_unit(x), weight.contiguous(), eps, cos.contiguous(), sin.contiguous(), heads)
 
 
-@registry.register("apply_rope", "cuda", check=_check_apply_rope)
+@registry.register("apply_rope", "cuda", _FORWARD)
 def _apply_rope_cuda(x, cos, sin):
     return _ops().c_apply_rope(_unit(x), cos.contiguous(), sin.contiguous())
 
 
-@registry.register("euler_shortcut", "cuda", check=_check_euler)
+@registry.register("euler_shortcut", "cuda", _FORWARD)
 def _euler_shortcut_cuda(latents, velocity, dt, guidance_scale, num_context_frames, out):
     ops = _ops()
     args = (latents.contiguous(), velocity.contiguous(), dt.contiguous(), guidance_scale, num_context_frames)
@@ -226,7 +158,7 @@ def _euler_shortcut_cuda(latents, velocity, dt, guidance_scale, num_context_fram
     return out
 
 
-@registry.register("segmented_attention", "cuda", check=_check_segmented)
+@registry.register("segmented_attention", "cuda", dataclasses.replace(_ATTENTION, max_segments=MAX_SEGMENTS))
 def _segmented_attention_cuda(q, keys, values, scale, return_lse):
     out, lse = _ops().c_segmented_attention(
         _unit(q), [_unit(k) for k in keys], [_unit(v) for v in values], scale, return_lse
@@ -234,63 +166,39 @@ def _segmented_attention_cuda(q, keys, values, scale, return_lse):
     return (out, lse) if return_lse else out
 
 
-@registry.register("chunk_causal_attention", "cuda", check=_check_chunk_causal)
+@registry.register("chunk_causal_attention", "cuda", dataclasses.replace(_ATTENTION, check=_check_layout))
 def _chunk_causal_attention_cuda(q, k, v, layout, scale, return_lse):
-    out, lse = _ops().c_chunk_causal_attention(_unit(q), _unit(k), _unit(v), _flat_layout(layout), scale, return_lse)
+    out, lse = _ops().c_chunk_causal_attention(_unit(q), _unit(k), _unit(v), flat_layout(layout), scale, return_lse)
     return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------------
 # fake (meta) implementations: the output metadata of csrc/ops.cpp
 # ----------------------------------------------------------------------------------------------
-def _lse_fake(q, return_lse):
-    shape = tuple(q.shape[:3]) if return_lse else (0,)
-    return q.new_empty(shape, dtype=torch.float32)
+def _like(x, *args):
+    return x.new_empty(x.shape)
+
+
+def _attention(q, return_lse):
+    return torch.empty_like(q), q.new_empty(tuple(q.shape[:3]) if return_lse else (0,), dtype=torch.float32)
+
+
+_FAKES = {
+    "c_adaln_modulate": _like, "c_gated_residual": _like, "c_apply_rope": _like, "c_euler_shortcut": _like,
+    "c_residual_norm": lambda x, *args: (_like(x), _like(x)),
+    "c_qk_norm_rope": lambda x, weight, eps, cos, sin, heads: x.new_empty((*x.shape[:2], heads, x.shape[2] // heads)),
+    "c_euler_shortcut_out": lambda *args: None,
+    "c_segmented_attention": lambda q, keys, values, scale, return_lse, impl=0: _attention(q, return_lse),
+    "c_chunk_causal_attention": lambda q, k, v, layout, scale, return_lse, impl=0: _attention(q, return_lse),
+}
 
 
 def _register_fakes() -> None:
     global _FAKES_REGISTERED
-    if _FAKES_REGISTERED:
-        return
-    fake = torch.library.register_fake
-
-    @fake("anyflow::c_adaln_modulate")
-    def _(x, shift, scale, segments, eps):
-        return x.new_empty(x.shape)
-
-    @fake("anyflow::c_gated_residual")
-    def _(x, y, gate, segments):
-        return x.new_empty(x.shape)
-
-    @fake("anyflow::c_residual_norm")
-    def _(x, y, gate, segments, eps, shift, scale, weight, bias):
-        return x.new_empty(x.shape), x.new_empty(x.shape)
-
-    @fake("anyflow::c_qk_norm_rope")
-    def _(x, weight, eps, cos, sin, heads):
-        return x.new_empty((x.shape[0], x.shape[1], heads, x.shape[2] // heads))
-
-    @fake("anyflow::c_apply_rope")
-    def _(x, cos, sin):
-        return x.new_empty(x.shape)
-
-    @fake("anyflow::c_euler_shortcut")
-    def _(latents, velocity, dt, guidance_scale, num_context_frames):
-        return latents.new_empty(latents.shape)
-
-    @fake("anyflow::c_euler_shortcut_out")
-    def _(latents, velocity, dt, guidance_scale, num_context_frames, out):
-        return None
-
-    @fake("anyflow::c_segmented_attention")
-    def _(q, keys, values, scale, return_lse, impl=0):
-        return torch.empty_like(q), _lse_fake(q, return_lse)
-
-    @fake("anyflow::c_chunk_causal_attention")
-    def _(q, k, v, layout, scale, return_lse, impl=0):
-        return torch.empty_like(q), _lse_fake(q, return_lse)
-
-    _FAKES_REGISTERED = True
+    if not _FAKES_REGISTERED:
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"anyflow::{name}", fake)
+        _FAKES_REGISTERED = True
 
 
 if "anyflow._C" in sys.modules:  # loaded before this module (torch importing it for a fake impl)

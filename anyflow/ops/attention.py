@@ -9,7 +9,8 @@ concatenates them: segments that are adjacent views of one buffer (how
 :class:`anyflow.samplers.kv_cache.FARKVCache` lays them out) are read as one strided view; otherwise the
 partial results are merged through their log-sum-exp.
 
-*Chunk-causal.* The FAR cache step and FAR training use a block mask over chunks (reference spec §5.2).
+*Chunk-causal.* The FAR cache step and FAR training use a block mask over chunks (the official code's
+``build_block_mask``, ``NVlabs/AnyFlow`` ``far/models/transformer_far_wan_model.py``).
 Every query chunk attends to a few contiguous key ranges, so the mask is a table of ranges
 (:class:`AttentionLayout`), built from the chunk partition by :func:`far_attention_layout` - never a
 dense ``Q x K`` mask. Training adds *clean copies* of the noisy chunks: context is chunk-causal among
@@ -209,6 +210,11 @@ def _attention_with_lse(q, k, v, scale, block: int = 1024):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
+registry.describe("segmented_attention", lambda q, keys, values, *args: registry.call_of(
+    q, (q, *keys, *values), head_dim=q.shape[-1], segments=sum(1 for k in keys if k.shape[2]), segment_kind="KV",
+    batch_heads=q.shape[0] * q.shape[1]))
+
+
 @registry.register("segmented_attention", "torch")
 def _segmented_attention_torch(q, keys, values, scale, return_lse):
     if not return_lse:
@@ -303,6 +309,21 @@ def _check_layout(layout: AttentionLayout) -> None:
         at = qe
     if at != layout.q_len:
         raise ValueError(f"layout groups cover [0, {at}) of the {layout.q_len} queries")
+
+
+registry.describe("chunk_causal_attention", lambda q, k, v, *args: registry.call_of(
+    q, (q, k, v), head_dim=q.shape[-1], batch_heads=q.shape[0] * q.shape[1]))
+
+
+def flat_layout(layout: AttentionLayout) -> list[int]:
+    """``[q_start, q_end, R, k_start_1, k_end_1, ..., k_start_R, k_end_R]`` per group: how an op schema
+    (``int[]``) carries a layout to the kernels of both backends. Plain loops: torch.compile folds them."""
+    flat = []
+    for qs, qe, ranges in layout.groups:
+        flat += [int(qs), int(qe), len(ranges)]
+        for ks, ke in ranges:
+            flat += [int(ks), int(ke)]
+    return flat
 
 
 @registry.register("chunk_causal_attention", "torch")

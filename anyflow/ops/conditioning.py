@@ -169,6 +169,24 @@ def _per_frame(x, rows, segs):
         row += nf
 
 
+def flat_segments(segs) -> list[int]:
+    """``((frames, tokens_per_frame), ...)`` -> ``[f0, n0, f1, n1, ...]``: how an op schema (``int[]``) carries
+    a segment table to the kernels of both backends."""
+    return [int(v) for pair in segs for v in pair]
+
+
+def _non_empty(segs) -> int:
+    return sum(1 for f, _ in segs if f > 0)
+
+
+registry.describe("adaln_modulate", lambda x, shift, scale, segs, eps: registry.call_of(
+    x, (x, shift, scale), segments=_non_empty(segs)))
+registry.describe("gated_residual", lambda x, y, gate, segs: registry.call_of(
+    x, (x, y, gate), segments=_non_empty(segs)))
+registry.describe("residual_norm", lambda x, y, gate, segs, eps, *mod: registry.call_of(
+    x, (x, y, gate, *mod), segments=_non_empty(segs)))
+
+
 @registry.register("adaln_modulate", "torch")
 def _adaln_modulate_torch(x, shift, scale, segs, eps):
     b, n, d = x.shape

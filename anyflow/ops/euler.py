@@ -29,6 +29,10 @@ def _per_frame_time(x: TimeArg, b: int, f: int, device, name: str) -> torch.Tens
     return torch.full((b, f), check_number(name, x), dtype=torch.float64, device=device)
 
 
+registry.describe("euler_shortcut", lambda latents, velocity, dt, *args: registry.call_of(
+    latents, (latents, velocity, dt)))
+
+
 @registry.register("euler_shortcut", "torch")
 def _euler_shortcut_torch(latents, velocity, dt, guidance_scale, num_context_frames, out):
     b = latents.shape[0]

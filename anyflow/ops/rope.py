@@ -10,7 +10,8 @@ FAR compressed tokens (patch (1,4,4) instead of (1,2,2)) average-pool the row/co
 complex128 and rotate q/k in float64 every layer; here the angles are computed once in float64, stored
 as fp32 cos/sin and applied in fp32 (differences are at fp32 rounding level).
 
-Source: diffusers ``AnyFlowRotaryPosEmbed`` / ``AnyFlowCausalRotaryPosEmbed``; reference spec §2.4.
+Source: diffusers ``AnyFlowRotaryPosEmbed`` / ``AnyFlowCausalRotaryPosEmbed``; the official code's
+``apply_rotary_emb`` (``NVlabs/AnyFlow``, ``far/models/transformer_far_wan_model.py``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def rope_angles(
 def rope_table(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(cos, sin)`` tables ``[L, D/2]`` from float64 angles."""
     return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+registry.describe("apply_rope", lambda x, cos, sin: registry.call_of(x, (x, cos, sin), head_dim=x.shape[-1]))
+registry.describe("qk_norm_rope", lambda x, weight, eps, cos, sin, heads: registry.call_of(
+    x, (x, weight), head_dim=x.shape[-1] // heads))
 
 
 @registry.register("apply_rope", "torch")
