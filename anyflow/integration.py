@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 
 from . import ops
-from .models import fused, offload
+from .models import blocks, far, offload
+from .models.bidirectional import bidirectional_forward
 from .ops import registry
 from .ops.sdpa import get_sdpa_policy
 
@@ -77,7 +78,7 @@ def _subclass(cls: type, namespace: dict) -> type:
 
 def _block_forward(self, *args):
     """``forward(layer, x, text, m_rows, segments, self_attention, backend)`` of an enabled block."""
-    return fused.sharded_block_forward(self, *args)
+    return blocks.standalone_block_forward(self, *args)
 
 
 _BLOCK = {"forward": _block_forward, "_anyflow_block": True}
@@ -163,7 +164,7 @@ def _bidirectional_forward(
     """``AnyFlowTransformer3DModel.forward`` through anyflow's op layer (same arguments and outputs)."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    out = fused.bidirectional_forward(
+    out = bidirectional_forward(
         self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
         backend=self._anyflow_backend,
     )
@@ -198,41 +199,31 @@ def _far_forward(
     from diffusers.models.transformers.transformer_anyflow_far import AnyFlowFARTransformerOutput
 
     backend = self._anyflow_backend
-    lim = self.config.full_chunk_limit
     if kv_cache is None:
-        out = fused.far_sequence_forward(
+        out = far.far_sequence_forward(
             self, hidden_states, chunk_partition, timestep, r_timestep, encoder_hidden_states,
-            full_limit=lim, encoder_hidden_states_image=encoder_hidden_states_image,
+            full_limit=self.config.full_chunk_limit, encoder_hidden_states_image=encoder_hidden_states_image,
             clean_hidden_states=clean_hidden_states, clean_timestep=clean_timestep, backend=backend,
         )
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
     if kv_cache_flag is None:
         raise ValueError("kv_cache_flag is required with kv_cache")
-    cp = fused.check_chunk_partition(chunk_partition)
-    geo = fused.far_geometry(self, hidden_states.shape[-2], hidden_states.shape[-1])
+    runner = far.FARRunner(self, chunk_partition, hidden_states.shape[-2:], backend)
+    k = len(runner.cp) - 1
+    text = blocks.prepare_text(self, encoder_hidden_states, encoder_hidden_states_image)
     if kv_cache_flag.get("is_cache_step"):
         if clean_hidden_states is not None:
             raise ValueError("clean_hidden_states is not supported in the KV-cache step")
-        nc, _ = fused.split_chunks(len(cp), lim - 1)
-        n_comp = sum(cp[:nc]) * geo.compressed_tpf
-        kv_cache_flag["num_compressed_tokens"] = n_comp
-        kv_cache_flag["num_full_tokens"] = sum(cp[nc:]) * geo.full_tpf
-        fused.far_sequence_forward(
-            self, hidden_states, cp, timestep, r_timestep, encoder_hidden_states, full_limit=lim - 1,
-            encoder_hidden_states_image=encoder_hidden_states_image,
-            on_kv=fused.diffusers_cache_writer(kv_cache, n_comp), with_head=False, backend=backend,
-        )
+        kv_cache_flag["num_compressed_tokens"], kv_cache_flag["num_full_tokens"] = runner.context_tokens(k)
+        runner.cache_step(k, hidden_states, text, far.DiffusersKVCache(kv_cache, timestep=timestep, r_timestep=r_timestep))
         return AnyFlowFARTransformerOutput(sample=None, kv_cache=kv_cache) if return_dict else (None, kv_cache)
-    if hidden_states.shape[1] != cp[-1]:
+    if hidden_states.shape[1] != runner.cp[-1]:
         raise ValueError(
             f"the KV-cache inference step takes the current chunk only: hidden_states has {hidden_states.shape[1]} "
-            f"frames but chunk_partition[-1] = {cp[-1]}"
+            f"frames but chunk_partition[-1] = {runner.cp[-1]}"
         )
-    attend, first = fused.diffusers_cache_attention(
-        self, kv_cache, int(kv_cache_flag["num_cached_chunks"]), cp, geo, hidden_states.device, backend
-    )
-    text = fused.prepare_text(self, encoder_hidden_states, encoder_hidden_states_image)
-    out = fused.far_cached_step(self, hidden_states, timestep, r_timestep, text, attend, first, backend)
+    state = far.DiffusersKVCache(kv_cache, int(kv_cache_flag["num_cached_chunks"]))
+    out = runner.step(k, hidden_states, timestep, r_timestep, text, state)
     return AnyFlowFARTransformerOutput(sample=out, kv_cache=kv_cache) if return_dict else (out, kv_cache)
 
 

@@ -66,7 +66,7 @@ def time_pairs(steps: int, shift: float) -> list[tuple[float, float]]:
 
 def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, device, dtype, lever: dict):
     """``run() -> (latents, nfe)``: one whole video through the sampler with ``lever``'s settings."""
-    from anyflow.models import fused
+    from anyflow.models.blocks import prepare_text
     from anyflow.samplers import bidirectional, far
 
     f, h, w = latent
@@ -75,14 +75,14 @@ def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, dev
 
     if mode == "bidirectional":
         def run():
-            text = fused.prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
+            text = prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
             out = bidirectional.sample(model, noise, pairs, text, backend="torch", cuda_graphs=lever["cuda_graphs"],
                                        attention=lever["attention"])
             return out.latents, out.nfe
         return run
 
     def run():
-        text = fused.prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
+        text = prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
         session = far.FARSession(model, text, chunk_partition, (h, w), backend="torch",
                                  cuda_graphs=lever["cuda_graphs"], attention=lever["attention"])
         out = None

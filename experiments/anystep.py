@@ -490,9 +490,9 @@ class TeacherVelocity:
     backend: Optional[str] = None
 
     def __call__(self, z, t, r, text):
-        from anyflow.models import fused
+        from anyflow.models.bidirectional import bidirectional_forward
 
-        return fused.bidirectional_forward(self.model, z, t, t, text, backend=self.backend)
+        return bidirectional_forward(self.model, z, t, t, text, backend=self.backend)
 
 
 @dataclass
@@ -508,9 +508,9 @@ class EndpointVelocity:
     backend: Optional[str] = None
 
     def __call__(self, z, t, r, text):
-        from anyflow.models import fused
+        from anyflow.models.bidirectional import bidirectional_forward
 
-        return fused.bidirectional_forward(self.model, z, t, torch.zeros_like(t), text, backend=self.backend)
+        return bidirectional_forward(self.model, z, t, torch.zeros_like(t), text, backend=self.backend)
 
 
 def load_model(folder) -> torch.nn.Module:
@@ -707,7 +707,7 @@ def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = pr
 def velocity_losses(models: dict, x: torch.Tensor, text: torch.Tensor, ts, seed: int = 0) -> dict:
     """Held-out flow-matching loss ``mean (u(z_t, t, r = t) - (eps - x))^2`` of each model at fixed t
     (one noise draw shared by all models): where in time a velocity field is good or bad."""
-    from anyflow.models import fused
+    from anyflow.models.bidirectional import bidirectional_forward
     from anyflow.training.flowmap import noise_latents
 
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 3))
@@ -716,7 +716,7 @@ def velocity_losses(models: dict, x: torch.Tensor, text: torch.Tensor, ts, seed:
         t = torch.full(x.shape[:2], float(tv))
         z = noise_latents(x, eps, t)
         for k, m in models.items():
-            u = fused.bidirectional_forward(m, z, t, t, text, backend="torch")
+            u = bidirectional_forward(m, z, t, t, text, backend="torch")
             out[k][str(tv)] = float((u.float() - (eps - x)).pow(2).mean())
     return out
 

@@ -276,12 +276,12 @@ def test_offloaded_transformer_forward_matches_diffusers(case, form, order, pois
             handle = anyflow.enable(model)
             MODEL_FORMS[form](model)
         calls = []
-        real = anyflow.models.fused.run_blocks
+        real = anyflow.models.blocks.run_blocks
         try:  # the fused forward runs (not diffusers' behind the hook)
-            anyflow.models.fused.run_blocks = lambda *a, **k: calls.append(1) or real(*a, **k)
+            anyflow.models.blocks.run_blocks = lambda *a, **k: calls.append(1) or real(*a, **k)
             out = forward(model)
         finally:
-            anyflow.models.fused.run_blocks = real
+            anyflow.models.blocks.run_blocks = real
         assert calls, "the enabled forward did not run"
         err = assert_rel_l2(out, ref, FWD_TOL)
         handle.disable()  # diffusers again, still offloaded

@@ -204,12 +204,13 @@ def test_step_forward_is_capture_safe(kind):
     """The forward a StepGraph captures moves nothing from the host: run on the meta device, it makes no
     host -> device copy and mixes no host tensor into device ops (RoPE tables, segment tables, time rows
     are built on the device)."""
-    from anyflow.models import fused
+    from anyflow.models.bidirectional import bidirectional_forward
+    from anyflow.models.blocks import prepare_text
     from anyflow.samplers.far import FARSession
     from anyflow.testing.tiny import tiny_transformer
 
     model = tiny_transformer(kind, **({"chunk_partition": tuple(CP)} if kind == "far" else {})).to("meta")
-    text = fused.prepare_text(model, torch.randn(2, 7, model.config.text_dim, device="meta"), cache_kv=True)
+    text = prepare_text(model, torch.randn(2, 7, model.config.text_dim, device="meta"), cache_kv=True)
     t = torch.full((2, 2), 900.0, dtype=torch.float64, device="meta")
     r = torch.full((2, 2), 700.0, dtype=torch.float64, device="meta")
     x = torch.randn(2, 2, model.config.in_channels, 4, 4, device="meta")
@@ -219,7 +220,7 @@ def test_step_forward_is_capture_safe(kind):
             session.cache_step(0, torch.randn(2, 1, model.config.in_channels, 4, 4, device="meta"))
             step = lambda: session.velocity(1, x, t, r)  # noqa: E731
         else:
-            step = lambda: fused.bidirectional_forward(model, x, t, r, text, backend="torch")  # noqa: E731
+            step = lambda: bidirectional_forward(model, x, t, r, text, backend="torch")  # noqa: E731
         step()  # the eager warm-up fills the RoPE table cache, as StepGraph's first call does
         with _HostToDevice() as mode:
             out = step()

@@ -23,7 +23,7 @@ import torch
 
 import anyflow
 from anyflow.io import read_image, read_video
-from anyflow.samplers import kv_cache as kv_cache_mod
+from anyflow.models import far as kv_cache_mod
 from anyflow.testing.host_reads import HostReads
 from anyflow.testing.official import official_far_semantics
 from anyflow.testing.tiny import tiny_pipeline

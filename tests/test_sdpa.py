@@ -195,7 +195,7 @@ def test_ops_route_their_dense_calls_through_sdpa(timing):
 
 
 def test_fused_bidirectional_forward_under_policies(timing):
-    from anyflow.models import fused
+    from anyflow.models.bidirectional import bidirectional_forward
     from anyflow.testing.tiny import tiny_transformer
 
     model = tiny_transformer("bidirectional", seed=1)
@@ -204,10 +204,10 @@ def test_fused_bidirectional_forward_under_policies(timing):
     t = torch.rand(1, 3, generator=g, dtype=torch.float64) * 1000
     text = torch.randn(1, 9, 32, generator=g)
     with torch.no_grad():
-        ref = fused.bidirectional_forward(model, x, t, t * 0.5, text)
+        ref = bidirectional_forward(model, x, t, t * 0.5, text)
         for policy in ("math", "flash", "tuned"):
             with ops.sdpa_policy(policy):
-                assert_rel_l2(fused.bidirectional_forward(model, x, t, t * 0.5, text), ref, 1e-5)
+                assert_rel_l2(bidirectional_forward(model, x, t, t * 0.5, text), ref, 1e-5)
     keys = ops.sdpa_choices()
     assert any("Lq72|Lk72|D12|" in key for key in keys)  # self-attention: 3 frames x 4 x 6 tokens
     assert any("Lq72|Lk9|D12|" in key for key in keys)  # cross-attention to the text
@@ -260,7 +260,7 @@ def test_env_var_sets_the_initial_policy(monkeypatch):
 
 
 def test_invalid_env_var_does_not_break_import():
-    code = "import anyflow.ops, anyflow.models.fused; print('imported')"
+    code = "import anyflow.ops, anyflow.models.blocks, anyflow.models.bidirectional, anyflow.models.far; print('imported')"
     env = dict(os.environ, ANYFLOW_SDPA="fastest")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "imported" in out.stdout, out.stderr

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from anyflow.models import fused
+from anyflow.models.blocks import TextContext
 from anyflow.testing.tiny import tiny_transformer
 from anyflow.training import consistency as cons
 from anyflow.training import flowmap as fm
@@ -109,7 +109,7 @@ def test_multistep_sampling():
     # an oracle endpoint map (always x*): every step lands on x*, whatever the fresh noise
     oracle = _Stub(lambda z, t, r: (z - x_star) / (t / 1000)[:, :, None, None, None])
     noise = torch.randn(SHAPE, generator=_gen(7))
-    text = fused.TextContext(torch.zeros(SHAPE[0], 7, 32), torch.float32)
+    text = TextContext(torch.zeros(SHAPE[0], 7, 32), torch.float32)
     out = cons.consistency_sample(oracle, noise, text, 4, generator=_gen(8))
     torch.testing.assert_close(out, x_star, rtol=1e-4, atol=1e-4)
     ts = [c[0][0, 0].item() for c in oracle.calls]

@@ -326,7 +326,8 @@ def test_torchrun_anyflow_train_checkpoint_resumes_in_one_process(tmp_path):
 
 def test_enable_swaps_and_restores_block_classes():
     import anyflow
-    from anyflow.models import fused
+    from anyflow.models.bidirectional import dense_self_attention
+    from anyflow.models.blocks import prepare_text, rope_for, run_blocks
     from anyflow.testing.tiny import tiny_transformer
 
     model = tiny_transformer("bidirectional", seed=3)
@@ -336,13 +337,13 @@ def test_enable_swaps_and_restores_block_classes():
     assert all(isinstance(b, cls) for b, cls in zip(model.blocks, original))
     # blocks called as modules (their own norm1 modulation, as under FSDP) = the fused block loop
     x, m_rows = torch.randn(1, 8, 24), torch.randn(1, 2, 6, 24)
-    text = fused.prepare_text(model, torch.randn(1, 7, 32))
-    cos, sin = fused.rope_for(model, 0, 2, (2, 2), False, x.device)
-    attend, segs = fused.dense_self_attention(cos, sin, "torch"), ((2, 4),)
+    text = prepare_text(model, torch.randn(1, 7, 32))
+    cos, sin = rope_for(model, 0, 2, (2, 2), False, x.device)
+    attend, segs = dense_self_attention(cos, sin, "torch"), ((2, 4),)
     y = x
     for i, block in enumerate(model.blocks):
         y = block(i, y, text, m_rows, segs, attend, "torch")
-    torch.testing.assert_close(y, fused.run_blocks(model, x, text, m_rows, segs, attend, "torch"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, run_blocks(model, x, text, m_rows, segs, attend, "torch"), rtol=1e-5, atol=1e-5)
     handle.disable()
     assert [type(b) for b in model.blocks] == original
 

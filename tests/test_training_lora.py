@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from anyflow.models import fused  # noqa: E402
+from anyflow.models.bidirectional import bidirectional_forward  # noqa: E402
 from anyflow.testing.tiny import tiny_transformer  # noqa: E402
 from anyflow.training.config import STUDENT_LORA_TARGETS, TEACHER_LORA_TARGETS, LoRAConfig, from_dict  # noqa: E402
 from anyflow.training.lora import apply_lora, merged_state_dict  # noqa: E402
@@ -45,7 +45,7 @@ def test_lora_effective_weight_and_merged_export():
     z, txt = torch.randn(2, 3, 16, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
     t, r = torch.full((2, 3), 700.0), torch.full((2, 3), 200.0)
     # B = 0 at init: the adapted model is the base model
-    torch.testing.assert_close(fused.bidirectional_forward(m, z, t, r, txt), fused.bidirectional_forward(plain, z, t, r, txt))
+    torch.testing.assert_close(bidirectional_forward(m, z, t, r, txt), bidirectional_forward(plain, z, t, r, txt))
     _randomise(params)
     merged = merged_state_dict(m)
     assert set(merged) == set(plain.state_dict())
@@ -53,8 +53,8 @@ def test_lora_effective_weight_and_merged_export():
     expect = lin.base_layer.weight + (8 / 4) * lin.lora_B["default"].weight @ lin.lora_A["default"].weight
     torch.testing.assert_close(merged["condition_embedder.time_embedder.linear_1.weight"], expect)
     plain.load_state_dict(merged)
-    out = fused.bidirectional_forward(m, z, t, r, txt)
-    torch.testing.assert_close(out, fused.bidirectional_forward(plain, z, t, r, txt), rtol=1e-5, atol=1e-5)
+    out = bidirectional_forward(m, z, t, r, txt)
+    torch.testing.assert_close(out, bidirectional_forward(plain, z, t, r, txt), rtol=1e-5, atol=1e-5)
     # the diffusers forward (peft's module forward) agrees with the op layer (effective weights)
     ref = m(hidden_states=z, timestep=t, r_timestep=r, encoder_hidden_states=txt, return_dict=False)[0]
     torch.testing.assert_close(ref, plain(hidden_states=z, timestep=t, r_timestep=r, encoder_hidden_states=txt,

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from anyflow.models import fused
+from anyflow.models.bidirectional import bidirectional_forward
+from anyflow.models.blocks import TextContext, prepare_text
+from anyflow.models.far import FARRunner
 from anyflow.testing.tiny import tiny_transformer
 from anyflow.training import flowmap as fm
 from anyflow.training import onpolicy as op
@@ -68,11 +70,11 @@ def _manual_rollout(model, frozen_copy, noise, text, plan, mode):
         t, r = torch.full((b, f), a), torch.full((b, f), c)
         if mode == "mid" and name == "S1":
             with torch.no_grad():
-                u = fused.bidirectional_forward(model, z, t, r, text)
+                u = bidirectional_forward(model, z, t, r, text)
         elif mode == "mid" and name == "S3":
-            u = fused.bidirectional_forward(frozen_copy, z, t, r, text)
+            u = bidirectional_forward(frozen_copy, z, t, r, text)
         else:
-            u = fused.bidirectional_forward(model, z, t, r, text)
+            u = bidirectional_forward(model, z, t, r, text)
         z = z - (a - c) / 1000 * u
     return z
 
@@ -137,7 +139,7 @@ def test_dmd_gradient_direction(nets, s):
     with torch.no_grad():
         sig = (t / 1000)[:, :, None, None, None]
         z = sig * noise + (1 - sig) * x_hat
-        x0 = lambda m, txt: z - sig * fused.bidirectional_forward(m, z, t, t, txt)  # noqa: E731
+        x0 = lambda m, txt: z - sig * bidirectional_forward(m, z, t, t, txt)  # noqa: E731
         x0_fake = x0(fake_m, text)
         x0_c, x0_u = x0(real_m, text), x0(real_m, neg.expand(2, -1, -1))
         x0_real = x0_c + s * (x0_c - x0_u)
@@ -165,7 +167,7 @@ def test_critic_loss_matches_independent_computation(nets):
     assert x.grad is None  # student samples are detached
     sig = (t / 1000)[:, :, None, None, None]
     z = sig * eps + (1 - sig) * x.detach()
-    u = fused.bidirectional_forward(critic, z, t, t, text)
+    u = bidirectional_forward(critic, z, t, t, text)
     ref = ((u - (eps - x.detach())) ** 2).mean()
     torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
     assert all(p.grad is not None for p in critic.parameters() if p.requires_grad)
@@ -202,10 +204,10 @@ def test_far_rollout_matches_sampler_and_trains(far_model):
     with torch.no_grad():
         ro = op.FARRollout(model, text, CP, (8, 8))
         x, nfe = ro.run(noise, plan, grad=False)
-        session = FARSession(model, fused.prepare_text(model, text), CP, (8, 8), backend="torch")
+        session = FARSession(model, prepare_text(model, text), CP, (8, 8), backend="torch")
         pairs = [(a, b) for _, a, b in plan.segments]
         *_, (_, ref) = generate(session, noise, pairs)
-    assert nfe == 3 * len(CP) and ro.session.cache_steps == len(CP) - 1
+    assert nfe == 3 * len(CP) and ro.cache_steps == len(CP) - 1
     torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-5)
 
     params = [p for p in model.parameters()]
@@ -239,11 +241,11 @@ class _PerSegmentForward(fm.BidirectionalForward):
         self.copies, self.outputs = copies, []
 
     def prepare_text(self, text):
-        return fused.TextContext(text, text.dtype)  # raw: every copy projects it itself
+        return TextContext(text, text.dtype)  # raw: every copy projects it itself
 
     def __call__(self, z, t, r, text, backend=None):
         i = len(self.outputs) % len(self.copies)
-        u = fused.bidirectional_forward(self.copies[i], z, t, r, text.tokens)
+        u = bidirectional_forward(self.copies[i], z, t, r, text.tokens)
         self.outputs.append((i, u))
         return u
 
@@ -255,14 +257,12 @@ class _PerSegmentFAR(op.FARRollout):
         super().__init__(copies[0], text, cp, (8, 8))
         self.copies, self.raw, self.outputs = copies, text, []
 
-    def velocity(self, k, z, t, r, text=None, snapshot=None):
+    def velocity(self, k, z, t, r, text=None, state=None):
         i = self.nfe % len(self.copies)
         self.nfe += 1
         model = self.copies[i]
-        f0, f1 = self.session.chunk_frames(k)
-        cos, sin = fused.rope_for(model, f0, f1, self.session.geo.full_grid, False, z.device)
-        attend = self._attend(cos, sin, self.snapshot() if torch.is_grad_enabled() else None)
-        u = fused.far_cached_step(model, z, t, r, fused.prepare_text(model, self.raw), attend, f0)
+        state = self.cache.snapshot() if torch.is_grad_enabled() else self.cache
+        u = FARRunner(model, self.runner.cp, (8, 8)).step(k, z, t, r, prepare_text(model, self.raw), state)
         self.outputs.append((i, u))
         return u
 

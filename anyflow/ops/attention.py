@@ -6,7 +6,7 @@ Layouts are ``[B, H, L, D]`` (heads before tokens, as the KV cache stores them);
 *Segmented KV.* At a FAR inference step the current chunk attends, without mask, to the compressed
 cache, the full cache and itself. :func:`segmented_attention` takes those as separate tensors and never
 concatenates them: segments that are adjacent views of one buffer (how
-:class:`anyflow.samplers.kv_cache.FARKVCache` lays them out) are read as one strided view; otherwise the
+:class:`anyflow.models.far.FARKVCache` lays them out) are read as one strided view; otherwise the
 partial results are merged through their log-sum-exp.
 
 *Chunk-causal.* The FAR cache step and FAR training use a block mask over chunks (the official code's

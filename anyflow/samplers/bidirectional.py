@@ -5,7 +5,7 @@ u, any number of steps). The latent between steps is an fp32 master copy that th
 dtype; the Euler shortcut update (with CFG when the text batch is 2B) is one fused op. Context frames
 (I2V / V2V) are clean: their time is t = 0 and the update leaves them unchanged. The per-step forward can
 be replayed from a CUDA graph (:mod:`.graphs`); the prompt's cross-attention K/V are whatever ``text``
-carries (:func:`anyflow.models.fused.prepare_text` with ``cache_kv=True`` computes them once).
+carries (:func:`anyflow.models.blocks.prepare_text` with ``cache_kv=True`` computes them once).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import ops
-from ..models import fused
+from ..models.bidirectional import bidirectional_forward
+from ..models.blocks import TextContext
 from . import graphs
 
 
@@ -33,7 +34,7 @@ def sample(
     model,
     noise: torch.Tensor,
     pairs: Sequence[tuple[float, float]],
-    text: fused.TextContext,
+    text: TextContext,
     *,
     context: Optional[torch.Tensor] = None,
     guidance_scale: float = 1.0,
@@ -51,7 +52,7 @@ def sample(
         noise: ``[B, F, C, H, W]`` initial latents (any float dtype; copied to fp32).
         pairs: time pairs ``(t, r)`` in [0, 1000], t >= r (:func:`anyflow.samplers.schedule.time_pairs`);
             pairs with t == r are skipped.
-        text: :class:`~anyflow.models.fused.TextContext` of batch B, or 2B ``[uncond; cond]`` for CFG.
+        text: :class:`~anyflow.models.blocks.TextContext` of batch B, or 2B ``[uncond; cond]`` for CFG.
         context: optional ``[B, T, C, H, W]`` clean latents of the first T frames (I2V / V2V).
         guidance_scale: CFG scale (used when the text batch is 2B).
         use_mean_velocity: pass r to the model (flow map); ``False`` passes r = t (instantaneous velocity).
@@ -81,7 +82,7 @@ def sample(
         n_ctx = ctx.shape[1]
         z[:, :n_ctx] = ctx.float()
     cfg = text.tokens.shape[0] == 2 * b
-    step = graphs.StepGraph(lambda x, tt, rr: fused.bidirectional_forward(model, x, tt, rr, text, backend=backend),
+    step = graphs.StepGraph(lambda x, tt, rr: bidirectional_forward(model, x, tt, rr, text, backend=backend),
                             z.device, enabled=cuda_graphs)
     nfe = 0
     with ops.sdpa_policy(attention):

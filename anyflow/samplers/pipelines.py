@@ -4,7 +4,7 @@ These functions become methods of an enabled pipeline (see :func:`anyflow.enable
 diffusers 0.42 arguments and return the same outputs; the pipeline's own helpers do prompt encoding,
 noise, VAE encode/decode, progress bars and callbacks. What changes is the denoising loop: per-frame
 time-pair conditioning, prompt-constant cross-attention K/V computed once, an fp32 master latent with
-the fused Euler/CFG update, (FAR) the :class:`~anyflow.samplers.kv_cache.FARKVCache`, and, when enabled
+the fused Euler/CFG update, (FAR) the :class:`~anyflow.models.far.FARKVCache`, and, when enabled
 with ``cuda_graphs=True`` / ``attention=...``, CUDA-graph replay of the per-step forward
 (:mod:`~anyflow.samplers.graphs`) and the SDPA kernel policy (:mod:`anyflow.ops.sdpa`).
 
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import fused, offload
+from ..models import offload
+from ..models.blocks import prepare_text
+from ..models.far import check_chunk_partition
 from . import bidirectional as bidirectional_sampler
 from . import far as far_sampler
 from .schedule import time_pairs
@@ -162,7 +164,7 @@ def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
         negative_prompt_embeds = negative_prompt_embeds.to(dtype)
     p.prompt_embeds, p.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
     text = torch.cat([negative_prompt_embeds, prompt_embeds]) if negative_prompt_embeds is not None else prompt_embeds
-    p.text = fused.prepare_text(model, text, cache_kv=True)
+    p.text = prepare_text(model, text, cache_kv=True)
 
     b = batch * kw["num_videos_per_prompt"]
     noise = pipe.prepare_latents(
@@ -296,7 +298,7 @@ def _far_setup(pipe, args, kwargs):
     cp = kw["chunk_partition"]
     if cp is None:
         cp = list(model.config.chunk_partition)
-    cp = fused.check_chunk_partition(cp, p.noise.shape[1])
+    cp = check_chunk_partition(cp, p.noise.shape[1])
     session = far_sampler.FARSession(
         model, p.text, cp, p.noise.shape[3:], backend=getattr(model, "_anyflow_backend", None),
         cuda_graphs=_cuda_graphs(pipe, model), attention=getattr(model, "_anyflow_attention", None),

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..models import fused
+from ..models.bidirectional import bidirectional_forward
 from .config import ConsistencyConfig
 from .flowmap import LossOutput, _as_context, noise_latents, shifted_grid
 
@@ -53,7 +53,7 @@ def teacher_velocity(model, backend=None) -> Callable:
     the official trainer queries its teacher (reference §7, ``real_score``)."""
 
     def v(z, t, text):
-        return fused.bidirectional_forward(model, z, t, t, text, backend=backend)
+        return bidirectional_forward(model, z, t, t, text, backend=backend)
 
     return v
 

@@ -4,7 +4,7 @@
 puts its remaining parameters (patch embeddings, time / text embedders, output head) in a root unit that
 wraps the transformer. Everything that reads the model runs *inside* that root's ``__call__``
 (:func:`run_sharded`), so FSDP's hooks gather the root parameters before and reduce their gradients
-after, and the blocks are called as modules (:func:`anyflow.models.fused.run_blocks`), so each block's
+after, and the blocks are called as modules (:func:`anyflow.models.blocks.run_blocks`), so each block's
 hooks gather and reduce its own parameters. :class:`ShardedForward` and :class:`ShardedFARWindowForward`
 are the training forwards of a sharded model (bidirectional, and the FAR window with clean copies and
 compressed context); :class:`anyflow.training.onpolicy.FARRollout` routes its KV-cache NFEs and cache
@@ -26,6 +26,7 @@ Nothing here initialises ``torch.distributed`` at import.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -34,8 +35,16 @@ from typing import Callable, ClassVar, Optional
 import torch
 import torch.distributed as dist
 
-from ..models import fused
+from ..models import blocks
+from ..models.bidirectional import bidirectional_forward
+from ..models.blocks import TextContext
+from ..models.far import far_sequence_forward
 from .flowmap import BidirectionalForward, FARWindowForward
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed
+    FSDPModule = None
 
 #: Attribute of a sharded transformer holding its FSDP root (set by :func:`shard_model`).
 _ROOT_ATTR = "_anyflow_fsdp_root"
@@ -53,6 +62,49 @@ class _Root(torch.nn.Module):
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.transformer, *args, **kwargs)
+
+
+def _is_fsdp_block(block) -> bool:
+    return FSDPModule is not None and isinstance(block, FSDPModule)
+
+
+@contextlib.contextmanager
+def frozen_parameters(params):
+    """Temporarily set ``requires_grad=False`` on those of ``params`` that require grad (autograd then
+    tracks the inputs only); restored on exit."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _frozen_by_name(module, names):
+    """:func:`frozen_parameters` of ``module``'s parameters called ``names``, looked up on entry (under FSDP
+    the gathered parameters of that moment, not the shards)."""
+    own = dict(module.named_parameters())
+    with frozen_parameters([own[n] for n in names if n in own]):
+        yield
+
+
+def checkpoint_block(fn, block, *args):
+    """Activation checkpoint of one block whose recompute sees the parameters frozen that were frozen in
+    the forward (the ``"mid"`` on-policy rollout freezes the student for one jump and unfreezes it before
+    the backward; without the replay the recompute would build a different graph)."""
+    frozen = tuple(n for n, p in block.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    context = lambda: (contextlib.nullcontext(), _frozen_by_name(block, frozen))  # noqa: E731
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+
+
+# run_blocks calls FSDP2 blocks as modules and checkpoints with the freeze replayed (models never import training)
+blocks.block_calls.as_module = _is_fsdp_block
+blocks.block_calls.checkpoint = checkpoint_block
 
 
 def mixed_precision_policy(enabled: bool):
@@ -131,7 +183,7 @@ def run_sharded(model, fn: Callable, *args, **kwargs):
     """``fn(model, *args, **kwargs)``, inside the FSDP root of a sharded model (directly otherwise).
 
     Nested calls run directly (the root is already gathered). ``fn`` must reach the blocks through
-    :func:`anyflow.models.fused.run_blocks` (or call them as modules).
+    :func:`anyflow.models.blocks.run_blocks` (or call them as modules).
     """
     root = model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
     if root is None or root.active:
@@ -147,11 +199,11 @@ def run_sharded(model, fn: Callable, *args, **kwargs):
 # training forwards of a sharded model
 # ----------------------------------------------------------------------------------------------
 def _raw_text(text) -> torch.Tensor:
-    return text.tokens if isinstance(text, fused.TextContext) else text
+    return text.tokens if isinstance(text, TextContext) else text
 
 
 def _bidirectional(model, z, t, r, raw, backend):
-    return fused.bidirectional_forward(model, z, t, r, raw, backend=backend)
+    return bidirectional_forward(model, z, t, r, raw, backend=backend)
 
 
 class _RawTextInside:
@@ -161,9 +213,9 @@ class _RawTextInside:
     #: every process runs the same passes whatever its samples (see :func:`anyflow.training.flowmap.flow_map_loss`)
     uniform_calls: ClassVar[bool] = True
 
-    def prepare_text(self, text) -> fused.TextContext:
+    def prepare_text(self, text) -> TextContext:
         raw = _raw_text(text)
-        return fused.TextContext(raw, raw.dtype)
+        return TextContext(raw, raw.dtype)
 
 
 @dataclass
@@ -172,7 +224,7 @@ class ShardedForward(_RawTextInside, BidirectionalForward):
 
     Each call runs inside the FSDP root (:func:`run_sharded`). The text projection must run inside that
     call too (FSDP reduces the root's gradients once the gradient of the root's inputs is complete), so
-    the :class:`~anyflow.models.fused.TextContext` of this forward carries the raw prompt embeddings
+    the :class:`~anyflow.models.blocks.TextContext` of this forward carries the raw prompt embeddings
     ``[B, L, text_dim]`` and every call projects them (row selection and concatenation commute with the
     per-token projection). Latents and text are cast to the compute dtype (bf16 under the mixed-precision
     policy); timesteps stay fp32.
@@ -185,7 +237,7 @@ class ShardedForward(_RawTextInside, BidirectionalForward):
 
 
 def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit, backend):
-    return fused.far_sequence_forward(
+    return far_sequence_forward(
         model, hidden, cp, t, r, raw, full_limit=full_limit, clean_hidden_states=clean, clean_timestep=clean_t,
         backend=backend,
     )

@@ -7,9 +7,9 @@ computed without gradient by a central finite difference (the official method, h
 in 1000-units) or by forward-mode autodiff (``derivative="jvp"``).
 
 Units: timesteps in [0, 1000] (sigma = t / 1000); latents ``[B, F, C, H, W]``; per-frame times
-``[B, F]``; text ``[B, L, D]`` or a :class:`anyflow.models.fused.TextContext`.
+``[B, F]``; text ``[B, L, D]`` or a :class:`anyflow.models.blocks.TextContext`.
 
-Every model call goes through :mod:`anyflow.models.fused` (the op layer), so the backward kernels of
+Every model call goes through :mod:`anyflow.models` (the op layer), so the backward kernels of
 the selected backend are exercised. The functions here are pure in the sense that all randomness
 comes from an explicit ``torch.Generator`` (CPU), which makes training reproducible and resumable.
 """
@@ -22,7 +22,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..models import fused
+from ..models.bidirectional import bidirectional_forward
+from ..models.blocks import TextContext, prepare_text
+from ..models.far import check_chunk_partition, far_sequence_forward, split_chunks
 from .config import TEACHER_TIMESTEPS, FARConfig, FlowMapConfig
 
 KIND_DIFFUSION, KIND_CONSISTENCY, KIND_FREE = 0, 1, 2
@@ -227,13 +229,13 @@ def noise_latents(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
 # ----------------------------------------------------------------------------------------------
 # model wrappers: one call signature for the bidirectional and the FAR training forward
 # ----------------------------------------------------------------------------------------------
-def _take_text(text: fused.TextContext, index: torch.Tensor) -> fused.TextContext:
-    return fused.TextContext(text.tokens[index.to(text.tokens.device)], text.raw_dtype)
+def _take_text(text: TextContext, index: torch.Tensor) -> TextContext:
+    return TextContext(text.tokens[index.to(text.tokens.device)], text.raw_dtype)
 
 
-def cat_text(texts: Sequence[fused.TextContext]) -> fused.TextContext:
+def cat_text(texts: Sequence[TextContext]) -> TextContext:
     """Concatenate projected prompts along the batch."""
-    return fused.TextContext(torch.cat([t.tokens for t in texts]), texts[0].raw_dtype)
+    return TextContext(torch.cat([t.tokens for t in texts]), texts[0].raw_dtype)
 
 
 @dataclass
@@ -245,7 +247,7 @@ class BidirectionalForward:
     backend: Optional[str] = None
 
     def __call__(self, z, t, r, text, backend: Optional[str] = None):
-        return fused.bidirectional_forward(self.model, z, t, r, text, backend=backend or self.backend)
+        return bidirectional_forward(self.model, z, t, r, text, backend=backend or self.backend)
 
     def take(self, index: torch.Tensor) -> "BidirectionalForward":
         """The wrapper for batch rows ``index`` (nothing per-row to select here)."""
@@ -285,7 +287,7 @@ class FARWindowForward:
 
     def __call__(self, z, t, r, text, backend: Optional[str] = None):
         hidden, tt, rr, clean, clean_t = self.sequence(z, t, r)
-        return fused.far_sequence_forward(
+        return far_sequence_forward(
             self.model, hidden, self.chunk_partition, tt, rr, text, full_limit=self.full_limit,
             clean_hidden_states=clean, clean_timestep=clean_t, backend=backend or self.backend,
         )
@@ -315,13 +317,13 @@ def far_window(latents: torch.Tensor, chunk_partition: Sequence[int], num_chunks
         ``(cp[:n], context [B, F_ctx, C, H, W], window [B, F_win, C, H, W])``: the last
         ``min(n, full_limit)`` chunks form the window, earlier chunks the compressed context.
     """
-    cp = fused.check_chunk_partition(chunk_partition)
+    cp = check_chunk_partition(chunk_partition)
     if not 1 <= num_chunks <= len(cp):
         raise ValueError(f"num_chunks must be in [1, {len(cp)}], got {num_chunks}")
     cp = cp[:num_chunks]
     if latents.shape[1] < sum(cp):
         raise ValueError(f"latents have {latents.shape[1]} frames, the chunks {cp} need {sum(cp)}")
-    nc, _ = fused.split_chunks(num_chunks, full_limit)
+    nc, _ = split_chunks(num_chunks, full_limit)
     fc = sum(cp[:nc])
     return cp, latents[:, :fc], latents[:, fc : sum(cp)]
 
@@ -415,12 +417,12 @@ def finite_difference_derivative(forward, z, v, t, r, text, epsilon: float = 5.0
 
 
 def _as_context(forward, text):
-    if isinstance(text, fused.TextContext):
+    if isinstance(text, TextContext):
         return text
     prepare = getattr(forward, "prepare_text", None)  # e.g. a sharded model (anyflow.training.distributed)
     if prepare is not None:
         return prepare(text)
-    return fused.prepare_text(forward.model, text)
+    return prepare_text(forward.model, text)
 
 
 def _sample_rows(t: torch.Tensor, r: torch.Tensor, forward=None) -> torch.Tensor:

@@ -4,7 +4,7 @@ time and delta embedders).
 
 ``peft.inject_adapter_in_model`` wraps every target ``nn.Linear`` in a ``peft`` LoRA layer in place
 (the model keeps its class and its diffusers forward). The op layer reads some weights directly
-(``anyflow.models.fused.time_rows`` passes ``time_embedder.linear_1.weight`` etc. to the fused
+(``anyflow.models.blocks.time_rows`` passes ``time_embedder.linear_1.weight`` etc. to the fused
 time-pair embedding) instead of calling the module; peft's ``weight`` property would hand it the base
 weight only. The wrapped layers therefore get a subclass whose ``weight`` is the *effective* weight
 ``W + (alpha / r) B A`` (differentiable in A and B), while ``forward`` stays peft's

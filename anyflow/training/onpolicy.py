@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..models import fused
-from ..samplers.kv_cache import FARKVCache
-from .distributed import compute_dtype, is_sharded, run_sharded
+from ..models.blocks import TextContext, prepare_text
+from ..models.far import FARRunner
+from ..samplers.jumps import flow_map_jumps
+from .distributed import compute_dtype, frozen_parameters, is_sharded, run_sharded
 from .flowmap import (
     BidirectionalForward,
     LossOutput,
@@ -99,14 +99,14 @@ def _segment_context(name: str, grad: bool, grad_segments: str, params):
     if name == "S1":
         return torch.no_grad()
     if name == "S3":
-        return fused.frozen_parameters(params)
+        return frozen_parameters(params)
     return contextlib.nullcontext()
 
 
-def _segment_text(name: str, grad_segments: str, text: fused.TextContext) -> fused.TextContext:
+def _segment_text(name: str, grad_segments: str, text: TextContext) -> TextContext:
     """S3 under ``"mid"`` sees the projected prompt detached (no parameter gradient through the text)."""
     if grad_segments == "mid" and name == "S3":
-        return fused.TextContext(text.tokens.detach(), text.raw_dtype)
+        return TextContext(text.tokens.detach(), text.raw_dtype)
     return text
 
 
@@ -145,14 +145,16 @@ def bidirectional_rollout(
 
 
 class FARRollout:
-    """Chunk-wise FAR rollout with a KV cache (reference §7.1 FAR, §7.5), differentiable per chunk.
+    """Chunk-wise FAR rollout with a KV cache, differentiable per chunk: a thin user of
+    :class:`anyflow.models.far.FARRunner` (official ``FARWanAnyFlowPipeline.training_rollout`` in
+    ``far/pipelines/pipeline_far_wan_anyflow.py`` and ``trainer_far_wan_anyflow_onpolicy.py``).
 
-    Every chunk k runs the plan's 2-3 jumps; each jump is one NFE of the chunk attending to the cached
-    keys/values of the finished prefix and to itself; nothing is written to the cache during a jump.
-    With gradient the NFEs read a copy of the cached prefix taken at the start of the chunk
-    (:meth:`snapshot`), so the backward, and the recompute of checkpointed blocks, see the cache of the
-    forward although later cache steps overwrite it. After chunk k the cache step re-encodes chunks
-    0..k from the student's own (detached) output without gradient.
+    Every chunk k runs the plan's 2-3 jumps (:func:`anyflow.samplers.jumps.flow_map_jumps`); each jump is
+    one NFE of the chunk attending to the cached keys/values of the finished prefix and to itself. With
+    gradient the NFEs attend to a :class:`~anyflow.models.far.KVSnapshot` of the cache taken at the start of
+    the chunk, so the backward, and the recompute of checkpointed blocks, see the cache of the forward
+    although later cache steps overwrite it; without gradient they use the live cache, as the sampler. After
+    chunk k the cache step re-encodes chunks 0..k from the student's own (detached) output without gradient.
 
     A model sharded with :func:`anyflow.training.distributed.shard_model` works too: every NFE and
     every cache step runs inside the FSDP root (:func:`~anyflow.training.distributed.run_sharded`), the
@@ -164,116 +166,88 @@ class FARRollout:
         text: ``[B, L, text_dim]`` prompt embeddings (a projected TextContext is accepted unsharded only).
         chunk_partition: latent frames per chunk; latent_hw: latent (height, width).
 
+    Attributes:
+        runner: the :class:`~anyflow.models.far.FARRunner`; cache: its live KV cache (compute dtype);
+        nfe, cache_steps: counters.
+
     Raises:
         TypeError: a TextContext for a sharded model.
     """
 
     def __init__(self, model, text, chunk_partition, latent_hw, backend=None):
-        from ..samplers.far import FARSession
-
         self.model = model
         self.backend = backend
         self.dtype = compute_dtype(model)
         self.sharded = is_sharded(model)
         if self.sharded:
-            if isinstance(text, fused.TextContext):
+            if isinstance(text, TextContext):
                 raise TypeError("text must be the raw [B, L, D] prompt embeddings for a sharded model, "
                                 "got a TextContext")
             raw = text.to(self.dtype)
-            self.text = fused.TextContext(raw, raw.dtype)  # raw: projected inside every NFE
+            self.text = TextContext(raw, raw.dtype)  # raw: projected inside every NFE
             with torch.no_grad():
-                cache_text = run_sharded(model, fused.prepare_text, raw)
+                self.cache_text = run_sharded(model, prepare_text, raw)
         else:
             self.text = _as_context(BidirectionalForward(model), text)
             with torch.no_grad():
-                cache_text = fused.TextContext(self.text.tokens.detach(), self.text.raw_dtype)
-        self.session = FARSession(model, cache_text, chunk_partition, latent_hw, backend)
-        cache = self.session.cache
-        if cache.k.dtype != self.dtype:  # a sharded model's parameters are fp32 shards, it computes in bf16
-            self.session.cache = FARKVCache(cache.k.shape[0], cache.k.shape[1], cache.k.shape[2], cache.k.shape[4],
-                                            cache.capacity, self.dtype, cache.k.device)
+                self.cache_text = TextContext(self.text.tokens.detach(), self.text.raw_dtype)
+        self.runner = FARRunner(model, chunk_partition, latent_hw, backend)
+        self.cache = self.runner.new_cache(self.cache_text.tokens.shape[0], self.dtype, self.cache_text.tokens.device)
         self.nfe = 0
+        self.cache_steps = 0
 
-    def snapshot(self):
-        """Per layer ``(keys, values)`` ``[B, H, L_cached, Dh]``: copies of the cached prefix.
-
-        A differentiable NFE attends to these instead of the live cache: the backward (and the recompute
-        of a checkpointed block, which runs in the backward) must see the cache as it was in the
-        forward, while later cache steps overwrite and extend it. One copy serves all NFEs of a chunk.
-        """
-        cache = self.session.cache
-        n = cache.num_cached
-        return [(cache.k[layer, :, :, :n].clone(), cache.v[layer, :, :, :n].clone())
-                for layer in range(cache.k.shape[0])]
-
-    def _attend(self, cos, sin, snapshot=None):
-        cache, backend = self.session.cache, self.backend
-        start = cache.num_cached
-
-        def fn(layer, attn, q, k, v):
-            kr = fused.norm_rope(attn, k, "k", cos, sin, backend).transpose(1, 2)
-            qr = fused.norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
-            if snapshot is None:
-                keys, values = cache.segments(layer, start)
-            else:
-                keys, values = [snapshot[layer][0]], [snapshot[layer][1]]
-            kk = torch.cat([*[x.to(kr.dtype) for x in keys], kr], dim=2)
-            vv = torch.cat([*[x.to(v.dtype) for x in values], v.transpose(1, 2)], dim=2)
-            o = F.scaled_dot_product_attention(qr, kk, vv)
-            return o.transpose(1, 2).flatten(2)
-
-        return fn
-
-    def velocity(self, k: int, z, t, r, text=None, snapshot=None):
-        """One NFE of chunk ``k``: ``z`` ``[B, F_k, C, H, W]``, per-frame ``t``, ``r`` ``[B, F_k]`` ->
-        mean velocity ``[B, F_k, C, H, W]`` (with graph when grad is enabled, attending to ``snapshot``
-        (:meth:`snapshot`; taken here when not given) rather than the live cache)."""
-        f0, f1 = self.session.chunk_frames(k)
-        cos, sin = fused.rope_for(self.model, f0, f1, self.session.geo.full_grid, False, z.device)
+    def velocity(self, k: int, z, t, r, text=None, state=None):
+        """One NFE of chunk ``k``: ``z`` ``[B, F_k, C, H, W]`` (compute dtype), per-frame ``t``, ``r``
+        ``[B, F_k]`` in [0, 1000] -> mean velocity ``[B, F_k, C, H, W]``, attending to ``state`` (default: a
+        fresh :meth:`~anyflow.models.far.FARKVCache.snapshot` when grad is enabled, else the live cache)."""
         self.nfe += 1
         text = self.text if text is None else text
-        if snapshot is None and torch.is_grad_enabled():
-            snapshot = self.snapshot()
-        attend = self._attend(cos, sin, snapshot)
+        if state is None:
+            state = self.cache.snapshot() if torch.is_grad_enabled() else self.cache
         if self.sharded:
-            return run_sharded(self.model, _sharded_nfe, z, t, r, text.tokens, attend, f0, self.backend)
-        return fused.far_cached_step(self.model, z, t, r, text, attend, f0, self.backend)
+            return run_sharded(self.model, _sharded_step, self.runner, k, z, t, r, text.tokens, state)
+        return self.runner.step(k, z, t, r, text, state)
 
     def cache_step(self, k: int, prefix: torch.Tensor) -> None:
         """Make chunks ``0..k`` context from ``prefix`` ``[B, >= F, C, H, W]`` (no gradient)."""
+        self.cache_steps += 1
         with torch.no_grad():
-            run_sharded(self.model, _cache_step, self.session, k, prefix)
+            run_sharded(self.model, _cache_step, self.runner, k, prefix, self.cache_text, self.cache)
 
     def run(self, noise: torch.Tensor, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all", params=()):
-        """Roll out all chunks from ``noise`` ``[B, F_total, C, H, W]``; returns ``(x_hat fp32, nfe)``."""
-        cp = self.session.cp
-        fused.check_chunk_partition(cp, noise.shape[1])
-        dtype = self.dtype
+        """Roll out all chunks from ``noise`` ``[B, F_total, C, H, W]``; returns ``(x_hat fp32, nfe)``.
+
+        Each jump's NFE runs in the grad mode of its segment (module docstring); the Euler update after it
+        reads no parameter, so where it runs does not change the parameter gradients.
+        """
+        cp = self.runner.cp
+        self.runner.check_num_frames(noise.shape[1])
+        pairs = [(a, b) for _, a, b in plan.segments]
         chunks = []
         for k in range(len(cp)):
-            f0, f1 = self.session.chunk_frames(k)
-            z = noise[:, f0:f1].float()
-            b, f = z.shape[:2]
-            snapshot = self.snapshot() if grad else None
-            for name, t_from, t_to in plan.segments:
+            f0, f1 = self.runner.chunk_frames(k)
+            state = self.cache.snapshot() if grad else self.cache
+
+            def velocity(i, z, t, r, k=k, state=state):
+                name = plan.segments[i][0]
                 with _segment_context(name, grad, grad_segments, params):
-                    t = torch.full((b, f), t_from, dtype=torch.float64, device=z.device)
-                    r = torch.full((b, f), t_to, dtype=torch.float64, device=z.device)
-                    u = self.velocity(k, z.to(dtype), t, r, _segment_text(name, grad_segments, self.text), snapshot)
-                    z = _jump(z, u, t_from, t_to)
-            chunks.append(z)
+                    tt = torch.full(z.shape[:2], t, dtype=torch.float64, device=z.device)
+                    rr = torch.full(z.shape[:2], r, dtype=torch.float64, device=z.device)
+                    return self.velocity(k, z.to(self.dtype), tt, rr, _segment_text(name, grad_segments, self.text),
+                                         state)
+
+            chunks.append(flow_map_jumps(velocity, noise[:, f0:f1], pairs, backend="torch").latents)
             if k < len(cp) - 1:
-                self.cache_step(k, torch.cat([c.detach() for c in chunks], dim=1).to(dtype))
+                self.cache_step(k, torch.cat([c.detach() for c in chunks], dim=1).to(self.dtype))
         return torch.cat(chunks, dim=1), self.nfe
 
 
-def _sharded_nfe(model, z, t, r, raw_text, attend, first_frame, backend):
-    text = fused.prepare_text(model, raw_text)
-    return fused.far_cached_step(model, z, t, r, text, attend, first_frame, backend)
+def _sharded_step(model, runner, k, z, t, r, raw_text, state):
+    return runner.step(k, z, t, r, prepare_text(model, raw_text), state)
 
 
-def _cache_step(model, session, k, prefix):
-    session.cache_step(k, prefix)
+def _cache_step(model, runner, k, prefix, text, cache):
+    runner.cache_step(k, prefix, text, cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""The bidirectional AnyFlow forward (``AnyFlowTransformer3DModel.forward``) through :mod:`anyflow.ops`.
+
+Every token attends to every token of the clip; the pieces (text context, time rows, RoPE tables, blocks,
+head) are those of :mod:`.blocks`. Source: diffusers ``AnyFlowTransformer3DModel.forward`` and the official
+bidirectional forward in ``far/models/transformer_far_wan_model.py`` (NVlabs/AnyFlow).
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from . import blocks
+from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
+
+
+def dense_self_attention(cos, sin, backend=None) -> SelfAttention:
+    """Bidirectional self-attention over the whole sequence; ``cos``, ``sin`` are the fp32 ``[N, Dh/2]`` RoPE
+    tables of its ``N`` tokens (:func:`anyflow.models.blocks.rope_for`)."""
+
+    def fn(layer, attn, q, k, v):
+        q = norm_rope(attn, q, "q", cos, sin, backend)
+        k = norm_rope(attn, k, "k", cos, sin, backend)
+        o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2).flatten(2)
+
+    return fn
+
+
+@onloaded
+def bidirectional_forward(
+    model, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image=None, backend=None
+):
+    """``AnyFlowTransformer3DModel.forward`` through the op layer.
+
+    Args:
+        model: a diffusers ``AnyFlowTransformer3DModel`` (enabled or not; its parameters are read).
+        hidden_states: ``[B, F, C, H, W]`` latents z_t (model dtype).
+        timestep, r_timestep: ``[B, F]`` (or scalar / ``[B]``) time pair (t, r) in [0, 1000].
+        encoder_hidden_states: ``[B, L, text_dim]`` text, or a :class:`~anyflow.models.blocks.TextContext`.
+        encoder_hidden_states_image: optional ``[B, L_img, image_dim]`` image embedding (I2V models).
+        backend: op backend (``None`` / ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
+
+    Returns:
+        ``[B, F, C, H, W]`` mean velocity u in the model dtype.
+
+    Raises:
+        ValueError: latents not ``[B, F, C, H, W]`` with the model's channels and a size divisible by the
+            patch; timesteps of another shape; an image embedding for a model without image embedder.
+    """
+    check_latents("hidden_states", hidden_states, model)
+    b, f, _, hh, ww = hidden_states.shape
+    p = model.config.patch_size
+    grid = (hh // p[1], ww // p[2])
+    text = as_text(model, encoder_hidden_states, encoder_hidden_states_image)
+    t = frame_times("timestep", timestep, b, f, hidden_states.device)
+    r = frame_times("r_timestep", r_timestep, b, f, hidden_states.device)
+    delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
+    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype, backend)
+    segs = ((f, grid[0] * grid[1]),)
+    cos, sin = blocks.rope_for(model, 0, f, grid, False, hidden_states.device)
+    x = patchify(model.patch_embedding, hidden_states)
+    x = blocks.run_blocks(model, x, text, m_rows, segs, dense_self_attention(cos, sin, backend), backend)
+    return unpatchify(model, head(model, x, e_rows, segs, backend), f, hh, ww)

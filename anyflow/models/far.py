@@ -1,0 +1,466 @@
+"""FAR (causal AnyFlow): chunk geometry, the full-sequence forward, and :class:`FARRunner`, the one FAR engine.
+
+A *chunk partition* cuts the video into chunks (latent frames per chunk, e.g. ``[1,3,3,3,3,3,3,2]``). Over a
+prefix of K chunks the last ``min(K, limit)`` are *full* (``patch_embedding``) and older ones *compressed*
+(``far_patch_embedding``, RoPE on the coarser grid). The sampler, the on-policy rollout and the enabled
+diffusers forward all step through :class:`FARRunner`, each with its attention state: the live
+:class:`FARKVCache`, a gradient-keeping :class:`KVSnapshot`, or diffusers' dict cache (:class:`DiffusersKVCache`).
+Source: ``far/models/transformer_far_wan_model.py`` of NVlabs/AnyFlow (``_forward_train``, ``_forward_cache``,
+``_forward_inference``, the compressed / full RoPE tables). Latents ``[B, F, C, H, W]``, timesteps ``[B, F]``
+in [0, 1000], cached keys/values ``[B, H, L, Dh]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .. import ops
+from . import blocks
+from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FARGeometry:
+    """Token grids of a FAR model at one latent resolution: ``full_grid`` / ``compressed_grid`` are the
+    (rows, columns) of tokens per frame with the full / compressed patch; ``*_tpf`` their tokens per frame."""
+
+    full_grid: tuple[int, int]
+    compressed_grid: tuple[int, int]
+
+    @property
+    def full_tpf(self) -> int:
+        return self.full_grid[0] * self.full_grid[1]
+
+    @property
+    def compressed_tpf(self) -> int:
+        return self.compressed_grid[0] * self.compressed_grid[1]
+
+
+def far_geometry(model, height: int, width: int) -> FARGeometry:
+    """:class:`FARGeometry` of ``model`` at latent ``height`` x ``width`` (``patch_size`` and
+    ``compressed_patch_size`` of its config)."""
+    cfg = model.config
+    ps, cps = cfg.patch_size, cfg.compressed_patch_size
+    return FARGeometry((height // ps[1], width // ps[2]), (height // cps[1], width // cps[2]))
+
+
+def check_chunk_partition(chunk_partition, num_frames: Optional[int] = None, arg: str = "chunk_partition"):
+    """Validate a chunk partition; returns it as a list of ints.
+
+    Raises:
+        TypeError: not a sequence of ints.
+        ValueError: empty, a chunk < 1, or (``num_frames`` given) a sum other than ``num_frames``.
+    """
+    try:
+        cp = [int(c) for c in chunk_partition]
+    except (TypeError, ValueError):
+        raise TypeError(f"{arg} must be a sequence of positive ints, got {chunk_partition!r}") from None
+    if not cp or any(c <= 0 for c in cp):
+        raise ValueError(f"{arg} must be a non-empty sequence of positive ints, got {cp}")
+    if num_frames is not None and sum(cp) != num_frames:
+        raise ValueError(f"{arg}={cp} sums to {sum(cp)} but there are {num_frames} latent frames")
+    return cp
+
+
+def split_chunks(num_chunks: int, limit: int) -> tuple[int, int]:
+    """(compressed, full) chunk counts of a ``num_chunks`` prefix when at most ``limit`` trailing chunks are full."""
+    full = min(num_chunks, max(limit, 0))
+    return num_chunks - full, full
+
+
+def kv_capacity(chunk_partition: Sequence[int], full_chunk_limit: int, full_tpf: int, compressed_tpf: int) -> int:
+    """Largest token count the cache must hold over a whole FAR video (inference NFEs and cache steps)."""
+    cp = list(chunk_partition)
+    need = 0
+    for k in range(len(cp)):
+        nc, nf = split_chunks(k + 1, full_chunk_limit)  # inference NFE of chunk k: cache + current
+        need = max(need, sum(cp[:nc]) * compressed_tpf + sum(cp[nc : nc + nf]) * full_tpf)
+        nc, nf = split_chunks(k + 1, full_chunk_limit - 1)  # cache step after chunk k
+        need = max(need, sum(cp[:nc]) * compressed_tpf + sum(cp[nc : k + 1]) * full_tpf)
+    return need
+
+
+# ----------------------------------------------------------------------------------------------
+# full-sequence forward (training, diffusers' cache step)
+# ----------------------------------------------------------------------------------------------
+def _masked_attention(cos, sin, layout, on_kv=None, backend=None) -> SelfAttention:
+    """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys."""
+
+    def fn(layer, attn, q, k, v):
+        qr = norm_rope(attn, q, "q", cos, sin, backend)
+        kr = norm_rope(attn, k, "k", cos, sin, backend)
+        if on_kv is not None:
+            on_kv(layer, attn, k, kr, v)
+        o = ops.chunk_causal_attention(
+            qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout, backend=backend
+        )
+        return o.transpose(1, 2).flatten(2)
+
+    return fn
+
+
+@onloaded
+def far_sequence_forward(
+    model,
+    hidden_states,
+    chunk_partition,
+    timestep,
+    r_timestep,
+    encoder_hidden_states,
+    *,
+    full_limit: int,
+    encoder_hidden_states_image=None,
+    clean_hidden_states=None,
+    clean_timestep=None,
+    on_kv=None,
+    with_head: bool = True,
+    backend=None,
+):
+    """FAR forward over ``[compressed chunks | full chunks (| clean copies)]`` with the chunk-causal mask.
+
+    The official ``_forward_train`` (``full_limit = full_chunk_limit``, clean copies of the full chunks) and
+    ``_forward_cache`` (``full_limit = full_chunk_limit - 1``, ``with_head=False``, ``on_kv`` storing the
+    keys) of ``far/models/transformer_far_wan_model.py``; the mask is built as range tables
+    (:func:`anyflow.ops.far_attention_layout`), without padding.
+
+    Args:
+        hidden_states: ``[B, F, C, H, W]`` latents of all chunks of ``chunk_partition`` (sum = F).
+        timestep, r_timestep: per frame ``[B, F]`` (or scalar / ``[B]``) in [0, 1000].
+        encoder_hidden_states: ``[B, L, text_dim]`` or a :class:`~anyflow.models.blocks.TextContext`.
+        full_limit: trailing chunks at full resolution; older chunks are compressed.
+        clean_hidden_states, clean_timestep: ``[B, F_full, C, H, W]`` clean copies of the full chunks and
+            their ``[B, F_full]`` time (0 in training).
+        on_kv: ``on_kv(layer, attn, k_proj [B, N, H*Dh], k_rope [B, N, H, Dh], v [B, N, H, Dh])`` per layer.
+        with_head: ``False`` skips the output head (a cache step needs only the keys/values).
+
+    Returns:
+        ``[B, F_full, C, H, W]`` velocity of the noisy full frames in the model dtype (``None`` without head).
+
+    Raises:
+        ValueError / TypeError: bad latents, chunk partition, timesteps or clean copies.
+    """
+    check_latents("hidden_states", hidden_states, model)
+    b, f, _, hh, ww = hidden_states.shape
+    cp = check_chunk_partition(chunk_partition, f)
+    geo = far_geometry(model, hh, ww)
+    dev = hidden_states.device
+    nc_chunks, _ = split_chunks(len(cp), full_limit)
+    nc_frames = sum(cp[:nc_chunks])
+    nf_frames = f - nc_frames
+    text = as_text(model, encoder_hidden_states, encoder_hidden_states_image)
+    t = frame_times("timestep", timestep, b, f, dev)
+    r = frame_times("r_timestep", r_timestep, b, f, dev)
+    delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
+    t_rows = [t[:, :nc_frames], t[:, nc_frames:]]
+    d_rows = [delta[:, :nc_frames], delta[:, nc_frames:]]
+    segs = [(nc_frames, geo.compressed_tpf), (nf_frames, geo.full_tpf)]
+    ropes = [
+        blocks.rope_for(model, 0, nc_frames, geo.compressed_grid, True, dev),
+        blocks.rope_for(model, nc_frames, f, geo.full_grid, False, dev),
+    ]
+    x = [patchify(model.far_patch_embedding, hidden_states[:, :nc_frames])] if nc_frames else []
+    x.append(patchify(model.patch_embedding, hidden_states[:, nc_frames:]))
+    if clean_hidden_states is not None:
+        check_latents("clean_hidden_states", clean_hidden_states, model)
+        if clean_hidden_states.shape[:2] != (b, nf_frames) or clean_hidden_states.shape[3:] != (hh, ww):
+            raise ValueError(
+                f"clean_hidden_states must be [B, F_full, C, H, W] = [{b}, {nf_frames}, C, {hh}, {ww}], "
+                f"got {tuple(clean_hidden_states.shape)}"
+            )
+        if clean_timestep is None:
+            raise ValueError("clean_timestep is required with clean_hidden_states")
+        ct = frame_times("clean_timestep", clean_timestep, b, nf_frames, dev)
+        t_rows.append(ct)
+        d_rows.append(ct)  # diffusers embeds the clean copy with (t, delta) = (c, c) for both deltatime types
+        segs.append((nf_frames, geo.full_tpf))
+        ropes.append(ropes[-1])
+        x.append(patchify(model.patch_embedding, clean_hidden_states))
+    e_rows, m_rows = blocks.time_rows(model, torch.cat(t_rows, 1), torch.cat(d_rows, 1), text.raw_dtype, backend)
+    cos, sin = blocks.cat_rope(ropes)
+    x = torch.cat(x, dim=1) if len(x) > 1 else x[0]
+    layout = ops.far_attention_layout(
+        cp, nc_chunks, geo.full_tpf, geo.compressed_tpf, clean_copy=clean_hidden_states is not None
+    )
+    attend = _masked_attention(cos, sin, layout, on_kv, backend)
+    x = blocks.run_blocks(model, x, text, m_rows, tuple(segs), attend, backend)
+    if not with_head:
+        return None
+    n_ctx = nc_frames * geo.compressed_tpf
+    x = x[:, n_ctx : n_ctx + nf_frames * geo.full_tpf]
+    out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),), backend)
+    return unpatchify(model, out, nf_frames, hh, ww)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention states of the runner: step_attention(runner, k, cos, sin) and cache_step(runner, k, latents, text)
+# ----------------------------------------------------------------------------------------------
+class FARKVCache:
+    """The live KV cache: preallocated, post-RoPE keys, one ``[compressed | full | current]`` buffer per layer.
+
+    An NFE writes the current chunk right after the cached context and attends to one strided view (no
+    ``torch.cat``). Keys are stored rotated: a cached token's position never changes (the official code
+    stores pre-RoPE keys and re-rotates the whole cache in float64 at every NFE). The cache step *appends*
+    the chunk that has just become compressed and re-encodes only the full chunks; exact, because a
+    compressed chunk attends only to compressed chunks up to itself, so its keys/values never change.
+
+    Args:
+        num_layers, batch (2B with CFG), heads, head_dim: the shape; capacity: tokens per layer
+            (:func:`kv_capacity`); dtype, device: storage (the model's compute dtype).
+
+    Attributes:
+        k, v: ``[num_layers, batch, heads, capacity, head_dim]``.
+        num_compressed, num_full: tokens of cached compressed / full context.
+        num_compressed_chunks: chunks held in compressed form (final once written).
+    """
+
+    def __init__(self, num_layers, batch, heads, head_dim, capacity, dtype, device):
+        shape = (num_layers, batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.num_compressed = self.num_full = self.num_compressed_chunks = 0
+
+    @property
+    def num_cached(self) -> int:
+        return self.num_compressed + self.num_full
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``[B, L, H, Dh]`` keys (post-RoPE) and values at tokens ``[start, start + L)``;
+        ``ValueError`` past ``capacity``."""
+        end = start + k.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: writing tokens up to {end} but capacity is {self.capacity}")
+        self.k[layer, :, :, start:end] = k.transpose(1, 2)
+        self.v[layer, :, :, start:end] = v.transpose(1, 2)
+
+    def segments(self, layer: int, end: int):
+        """Key/value views ``[B, H, L, Dh]`` of the regions in ``[0, end)``: compressed, full, rest."""
+        bounds = [0, self.num_compressed, self.num_cached, end]
+        ks = [self.k[layer, :, :, a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        vs = [self.v[layer, :, :, a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        return ks, vs
+
+    def snapshot(self) -> "KVSnapshot":
+        """Copies of the cached prefix ``[0, num_cached)`` of every layer."""
+        n = self.num_cached
+        return KVSnapshot([(self.k[i, :, :, :n].clone(), self.v[i, :, :, :n].clone()) for i in range(self.k.shape[0])])
+
+    def _writing(self, cos, sin, start: int, backend, attend) -> SelfAttention:
+        """Self-attention that writes the tokens' K/V at ``start``, then ``attend(layer, q [B, H, L, Dh], end)``."""
+
+        def fn(layer, attn, q, k, v):
+            self.write(layer, start, norm_rope(attn, k, "k", cos, sin, backend), v)
+            qr = norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
+            return attend(layer, qr, start + k.shape[1]).transpose(1, 2).flatten(2)
+
+        return fn
+
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+        def attend(layer, q, end):
+            return ops.segmented_attention(q, *self.segments(layer, end), backend=runner.backend)
+
+        return self._writing(cos, sin, self.num_cached, runner.backend, attend)
+
+    def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
+        nc, _ = split_chunks(k + 1, runner.limit - 1)
+        while self.num_compressed_chunks < nc:
+            self.num_compressed += self._encode(runner, self.num_compressed_chunks, self.num_compressed_chunks + 1,
+                                                True, latents, text)
+            self.num_compressed_chunks += 1
+        self.num_full = self._encode(runner, nc, k + 1, False, latents, text)
+
+    def _encode(self, runner, c0: int, c1: int, compressed: bool, latents, text) -> int:
+        """Encode chunks ``[c0, c1)`` at t = r = 0 right after the compressed prefix, chunk-causally over
+        everything before them; returns their token count."""
+        model, backend, start = runner.model, runner.backend, self.num_compressed
+        f0, f1 = sum(runner.cp[:c0]), sum(runner.cp[:c1])
+        x = patchify(model.far_patch_embedding if compressed else model.patch_embedding, latents[:, f0:f1])
+        tpf = runner.geo.compressed_tpf if compressed else runner.geo.full_tpf
+        layout = ops.chunk_causal_layout([c * tpf for c in runner.cp[c0:c1]], kv_offset=start)
+        zeros = torch.zeros(x.shape[0], f1 - f0, dtype=torch.float64, device=x.device)
+        m_rows = blocks.time_rows(model, zeros, zeros, text.raw_dtype, backend)[1]
+
+        def attend(layer, q, end):
+            return ops.chunk_causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], layout,
+                                              backend=backend)
+
+        attention = self._writing(*runner.rope(f0, f1, x.device, compressed), start, backend, attend)
+        blocks.run_blocks(model, x, text, m_rows, ((f1 - f0, tpf),), attention, backend)
+        return x.shape[1]
+
+
+def _over_cache(cos, sin, backend, cached) -> SelfAttention:
+    """Self-attention of the current tokens over ``cached(layer) -> (keys, values)`` (lists of
+    ``[B, H, L, Dh]``, rotated) and themselves, without mask; nothing is written."""
+
+    def fn(layer, attn, q, k, v):
+        qr = norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
+        kr = norm_rope(attn, k, "k", cos, sin, backend).transpose(1, 2)
+        keys, values = cached(layer)
+        keys, values = [c.to(qr.dtype) for c in keys] + [kr], [c.to(qr.dtype) for c in values] + [v.transpose(1, 2)]
+        return ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2).flatten(2)
+
+    return fn
+
+
+@dataclass
+class KVSnapshot:
+    """Gradient-keeping state: per layer ``(keys, values)`` ``[B, H, L_cached, Dh]`` copies of the cache
+    (:meth:`FARKVCache.snapshot`). The backward, and the recompute of checkpointed blocks, then see the
+    cache of the forward although later cache steps overwrite it. Read-only; one serves a whole chunk."""
+
+    layers: list
+
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+        return _over_cache(cos, sin, runner.backend, lambda layer: [[t] if t.shape[2] else [] for t in self.layers[layer]])
+
+    def cache_step(self, runner, k, latents, text) -> None:
+        raise TypeError("a KVSnapshot is read-only: run the cache step on the FARKVCache it was taken from")
+
+
+@dataclass
+class DiffusersKVCache:
+    """diffusers' dict KV cache: ``kv_cache[layer] = {"compressed_cache", "full_cache"}``, each
+    ``[2, B, H, L, Dh]`` (keys, values), keys post-norm and *pre*-RoPE (so diffusers and anyflow can share it).
+
+    The NFE of chunk k (``num_cached_chunks`` must be k) rotates the cached keys on the fly and attends to
+    ``[compressed | full | current]`` without concatenation and without the zero padding of diffusers 0.42.1.
+    The cache step re-encodes every chunk it is given (:func:`far_sequence_forward`) at ``timestep`` /
+    ``r_timestep`` (diffusers' callers pass zeros) and stores their keys/values.
+    """
+
+    kv_cache: Any
+    num_cached_chunks: int = 0
+    timestep: Any = 0.0
+    r_timestep: Any = 0.0
+
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+        if k != self.num_cached_chunks:
+            raise ValueError(f"chunk_partition has {k + 1} chunks but the cache holds {self.num_cached_chunks} "
+                             "(expected one more chunk)")
+        backend, dev = runner.backend, cos.device
+        n_cc, n_cf = runner.context_tokens(k - 1) if k else (0, 0)
+        nc_frames = sum(runner.cp[: split_chunks(k + 1, runner.limit)[0]])
+        rope_c, rope_f = runner.rope(0, nc_frames, dev, True), runner.rope(nc_frames, sum(runner.cp[:k]), dev)
+
+        def cached(layer):
+            comp, full = self.kv_cache[layer]["compressed_cache"], self.kv_cache[layer]["full_cache"]
+            rotated = [ops.apply_rope(key.transpose(1, 2), *rope, backend=backend).transpose(1, 2)
+                       for key, rope in ((comp[0, :, :, :n_cc], rope_c), (full[0, :, :, :n_cf], rope_f))]
+            return rotated, [comp[1, :, :, :n_cc], full[1, :, :, :n_cf]]
+
+        return _over_cache(cos, sin, backend, cached)
+
+    def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
+        n = runner.context_tokens(k)[0]
+
+        def on_kv(layer, attn, k_proj, k_rot, v):
+            cache = self.kv_cache[layer]
+            k_pre = attn.norm_k(k_proj).to(k_proj.dtype).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            v = v.transpose(1, 2)
+            m = k_pre.shape[2] - n
+            cache["compressed_cache"][0, :, :, :n], cache["compressed_cache"][1, :, :, :n] = k_pre[:, :, :n], v[:, :, :n]
+            cache["full_cache"][0, :, :, :m], cache["full_cache"][1, :, :, :m] = k_pre[:, :, n:], v[:, :, n:]
+
+        far_sequence_forward(runner.model, latents, runner.cp[: k + 1], self.timestep, self.r_timestep, text,
+                             full_limit=runner.limit - 1, on_kv=on_kv, with_head=False, backend=runner.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner
+# ----------------------------------------------------------------------------------------------
+class FARRunner:
+    """One FAR model at one latent resolution and chunk partition: geometry, RoPE tables, NFEs, cache steps.
+
+    Per chunk k (official ``FARWanAnyFlowPipeline.inference`` and its cache step,
+    ``far/pipelines/pipeline_far_wan_anyflow.py``): every NFE (:meth:`step`, the model's
+    ``_forward_inference``) attends without mask to ``[compressed context | full context | current chunk]``;
+    then :meth:`cache_step` (``_forward_cache``) encodes chunks ``0..k`` at t = r = 0 chunk-causally, the last
+    ``full_chunk_limit - 1`` at full resolution. The attention state (:class:`FARKVCache`,
+    :class:`KVSnapshot`, :class:`DiffusersKVCache`) holds the keys/values.
+
+    Args:
+        model: a diffusers ``AnyFlowFARTransformer3DModel`` (enabled or not; its parameters are read).
+        chunk_partition: latent frames per chunk; latent_hw: latent (height, width).
+        backend: op backend (``None`` / ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
+
+    Raises:
+        TypeError / ValueError: a chunk partition that is not a non-empty sequence of positive ints.
+    """
+
+    def __init__(self, model, chunk_partition: Sequence[int], latent_hw, backend=None):
+        self.model, self.backend = model, backend
+        self.cp = check_chunk_partition(chunk_partition)
+        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self.geo = far_geometry(model, *self.latent_hw)
+        self.limit = model.config.full_chunk_limit
+
+    def chunk_frames(self, k: int) -> tuple[int, int]:
+        """Absolute latent frames ``[f0, f1)`` of chunk ``k``."""
+        return sum(self.cp[:k]), sum(self.cp[: k + 1])
+
+    def check_num_frames(self, num_frames: int) -> None:
+        """``ValueError`` unless the chunk partition sums to ``num_frames``."""
+        check_chunk_partition(self.cp, num_frames)
+
+    def context_tokens(self, k: int) -> tuple[int, int]:
+        """(compressed, full) context tokens once chunks ``0..k`` are cached."""
+        nc, _ = split_chunks(k + 1, self.limit - 1)
+        return sum(self.cp[:nc]) * self.geo.compressed_tpf, sum(self.cp[nc : k + 1]) * self.geo.full_tpf
+
+    def rope(self, f0: int, f1: int, device, compressed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(cos, sin)`` ``[tokens, Dh/2]`` of absolute frames ``[f0, f1)`` on the full or compressed grid."""
+        grid = self.geo.compressed_grid if compressed else self.geo.full_grid
+        return blocks.rope_for(self.model, f0, f1, grid, compressed, device)
+
+    def new_cache(self, batch: int, dtype: torch.dtype, device) -> FARKVCache:
+        """A :class:`FARKVCache` of ``batch`` rows large enough for the whole video (:func:`kv_capacity`)."""
+        cfg = self.model.config
+        cap = kv_capacity(self.cp, self.limit, self.geo.full_tpf, self.geo.compressed_tpf)
+        return FARKVCache(cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim, cap, dtype, device)
+
+    def step(self, k: int, z: torch.Tensor, t, r, text, state) -> torch.Tensor:
+        """One NFE of chunk ``k``: ``z`` ``[B, F_k, C, H, W]`` (compute dtype) at per-frame ``t``, ``r`` ``[B, F_k]``
+        (or scalar / ``[B]``) in [0, 1000], ``text`` a TextContext or raw ``[B, L, text_dim]``, attending to
+        ``state`` -> mean velocity u ``[B, F_k, C, H, W]`` (model dtype).
+
+        Raises:
+            ValueError: ``z`` is not chunk k at the runner's resolution; bad times; a
+                :class:`DiffusersKVCache` that does not hold chunks ``0..k-1``.
+        """
+        return _step(self.model, self, k, z, t, r, text, state)
+
+    def cache_step(self, k: int, latents: torch.Tensor, text, state) -> None:
+        """Make chunks ``0..k`` context in ``state`` from their final ``latents`` ``[B, >= f1, C, H, W]`` (exactly
+        their frames for a :class:`DiffusersKVCache`); run it under ``torch.no_grad()``. ``TypeError`` for a
+        :class:`KVSnapshot`."""
+        _cache_step(self.model, self, k, latents, text, state)
+
+
+@onloaded
+def _step(model, runner: FARRunner, k, z, t, r, text, state):
+    check_latents("hidden_states", z, model)
+    b, f, _, hh, ww = z.shape
+    f0, f1 = runner.chunk_frames(k)
+    if f != f1 - f0 or (hh, ww) != runner.latent_hw:
+        raise ValueError(f"chunk {k} latents must be [B, {f1 - f0}, C, {runner.latent_hw[0]}, {runner.latent_hw[1]}], "
+                         f"got {tuple(z.shape)}")
+    text = as_text(model, text)
+    t, r = frame_times("timestep", t, b, f, z.device), frame_times("r_timestep", r, b, f, z.device)
+    delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
+    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype, runner.backend)
+    segs = ((f, runner.geo.full_tpf),)
+    attention = state.step_attention(runner, k, *runner.rope(f0, f1, z.device))
+    x = blocks.run_blocks(model, patchify(model.patch_embedding, z), text, m_rows, segs, attention, runner.backend)
+    return unpatchify(model, head(model, x, e_rows, segs, runner.backend), f, hh, ww)
+
+
+@onloaded
+def _cache_step(model, runner: FARRunner, k, latents, text, state):
+    state.cache_step(runner, k, latents, as_text(model, text))
