@@ -215,7 +215,8 @@ def _far_forward(
         if clean_hidden_states is not None:
             raise ValueError("clean_hidden_states is not supported in the KV-cache step")
         kv_cache_flag["num_compressed_tokens"], kv_cache_flag["num_full_tokens"] = runner.context_tokens(k)
-        runner.cache_step(k, hidden_states, text, far.DiffusersKVCache(kv_cache, timestep=timestep, r_timestep=r_timestep))
+        state = far.DiffusersKVCache(kv_cache, timestep=timestep, r_timestep=r_timestep)
+        runner.cache_step(k, hidden_states, text, state)
         return AnyFlowFARTransformerOutput(sample=None, kv_cache=kv_cache) if return_dict else (None, kv_cache)
     if hidden_states.shape[1] != runner.cp[-1]:
         raise ValueError(

@@ -303,7 +303,8 @@ def _over_cache(cos, sin, backend, cached) -> SelfAttention:
         qr = norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
         kr = norm_rope(attn, k, "k", cos, sin, backend).transpose(1, 2)
         keys, values = cached(layer)
-        keys, values = [c.to(qr.dtype) for c in keys] + [kr], [c.to(qr.dtype) for c in values] + [v.transpose(1, 2)]
+        keys = [c.to(qr.dtype) for c in keys] + [kr]
+        values = [c.to(qr.dtype) for c in values] + [v.transpose(1, 2)]
         return ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2).flatten(2)
 
     return fn
@@ -318,7 +319,8 @@ class KVSnapshot:
     layers: list
 
     def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
-        return _over_cache(cos, sin, runner.backend, lambda layer: [[t] if t.shape[2] else [] for t in self.layers[layer]])
+        cached = lambda layer: [[t] if t.shape[2] else [] for t in self.layers[layer]]  # noqa: E731
+        return _over_cache(cos, sin, runner.backend, cached)
 
     def cache_step(self, runner, k, latents, text) -> None:
         raise TypeError("a KVSnapshot is read-only: run the cache step on the FARKVCache it was taken from")
@@ -361,12 +363,12 @@ class DiffusersKVCache:
         n = runner.context_tokens(k)[0]
 
         def on_kv(layer, attn, k_proj, k_rot, v):
-            cache = self.kv_cache[layer]
+            comp, full = self.kv_cache[layer]["compressed_cache"], self.kv_cache[layer]["full_cache"]
             k_pre = attn.norm_k(k_proj).to(k_proj.dtype).unflatten(2, (attn.heads, -1)).transpose(1, 2)
             v = v.transpose(1, 2)
             m = k_pre.shape[2] - n
-            cache["compressed_cache"][0, :, :, :n], cache["compressed_cache"][1, :, :, :n] = k_pre[:, :, :n], v[:, :, :n]
-            cache["full_cache"][0, :, :, :m], cache["full_cache"][1, :, :, :m] = k_pre[:, :, n:], v[:, :, n:]
+            comp[0, :, :, :n], comp[1, :, :, :n], full[0, :, :, :m], full[1, :, :, :m] = (
+                k_pre[:, :, :n], v[:, :, :n], k_pre[:, :, n:], v[:, :, n:])
 
         far_sequence_forward(runner.model, latents, runner.cp[: k + 1], self.timestep, self.r_timestep, text,
                              full_limit=runner.limit - 1, on_kv=on_kv, with_head=False, backend=runner.backend)

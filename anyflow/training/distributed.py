@@ -113,7 +113,7 @@ def mixed_precision_policy(enabled: bool):
     bf16 parameters in the forward/backward (gathered from fp32 master shards) and fp32 gradient
     reduction: ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32,
     cast_forward_inputs=False)``. FSDP's input casting is off because it would also cast the
-    timesteps to bf16 (the official trainer's bias, reference §10.1 #1); the sharded forwards cast
+    timesteps to bf16 (the official trainers draw t, r in bf16, a bias not copied here); the sharded forwards cast
     latents and text to bf16 themselves and keep t, r in fp32.
     """
     if not enabled:
@@ -248,7 +248,7 @@ class ShardedFARWindowForward(_RawTextInside, FARWindowForward):
     """:class:`~anyflow.training.flowmap.FARWindowForward` of a :func:`shard_model`-ed FAR model.
 
     Same sequence ``[compressed clean context | noisy window | clean copy]`` and training mask
-    (reference §5.2); the call runs inside the FSDP root with the raw text projected inside it (as
+    (official ``_forward_train``); the call runs inside the FSDP root with the raw text projected inside it (as
     :class:`ShardedForward`), context, window and clean copy cast to the compute dtype.
     """
 

@@ -1,4 +1,5 @@
-"""On-policy phase of AnyFlow: Flow Map Backward Simulation + DMD (reference spec §7).
+"""On-policy phase of AnyFlow: Flow Map Backward Simulation + DMD (NVlabs/AnyFlow
+``far/trainers/trainer_wan_anyflow_onpolicy.py`` and ``trainer_far_wan_anyflow_onpolicy.py``).
 
 The student's *shortcut rollout* draws a step count N from ``rollout_steps`` and a gradient step
 g* ~ U{0..N-1}, and runs at most three flow-map jumps over the shifted N-step grid t_0 = 1000 > ... >
@@ -8,7 +9,7 @@ score is the teacher with CFG (``x0_real = x0_c + s (x0_c - x0_u)``, Self-Forcin
 1 + s), the fake score is the critic, both bidirectional flow-matching models called with r = t on
 the whole clip. The critic is trained by flow matching on (detached) student samples.
 
-Gradient through the rollout (``grad_segments``, reference §7.1):
+Gradient through the rollout (``grad_segments``; the official ``training_rollout`` with ``grad_timestep``):
 
 * ``"all"`` (official parity): autograd through all 2-3 jumps (the official ``training_rollout`` wraps
   none of them in no-grad, whatever the name ``grad_timestep`` suggests).
@@ -71,7 +72,7 @@ class RolloutPlan:
 
 def rollout_plan(num_steps: int, grad_step: int, shift: float) -> RolloutPlan:
     """Jumps S1 = t_0 -> t_g, S2 = t_g -> t_{g+1}, S3 = t_{g+1} -> t_N on the shifted N-step grid,
-    skipping those whose endpoints coincide (reference §7.1)."""
+    skipping those whose endpoints coincide (official ``training_rollout``)."""
     if not 0 <= grad_step < num_steps:
         raise ValueError(f"grad_step must be in [0, {num_steps}), got {grad_step}")
     grid = shifted_grid(num_steps, shift).tolist()
@@ -118,7 +119,8 @@ def bidirectional_rollout(
     forward, noise: torch.Tensor, text, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all",
     params=(),
 ):
-    """Shortcut rollout of a bidirectional student (reference §7.1, no CFG, mean velocity).
+    """Shortcut rollout of a bidirectional student (official ``WanAnyFlowPipeline.training_rollout``; no CFG,
+    mean velocity).
 
     Args:
         forward: :class:`anyflow.training.flowmap.BidirectionalForward` of the student.
@@ -259,7 +261,7 @@ def x0_from_velocity(z: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def sample_dmd_timesteps(batch: int, shift: float, generator: torch.Generator, lo: float = 0.0, hi: float = 1000.0):
-    """``[B]`` t = clamp(1000 shift(tau), lo, hi), tau ~ U[0, 1) (reference §7.2)."""
+    """``[B]`` t = clamp(1000 shift(tau), lo, hi), tau ~ U[0, 1) (official ``generator_loss``)."""
     tau = torch.rand(batch, generator=generator)
     return (shift_sigma(tau, shift) * 1000).clamp(lo, hi)
 
@@ -276,7 +278,7 @@ def dmd_generator_loss(
     real_guidance_scale: float = 3.0,
     dmd_weight: float = 1.0,
 ) -> LossOutput:
-    """DMD generator loss (reference §7.2).
+    """DMD generator loss (official ``generator_loss``, ``trainer_wan_anyflow_onpolicy.py``).
 
     Args:
         x_hat: ``[B, F, C, H, W]`` student samples (with graph).
@@ -315,7 +317,7 @@ def dmd_generator_loss(
 
 
 def critic_loss(critic, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text) -> LossOutput:
-    """Critic flow-matching loss on student samples (reference §7.3):
+    """Critic flow-matching loss on student samples (the critic step of ``trainer_wan_anyflow_onpolicy.py``):
     ``mean_{B,F} mean_{C,H,W} (critic(z_t, t, t) - (eps - x))^2`` in fp32 (x detached)."""
     x = x.detach()
     z = noise_latents(x, noise, t)
@@ -326,5 +328,5 @@ def critic_loss(critic, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, t
 
 
 def sample_critic_timesteps(batch: int, shift: float, generator: torch.Generator, lo: float = 0.0, hi: float = 1000.0):
-    """``[B]`` logit-normal, shifted and clamped critic timesteps (reference §7.3)."""
+    """``[B]`` logit-normal, shifted and clamped critic timesteps (the official critic step)."""
     return sample_logit_normal(batch, shift, generator).clamp(lo, hi)
