@@ -200,6 +200,28 @@ def test_segmented_attention_lse():
     assert_kernel_close(out, _sdpa_ref(q, k, v))
 
 
+def test_segmented_attention_separate_segments_under_autograd():
+    """Separate KV segments that need gradients (the on-policy rollout's snapshot) give the same output as
+    without autograd and the gradients of one SDPA over the concatenated keys."""
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(1, 2, 19, 16, generator=g)
+    keys = [torch.randn(1, 2, n, 16, generator=g) for n in (7, 0, 12)]
+    values = [torch.randn(1, 2, n, 16, generator=g) for n in (7, 0, 12)]
+    with torch.no_grad():
+        plain = ops.segmented_attention(q, keys, values, backend="torch")
+    torch.set_grad_enabled(True)  # inside this module's no-grad fixture, which restores the mode afterwards
+    leaves = [t.clone().requires_grad_() for t in (q, *keys, *values)]
+    out = ops.segmented_attention(leaves[0], leaves[1:4], leaves[4:], backend="torch")
+    assert_rel_l2(out.detach(), plain, 1e-6)
+    out.square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, *keys, *values)]
+    ref = F.scaled_dot_product_attention(ref_leaves[0], torch.cat(ref_leaves[1:4], 2), torch.cat(ref_leaves[4:], 2))
+    ref.square().sum().backward()
+    for mine, theirs in zip(leaves, ref_leaves):
+        if mine.numel():
+            assert_rel_l2(mine.grad, theirs.grad, 1e-5)
+
+
 def test_segmented_attention_errors():
     q = randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="non-empty"):

@@ -222,6 +222,10 @@ def _segmented_attention_torch(q, keys, values, scale, return_lse):
         v = _adjacent_view(values)
         if k is not None and v is not None:
             return sdpa(q, k, v, scale=scale)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *keys, *values)):
+            # training (the on-policy rollout's gradient-keeping snapshot): one SDPA over the concatenated
+            # segments keeps memory linear in the keys; the log-sum-exp merge below would keep fp32 logits
+            return sdpa(q, torch.cat(list(keys), dim=2), torch.cat(list(values), dim=2), scale=scale)
     out = lse = None
     for k, v in zip(keys, values):
         if k.shape[2] == 0:
