@@ -1,0 +1,477 @@
+"""Context parallelism (Ulysses) for the plain diffusers AnyFlow transformers.
+
+``apply_context_parallel(transformer, config)`` makes an un-enabled diffusers ``AnyFlowTransformer3DModel`` or
+``AnyFlowFARTransformer3DModel`` run Ulysses sequence parallelism (Jacobs et al., "DeepSpeed Ulysses",
+arXiv:2309.14509) across the ranks of a ``torchrun`` job and give the output of one process:
+
+* the token sequence is split across ranks between the first block's input and the last block's output with
+  diffusers' own split / gather hooks (``diffusers.hooks.context_parallel.apply_context_parallel``, a plan of
+  ``ContextParallelInput`` / ``ContextParallelOutput`` as for ``WanTransformer3DModel._cp_plan``);
+* each self-attention does the Ulysses all-to-all *before* RoPE, the KV cache and the attention mask, so every
+  rank then holds the whole sequence for ``heads / N`` heads and runs diffusers' own single-process attention
+  semantics on it: RoPE on the global frame grid, FAR's ``[compressed | full | current]`` cache layout, FAR's
+  chunk-causal ``BlockMask`` with global indices and its padding to 128 tokens are all unchanged;
+* cross-attention stays local (the text / image K/V are the same on every rank, so each query token needs
+  nothing from the other ranks).
+
+Why not ``transformer.enable_parallelism(config)`` with a ``_cp_plan`` alone (diffusers 0.42.1):
+
+* bidirectional: the RoPE module returns a ``dict`` (``{"query", "key"}``), which ``ContextParallelSplitHook``
+  cannot split (it accepts a tensor or a list / tuple of tensors); without the split the per-shard queries meet
+  global frequencies, and splitting the input at the root instead computes RoPE per shard (silently wrong).
+* FAR: ``AnyFlowCausalAttnProcessor`` writes and reads the KV cache with *global* token counts on the local
+  shard, pads each shard to 128 tokens and indexes a ``BlockMask`` built for the global sequence, all before
+  ``dispatch_attention_fn`` does the Ulysses all-to-all; and its ``flex`` backend is not context-parallel
+  capable, so ``enable_parallelism`` rejects it.
+* on a machine without an accelerator ``ModelMixin._resolve_parallel_config`` divides by
+  ``torch.accelerator.device_count()`` (0), so CPU / gloo runs fail there.
+
+So this module swaps the self-attention processors for Ulysses processors, builds the mesh itself and installs
+diffusers' hooks with its plan. All checks that can fail run before any collective, identically on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "UlyssesAnyFlowAttnProcessor",
+    "UlyssesAnyFlowCausalAttnProcessor",
+    "apply_context_parallel",
+    "check_context_parallel",
+    "context_parallel_plan",
+    "split_sizes",
+]
+
+
+def split_sizes(num_tokens: int, world_size: int) -> list[int]:
+    """Tokens per rank of a sequence of ``num_tokens`` split over ``world_size`` ranks.
+
+    The rule of ``torch.tensor_split`` (the first ``num_tokens % world_size`` ranks get one token more), which
+    diffusers' ``PartitionAnythingSharder`` uses to split the hidden states.
+    """
+    q, r = divmod(num_tokens, world_size)
+    return [q + 1] * r + [q] * (world_size - r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ulysses all-to-all with uneven sequence shards
+# --------------------------------------------------------------------------------------------------
+
+
+def _seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """``[B, s_rank, H, D]`` (this rank's tokens, all heads) -> ``[B, S, H/N, D]`` (all tokens, this rank's heads).
+
+    Each shard is zero-padded to ``max(sizes)`` for an equal-split all-to-all; the padding rows are dropped
+    before the result is assembled, so they never reach an attention.
+    """
+    n = len(sizes)
+    b, s, h, d = x.shape
+    m = max(sizes)
+    if s < m:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, m - s))
+    send = x.reshape(b, m, n, h // n, d).permute(2, 1, 0, 3, 4).contiguous()  # [N(dst), m, B, h, D]
+    recv = torch.empty_like(send)  # [N(src), m, B, h, D]
+    dist.all_to_all_single(recv, send, group=group)
+    parts = [recv[j, : sizes[j]] for j in range(n)]
+    return torch.cat(parts, dim=0).permute(1, 0, 2, 3).contiguous()
+
+
+def _heads_to_seq(y: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
+    """Inverse of :func:`_seq_to_heads`: ``[B, S, H/N, D]`` -> ``[B, s_rank, H, D]``."""
+    n = len(sizes)
+    b, _, h, d = y.shape
+    m = max(sizes)
+    pieces = []
+    for part in y.split(sizes, dim=1):
+        if part.shape[1] < m:
+            part = torch.nn.functional.pad(part, (0, 0, 0, 0, 0, m - part.shape[1]))
+        pieces.append(part.transpose(0, 1))
+    send = torch.stack(pieces).contiguous()  # [N(dst), m, B, h, D]
+    recv = torch.empty_like(send)  # [N(src heads), m, B, h, D]
+    dist.all_to_all_single(recv, send, group=group)
+    return recv[:, : sizes[rank]].permute(2, 1, 0, 3, 4).reshape(b, sizes[rank], n * h, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.args = (sizes, rank, group)
+        return _seq_to_heads(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank, group = ctx.args
+        return _heads_to_seq(grad.contiguous(), sizes, rank, group), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, sizes, rank, group):
+        ctx.args = (sizes, rank, group)
+        return _heads_to_seq(y, sizes, rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank, group = ctx.args
+        return _seq_to_heads(grad.contiguous(), sizes, group), None, None, None
+
+
+def _gather_tokens(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """All-gather ``[B, s_rank, ...]`` shards of unequal length into ``[B, S, ...]`` (padded to ``max(sizes)`` for
+    the collective: gloo's all-gather needs equal shapes, which diffusers' ``_all_gather_anything`` assumes away)."""
+    m = max(sizes)
+    x = x.contiguous()
+    if x.shape[1] < m:
+        x = torch.cat([x, x.new_zeros(x.shape[0], m - x.shape[1], *x.shape[2:])], dim=1)
+    out = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(out, x, group=group)
+    return torch.cat([o[:, :s] for o, s in zip(out, sizes)], dim=1)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.args = (sizes, rank)
+        return _gather_tokens(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank = ctx.args
+        return grad.split(sizes, dim=1)[rank], None, None, None
+
+
+class _SequenceLayout:
+    """Global token count of the current forward, shared by the processors of one transformer.
+
+    Set by a forward pre-hook on ``blocks[0]``, which runs before diffusers' split hook and so sees the whole
+    sequence; the processors only see their shard and need every rank's shard size for the all-to-all.
+    """
+
+    def __init__(self, group, rank: int, world_size: int):
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self.num_tokens = None
+
+    def sizes(self, local_tokens: int) -> list[int]:
+        if self.num_tokens is None:
+            raise RuntimeError("anyflow.parallel: the sequence layout is unset; call the transformer, not a block")
+        sizes = split_sizes(self.num_tokens, self.world_size)
+        if sizes[self.rank] != local_tokens:
+            raise RuntimeError(
+                f"anyflow.parallel: rank {self.rank} holds {local_tokens} tokens, expected {sizes[self.rank]} "
+                f"of {self.num_tokens}"
+            )
+        return sizes
+
+    def pre_hook(self, module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.num_tokens = hidden_states.shape[1]
+
+    def to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return _SeqToHeads.apply(x, self.sizes(x.shape[1]), self.rank, self.group)
+
+    def to_seq(self, y: torch.Tensor) -> torch.Tensor:
+        return _HeadsToSeq.apply(y, split_sizes(self.num_tokens, self.world_size), self.rank, self.group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return _GatherTokens.apply(x, self.sizes(x.shape[1]), self.rank, self.group)
+
+    def local_heads(self, heads: int) -> slice:
+        h = heads // self.world_size
+        return slice(self.rank * h, (self.rank + 1) * h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-attention processors
+# --------------------------------------------------------------------------------------------------
+
+
+class _UlyssesProcessorBase:
+    """Shared parts. No ``_attention_backend`` attribute on purpose: ``enable_parallelism`` would then check it
+    for context-parallel capability, but these processors run the backend on a whole (head-sliced) sequence
+    with no parallel config, so any backend works. ``backend`` is the replaced processor's backend."""
+
+    def __init__(self, layout: _SequenceLayout, backend):
+        self.layout = layout
+        self.backend = backend
+
+    def _local_qkv(self, attn, hidden_states: torch.Tensor, cast_to=None):
+        query = attn.norm_q(attn.to_q(hidden_states))  # RMSNorm across all heads: per token, so local is exact
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if cast_to is not None:
+            query, key = query.to(cast_to), key.to(cast_to)
+        # [B, s, H, D] -> [B, S, H/N, D] -> [B, H/N, S, D] (the layout of diffusers' RoPE and KV cache code)
+        return [self.layout.to_heads(t.unflatten(2, (attn.heads, -1))).transpose(1, 2) for t in (query, key, value)]
+
+    def _finish(self, attn, out_bshd: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = self.layout.to_seq(out_bshd.contiguous()).flatten(2, 3).type_as(like)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class UlyssesAnyFlowAttnProcessor(_UlyssesProcessorBase):
+    """Ulysses self-attention for ``AnyFlowTransformer3DModel`` blocks (replaces ``AnyFlowAttnProcessor``).
+
+    Input ``hidden_states`` ``[B, s_rank, C]`` (this rank's tokens); output the same shape. Q/K/V are projected
+    and RMS-normalised locally, exchanged so that each rank holds ``[B, S, H/N, D]``, rotated with the global
+    RoPE table ``rotary_emb["query"/"key"]`` ``[1, 1, S, D/2]`` (complex), attended with
+    ``dispatch_attention_fn(backend=<the replaced processor's>)`` and exchanged back. Same operations in the same
+    order as ``diffusers.models.transformers.transformer_anyflow.AnyFlowAttnProcessor``.
+
+    Raises:
+        ValueError: an ``attention_mask`` (the bidirectional model never passes one).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_anyflow import apply_rotary_emb
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("UlyssesAnyFlowAttnProcessor: self-attention only, without attention_mask")
+        query, key, value = self._local_qkv(attn, hidden_states)
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, rotary_emb["query"])
+            key = apply_rotary_emb(key, rotary_emb["key"])
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            dropout_p=0.0, is_causal=False, backend=self.backend,
+        )
+        return self._finish(attn, out, query)
+
+
+class UlyssesAnyFlowCausalAttnProcessor(_UlyssesProcessorBase):
+    """Ulysses self-attention for ``AnyFlowFARTransformer3DModel`` blocks (replaces ``AnyFlowCausalAttnProcessor``).
+
+    After the all-to-all each rank holds the whole sequence for its ``H/N`` heads and follows
+    ``diffusers.models.transformers.transformer_anyflow_far.AnyFlowCausalAttnProcessor`` unchanged on it:
+    cache step (``kv_cache_flag["is_cache_step"]``) writes keys / values ``[B, H/N, tokens, D]`` into the heads
+    ``rank*H/N : (rank+1)*H/N`` of the pipeline's ``kv_cache["compressed_cache"/"full_cache"]``
+    ``[2, B, H, L, D]``; an inference step prepends those cached heads; the training / cache-step ``BlockMask``
+    (global indices, ``H=None``) and the zero padding to a multiple of 128 tokens apply to the global sequence,
+    exactly as in one process (this includes diffusers 0.42.1's unmasked padding in the inference step, so the
+    result equals single-process *diffusers*, not the official code).
+
+    Memory: the pipeline allocates the cache for all heads; each rank fills only its slice (no 1/N saving here).
+    """
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+        kv_cache=None, kv_cache_flag=None,
+    ):
+        import math
+
+        import torch.nn.functional as F
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_emb
+
+        if encoder_hidden_states is not None:
+            raise ValueError("UlyssesAnyFlowCausalAttnProcessor: self-attention only")
+        target_dtype = hidden_states.dtype
+        query, key, value = self._local_qkv(attn, hidden_states, cast_to=target_dtype)
+        heads = self.layout.local_heads(attn.heads)
+        if kv_cache is not None:
+            comp, full = kv_cache["compressed_cache"], kv_cache["full_cache"]
+            if kv_cache_flag["is_cache_step"]:
+                nc, nf = kv_cache_flag["num_compressed_tokens"], kv_cache_flag["num_full_tokens"]
+                comp[0, :, heads, :nc] = key[:, :, :nc]
+                comp[1, :, heads, :nc] = value[:, :, :nc]
+                full[0, :, heads, :nf] = key[:, :, nc:]
+                full[1, :, heads, :nf] = value[:, :, nc:]
+            else:
+                ncc, ncf = kv_cache_flag["num_cached_compressed_tokens"], kv_cache_flag["num_cached_full_tokens"]
+                key = torch.cat([comp[0, :, heads, :ncc], full[0, :, heads, :ncf], key], dim=2)
+                value = torch.cat([comp[1, :, heads, :ncc], full[1, :, heads, :ncf], value], dim=2)
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, rotary_emb["query"])
+            key = apply_rotary_emb(key, rotary_emb["key"])
+
+        # diffusers pads the (global) sequence to a multiple of 128 for the flex BlockMask and the head dim to 16
+        seq_len, head_dim = query.shape[2], query.shape[3]
+        pad = int(math.ceil(seq_len / 128.0) * 128 - seq_len)
+        if pad > 0:
+            zeros = query.new_zeros(query.shape[0], query.shape[1], pad, head_dim)
+            query, key, value = (torch.cat([t, zeros], dim=2) for t in (query, key, value))
+        head_pad = max(0, 16 - head_dim)
+        scale = 1.0 / (head_dim**0.5) if head_pad > 0 else None
+        if head_pad > 0:
+            query, key, value = (F.pad(t, (0, head_pad)) for t in (query, key, value))
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale, backend=self.backend,
+        )
+        if head_pad > 0:
+            out = out[..., :head_dim]
+        if pad > 0:
+            out = out[:, :seq_len]
+        return self._finish(attn, out, query)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan, checks, entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_kind(transformer) -> str:
+    from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+    if isinstance(transformer, AnyFlowFARTransformer3DModel):
+        return "far"
+    if isinstance(transformer, AnyFlowTransformer3DModel):
+        return "bidirectional"
+    raise TypeError(
+        "transformer must be a diffusers AnyFlowTransformer3DModel or AnyFlowFARTransformer3DModel, "
+        f"got {type(transformer).__name__}"
+    )
+
+
+def context_parallel_plan(transformer) -> dict:
+    """The diffusers context-parallel split plan that :func:`apply_context_parallel` installs.
+
+    * ``blocks.0``: split ``hidden_states`` ``[B, S, C]`` along tokens (dim 1);
+    * ``blocks.*``: split ``temb`` (the per-token modulation ``[B, S, 6, C]``) along tokens in every block (the
+      model passes one global tensor to all blocks).
+
+    Values are ``diffusers.models._modeling_parallel.ContextParallelInput``. The gather is not in the plan:
+    :func:`apply_context_parallel` all-gathers the last block's output ``[B, s_rank, C]`` with a hook of its own
+    (diffusers' ``ContextParallelOutput`` gather of unequal shards fails on gloo), so ``norm_out`` / ``proj_out`` and
+    FAR's output slicing run on the whole sequence with the global ``temb``. RoPE, the FAR ``BlockMask`` and the
+    KV cache are not split: the Ulysses processors use them whole.
+
+    Raises:
+        TypeError: not an AnyFlow transformer.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    _model_kind(transformer)
+    return {
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        "blocks.*": {"temb": ContextParallelInput(split_dim=1, expected_dims=4)},
+    }
+
+
+def check_context_parallel(transformer, config):
+    """Validate ``config`` for ``transformer`` on this process; no collective is issued.
+
+    Every condition depends only on the model config, ``config`` and the world size, so all ranks of a job
+    raise the same error at the same point and none is left waiting in a collective.
+
+    Args:
+        transformer: diffusers ``AnyFlowTransformer3DModel`` / ``AnyFlowFARTransformer3DModel``.
+        config: ``diffusers.ContextParallelConfig`` or ``diffusers.ParallelConfig`` holding one.
+
+    Returns:
+        The ``ContextParallelConfig``.
+
+    Raises:
+        TypeError: not an AnyFlow transformer, or ``config`` of another type / without a context-parallel part.
+        RuntimeError: ``torch.distributed`` not initialised, or parallelism already applied to ``transformer``.
+        ValueError: ``ring_degree > 1`` (ring attention needs an attention kernel that returns the log-sum-exp,
+            and FAR's masked cache step cannot be ring-split; only Ulysses is implemented), a tensor-parallel part,
+            ``ulysses_degree`` different from the world size (or from the ``"ulysses"`` dim of ``config.mesh``),
+            or attention heads not divisible by ``ulysses_degree``.
+    """
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    _model_kind(transformer)
+    if isinstance(config, ParallelConfig):
+        if config.tensor_parallel_config is not None:
+            raise ValueError("config: tensor parallelism is not supported together with anyflow.parallel")
+        config = config.context_parallel_config
+    if not isinstance(config, ContextParallelConfig):
+        raise TypeError(f"config must be a diffusers ContextParallelConfig, got {type(config).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: launch with torchrun and call "
+            "torch.distributed.init_process_group() before apply_context_parallel"
+        )
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError(f"parallelism is already applied to this {type(transformer).__name__}")
+    if config.ring_degree != 1:
+        raise ValueError(
+            f"config.ring_degree must be 1, got {config.ring_degree}: anyflow.parallel implements Ulysses only "
+            "(ring attention needs an attention kernel that returns the log-sum-exp, and FAR's masked cache step "
+            "cannot be split into ring passes with diffusers' hooks)"
+        )
+    n = config.ulysses_degree
+    world = dist.get_world_size()
+    if config.mesh is not None:
+        if "ulysses" not in (config.mesh.mesh_dim_names or ()) or config.mesh["ulysses"].size() != n:
+            raise ValueError(f"config.mesh must have a 'ulysses' dimension of size ulysses_degree={n}")
+    elif n != world:
+        raise ValueError(
+            f"config.ulysses_degree={n} does not match the world size {world}: launch "
+            f"torchrun --nproc_per_node {n} or set ulysses_degree={world}"
+        )
+    heads = transformer.config.num_attention_heads
+    if heads % n != 0:
+        raise ValueError(
+            f"{type(transformer).__name__} has {heads} attention heads, not divisible by ulysses_degree={n}: "
+            f"Ulysses gives each rank heads/ulysses_degree heads; use a degree that divides {heads}"
+        )
+    return config
+
+
+def apply_context_parallel(transformer, config) -> None:
+    """Run a diffusers AnyFlow transformer with Ulysses context parallelism over ``config.ulysses_degree`` ranks.
+
+    Call it on every rank of a ``torchrun`` job after ``torch.distributed.init_process_group`` and after the
+    model is on its device, before sampling. Pass the same inputs (prompt, seed, generator) on every rank;
+    every rank then gets the full, identical output of one process (fp32: relative error ~1e-7, see
+    ``tests/test_parallel.py``), so the pipeline's scheduler, VAE and output code run unchanged (redundantly).
+
+    What it does (module docstring for why ``enable_parallelism`` alone cannot): validates
+    (:func:`check_context_parallel`); builds the ``("ring", "ulysses")`` DeviceMesh (or takes ``config.mesh``) and
+    sets ``transformer._parallel_config`` like ``ModelMixin.enable_parallelism``; replaces every ``attn1``
+    processor with :class:`UlyssesAnyFlowAttnProcessor` / :class:`UlyssesAnyFlowCausalAttnProcessor` (keeping its
+    attention backend); installs diffusers' split / gather hooks with :func:`context_parallel_plan`.
+
+    The model keeps a copy of ``config`` with ``ulysses_anything=True``: that makes diffusers' hooks split with
+    ``tensor_split`` and gather shards of unequal size, so token counts not divisible by ``ulysses_degree``
+    (1,560 tokens per 480p frame on 16 ranks, FAR chunks of 1 or 2 frames, compressed frames) work without
+    padding any attention. The user's ``config`` object is not modified.
+
+    Args:
+        transformer: diffusers ``AnyFlowTransformer3DModel`` or ``AnyFlowFARTransformer3DModel`` (not enabled by
+            ``anyflow.enable``).
+        config: ``diffusers.ContextParallelConfig(ulysses_degree=N)`` (or a ``ParallelConfig`` holding one).
+
+    Raises:
+        TypeError, RuntimeError, ValueError: see :func:`check_context_parallel`; all before any collective.
+    """
+    from diffusers import ParallelConfig
+    from diffusers.hooks.context_parallel import apply_context_parallel as install_hooks
+    from diffusers.models.transformers.transformer_anyflow import AnyFlowAttnProcessor
+    from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalAttnProcessor
+
+    config = check_context_parallel(transformer, config)
+    kind = _model_kind(transformer)
+    expected = AnyFlowCausalAttnProcessor if kind == "far" else AnyFlowAttnProcessor
+    for i, block in enumerate(transformer.blocks):
+        if type(block.attn1.processor) is not expected:
+            raise TypeError(
+                f"blocks.{i}.attn1 uses {type(block.attn1.processor).__name__}, expected diffusers' "
+                f"{expected.__name__} (apply_context_parallel works on un-enabled diffusers models)"
+            )
+
+    config = dataclasses.replace(config, ulysses_anything=True)
+    device_type = torch._C._get_accelerator().type
+    mesh = config.mesh or dist.device_mesh.init_device_mesh(
+        device_type, config.mesh_shape, mesh_dim_names=config.mesh_dim_names
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count = torch.accelerator.device_count() if device_type != "cpu" else 0
+    device = torch.device(device_type, rank % count) if count else torch.device(device_type)
+    parallel = ParallelConfig(context_parallel_config=config)
+    parallel.setup(rank, world, device, mesh=mesh)
+
+    layout = _SequenceLayout(config._ulysses_mesh.get_group(), config._ulysses_local_rank, config.ulysses_degree)
+    cls = UlyssesAnyFlowCausalAttnProcessor if kind == "far" else UlyssesAnyFlowAttnProcessor
+    for block in transformer.blocks:
+        block.attn1.set_processor(cls(layout, block.attn1.processor._attention_backend))
+    transformer.blocks[0].register_forward_pre_hook(layout.pre_hook, with_kwargs=True)
+    transformer.blocks[-1].register_forward_hook(lambda module, args, output: layout.gather(output))
+    install_hooks(transformer, config, context_parallel_plan(transformer))
+    transformer._parallel_config = parallel
