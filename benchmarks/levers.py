@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from anyflow.samplers.schedule import pairs_of, time_grid
 from anyflow.testing.tolerances import rel_l2
 
 from . import common, nfe
@@ -53,15 +54,6 @@ LEVERS = {
     "cuda_graphs": dict(cache_kv=True, attention="default", cuda_graphs=True),
     "all": dict(cache_kv=True, attention="tuned", cuda_graphs=True),
 }
-
-
-def time_pairs(steps: int, shift: float) -> list[tuple[float, float]]:
-    """The flow-map time pairs of ``steps`` jumps on the diffusers scheduler's shifted grid."""
-    from diffusers import FlowMapEulerDiscreteScheduler
-
-    from anyflow.samplers.schedule import time_pairs as pairs_of
-
-    return pairs_of(FlowMapEulerDiscreteScheduler(shift=shift), steps)
 
 
 def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, device, dtype, lever: dict):
@@ -155,7 +147,7 @@ def run(args, command: str) -> dict:
     model = nfe.build_transformer(cfg, args.mode, dtype, device)
     if args.mode == "far":
         nfe.far_plan(model.config, latent, cp)  # validates the chunk partition against the frame count
-    pairs = time_pairs(args.steps, args.shift)
+    pairs = pairs_of(time_grid(args.steps, args.shift))
     gen = torch.Generator(device="cpu").manual_seed(0)
     text_raw = torch.randn(1, common.TEXT_TOKENS, model.config.text_dim, generator=gen).to(device, dtype)
 

@@ -482,20 +482,6 @@ def same_state(a, b) -> bool:
 # sampling
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class TeacherVelocity:
-    """A flow-matching model as a flow-map ``forward``: the velocity at ``r = t`` whatever ``r`` is
-    asked, so :func:`anyflow.training.flowmap.flow_map_sample` becomes plain Euler on its ODE."""
-
-    model: torch.nn.Module
-    backend: Optional[str] = None
-
-    def __call__(self, z, t, r, text):
-        from anyflow.models.bidirectional import bidirectional_forward
-
-        return bidirectional_forward(self.model, z, t, t, text, backend=self.backend)
-
-
-@dataclass
 class EndpointVelocity:
     """A consistency model as a flow-map ``forward``: always ``u(z_t, t, r = 0)``.
 
@@ -521,20 +507,25 @@ def load_model(folder) -> torch.nn.Module:
 
 
 def make_sampler(kind: str, model, shift: float = 5.0, seed: int = 0) -> Callable:
-    """``sample(noise, text, num_steps) -> latents``: ``"euler"`` (teacher ODE), ``"flowmap"``
-    (flow-map jumps ``z_r = z_t - (t - r) u(z_t, t, r)``), ``"consistency"`` (multistep consistency
-    sampling, fresh noise from a generator seeded by ``seed`` and the step count) or
-    ``"consistency_det"`` (deterministic multistep consistency sampling, :class:`EndpointVelocity`).
-    All on the same shifted grid."""
+    """``sample(noise, text, num_steps) -> latents``, all on :func:`anyflow.samplers.schedule.time_grid` and
+    through the samplers users run: ``"euler"`` (teacher ODE: :func:`anyflow.samplers.bidirectional.sample`
+    at r = t), ``"flowmap"`` (the same sampler with the flow map, ``z_r = z_t - (t - r) u(z_t, t, r)``),
+    ``"consistency"`` (multistep consistency sampling, :func:`anyflow.training.consistency.consistency_sample`,
+    fresh noise from a generator seeded by ``seed`` and the step count) or ``"consistency_det"``
+    (deterministic multistep consistency sampling: :func:`anyflow.training.flowmap.flow_map_sample`, i.e.
+    :func:`anyflow.samplers.jumps.flow_map_jumps`, with :class:`EndpointVelocity`)."""
+    from anyflow.models.blocks import prepare_text
+    from anyflow.samplers import bidirectional
+    from anyflow.samplers.schedule import pairs_of, time_grid
     from anyflow.training import consistency as cons
     from anyflow.training import flowmap as fm
 
-    if kind == "euler":
-        fwd = TeacherVelocity(model, "torch")
-        return lambda noise, text, n: fm.flow_map_sample(fwd, noise, text, n, shift)
-    if kind == "flowmap":
-        fwd = fm.BidirectionalForward(model, "torch")
-        return lambda noise, text, n: fm.flow_map_sample(fwd, noise, text, n, shift)
+    if kind in ("euler", "flowmap"):
+        def sample(noise, text, n):
+            return bidirectional.sample(model, noise, pairs_of(time_grid(n, shift)), prepare_text(model, text),
+                                        use_mean_velocity=kind == "flowmap", backend="torch").latents
+
+        return sample
     if kind == "consistency_det":
         fwd = EndpointVelocity(model, "torch")
         return lambda noise, text, n: fm.flow_map_sample(fwd, noise, text, n, shift)

@@ -70,6 +70,7 @@ def test_distances():
 
 def test_endpoint_sampler_is_deterministic_consistency_sampling():
     """Jumps with u(z, t, 0) equal re-noising the endpoint x0 with the noise implied by z (gamma = 0)."""
+    from anyflow.samplers.schedule import time_grid
     from anyflow.testing.tiny import tiny_transformer
     from anyflow.training import consistency as cons
     from anyflow.training import flowmap as fm
@@ -80,7 +81,7 @@ def test_endpoint_sampler_is_deterministic_consistency_sampling():
     got = anystep.make_sampler("consistency_det", model)(noise, text, 3)
     fwd = fm.BidirectionalForward(model)
     z = noise
-    grid = fm.shifted_grid(3, 5.0).tolist()
+    grid = time_grid(3, 5.0).tolist()
     for t_i, s in zip(grid[:-1], grid[1:]):
         t = torch.full((2, 3), t_i)
         x0 = cons.endpoint(fwd, z, t, text)

@@ -5,6 +5,7 @@ import torch
 
 from anyflow.models.blocks import TextContext
 from anyflow.testing.tiny import tiny_transformer
+from anyflow.samplers.schedule import time_grid
 from anyflow.training import consistency as cons
 from anyflow.training import flowmap as fm
 from anyflow.training.config import ConsistencyConfig
@@ -59,7 +60,7 @@ def test_endpoint_parameterisation():
 def test_grid():
     grid = cons.consistency_grid(4, 5.0)
     assert grid[0] == 0 and grid[-1] == 1000 and (grid[1:] > grid[:-1]).all()
-    torch.testing.assert_close(grid, fm.shifted_grid(4, 5.0).flip(0))
+    torch.testing.assert_close(grid, time_grid(4, 5.0).flip(0))
 
 
 def test_loss_against_an_independent_computation(model):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anyflow.testing.tiny import tiny_transformer
+from anyflow.samplers.schedule import shift_sigma, time_grid
 from anyflow.training import flowmap as fm
 from anyflow.training.config import FARConfig, FlowMapConfig
 
@@ -336,14 +337,14 @@ def test_flow_map_sample_shapes(bidi):
     fwd = fm.BidirectionalForward(bidi, "torch")
     out = fm.flow_map_sample(fwd, noise, text, 4)
     assert out.shape == noise.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
-    grid = fm.shifted_grid(4, 5.0).tolist()
+    grid = time_grid(4, 5.0).tolist()
     assert [round(v, 2) for v in grid] == [1000.0, 937.5, 833.33, 625.0, 0.0]  # reference §3 example
     # one step equals the Euler shortcut z - u(z, 1000, 0)
     one = fm.flow_map_sample(fwd, noise, text, 1)
     with torch.no_grad():
         u = fwd(noise, torch.full((1, 2), 1000.0), torch.zeros(1, 2), text)
     torch.testing.assert_close(one, noise - u)
-    assert math.isclose(fm.shift_sigma(0.5, 5.0), 5 * 0.5 / (1 + 4 * 0.5))
+    assert math.isclose(shift_sigma(0.5, 5.0), 5 * 0.5 / (1 + 4 * 0.5))
 
 
 class _RecordingForward(_CountingForward):
@@ -400,7 +401,7 @@ def test_teacher_timestep_distributions():
     assert float((ln > 950).float().mean()) < 0.01 < 0.04 < float((un > 950).float().mean()) < 0.06
     assert abs(float(un.mean()) - 500) < 10 and 0 <= float(un.min()) and float(un.max()) <= 1000
     shifted = fm.sample_teacher_timesteps(n, 5.0, torch.Generator().manual_seed(0), "uniform")
-    assert abs(float((shifted <= 1000 * fm.shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02
+    assert abs(float((shifted <= 1000 * shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02
     torch.testing.assert_close(ln, fm.sample_logit_normal(n, 1.0, torch.Generator().manual_seed(0)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="distribution must be one of"):
         fm.sample_teacher_timesteps(2, 1.0, torch.Generator(), "beta")

@@ -12,6 +12,7 @@ import torch
 from anyflow.models.bidirectional import bidirectional_forward
 from anyflow.models.blocks import TextContext, prepare_text
 from anyflow.models.far import FARRunner
+from anyflow.samplers.schedule import shift_sigma, time_grid
 from anyflow.testing.tiny import tiny_transformer
 from anyflow.training import flowmap as fm
 from anyflow.training import onpolicy as op
@@ -40,7 +41,7 @@ def nets():
 # ----------------------------------------------------------------------------------------------
 def test_rollout_plan_segments():
     for n in (2, 4, 8, 16, 50):
-        grid = fm.shifted_grid(n, 5.0).tolist()
+        grid = time_grid(n, 5.0).tolist()
         for g in range(n):
             plan = op.rollout_plan(n, g, 5.0)
             names = [s[0] for s in plan.segments]
@@ -177,9 +178,9 @@ def test_timestep_samplers():
     t = op.sample_dmd_timesteps(20000, 5.0, _gen(4), 20.0, 980.0)
     assert t.min() >= 20 and t.max() <= 980
     # shifted uniform: P(t <= 1000 shift(0.5)) = 0.5
-    assert abs(float((t <= 1000 * fm.shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02
+    assert abs(float((t <= 1000 * shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02
     c = op.sample_critic_timesteps(20000, 5.0, _gen(5))
-    assert abs(float((c <= 1000 * fm.shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02  # logit-normal median
+    assert abs(float((c <= 1000 * shift_sigma(0.5, 5.0)).float().mean()) - 0.5) < 0.02  # logit-normal median
 
 
 # ----------------------------------------------------------------------------------------------

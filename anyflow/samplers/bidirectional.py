@@ -1,11 +1,13 @@
 """Bidirectional sampler core: whole-clip flow-map jumps z_r = z_t - (t - r) u(z_t, t, r).
 
-One NFE per time pair (t, r) over the whole clip (reference spec §4: AnyFlow sampling with the flow map
-u, any number of steps). The latent between steps is an fp32 master copy that the model sees in its own
-dtype; the Euler shortcut update (with CFG when the text batch is 2B) is one fused op. Context frames
-(I2V / V2V) are clean: their time is t = 0 and the update leaves them unchanged. The per-step forward can
-be replayed from a CUDA graph (:mod:`.graphs`); the prompt's cross-attention K/V are whatever ``text``
-carries (:func:`anyflow.models.blocks.prepare_text` with ``cache_kv=True`` computes them once).
+One NFE per time pair (t, r) over the whole clip (AnyFlow §3-4: sampling with the flow map u, any number
+of steps; NVlabs/AnyFlow ``far/pipelines/pipeline_wan_anyflow.py``), run by
+:func:`anyflow.samplers.jumps.flow_map_jumps`. The latent between steps is an fp32 master copy that the
+model sees in its own dtype; the Euler shortcut update (with CFG when the text batch is 2B) is one fused
+op. Context frames (I2V / V2V) are clean: their time is t = 0 and the update leaves them unchanged. The
+per-step forward can be replayed from a CUDA graph (:mod:`.graphs`); the prompt's cross-attention K/V
+are whatever ``text`` carries (:func:`anyflow.models.blocks.prepare_text` with ``cache_kv=True``
+computes them once).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .. import ops
 from ..models.bidirectional import bidirectional_forward
 from ..models.blocks import TextContext
 from . import graphs
+from .jumps import flow_map_jumps
 
 
 @dataclass
@@ -84,26 +87,19 @@ def sample(
     cfg = text.tokens.shape[0] == 2 * b
     step = graphs.StepGraph(lambda x, tt, rr: bidirectional_forward(model, x, tt, rr, text, backend=backend),
                             z.device, enabled=cuda_graphs)
-    nfe = 0
+
+    def velocity(i, z, t, r):
+        x = z.to(dtype)
+        if ctx is not None:
+            x[:, :n_ctx] = ctx
+        if cfg:
+            x = torch.cat([x, x])
+        tt = torch.full((x.shape[0], f), t, dtype=torch.float64, device=x.device)
+        rr = torch.full_like(tt, r) if use_mean_velocity else tt.clone()
+        tt[:, :n_ctx] = 0  # context frames are clean: t = 0 (r untouched, as the official pipeline)
+        return step(x, tt, rr)
+
     with ops.sdpa_policy(attention):
-        for i, (t, r) in enumerate(pairs):
-            if interrupted is not None and interrupted():
-                break
-            if t == r:
-                continue
-            x = z.to(dtype)
-            if ctx is not None:
-                x[:, :n_ctx] = ctx
-            if cfg:
-                x = torch.cat([x, x])
-            tt = torch.full((x.shape[0], f), t, dtype=torch.float64, device=x.device)
-            rr = torch.full_like(tt, r) if use_mean_velocity else tt.clone()
-            tt[:, :n_ctx] = 0  # context frames are clean: t = 0 (r untouched, as the official pipeline)
-            u = step(x, tt, rr)
-            nfe += 1
-            z = ops.euler_shortcut(z, u, t, r, guidance_scale=guidance_scale, num_context_frames=n_ctx, backend=backend)
-            if on_step is not None:
-                new = on_step(i, t, z)
-                if new is not None:
-                    z = new.float()
-    return BidirectionalRun(z, nfe, step.replays)
+        run = flow_map_jumps(velocity, z, pairs, guidance_scale=guidance_scale, num_context_frames=n_ctx,
+                             on_step=on_step, interrupted=interrupted, backend=backend)
+    return BidirectionalRun(run.latents, run.nfe, step.replays)

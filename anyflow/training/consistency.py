@@ -29,12 +29,15 @@ import torch
 
 from ..models.bidirectional import bidirectional_forward
 from .config import ConsistencyConfig
-from .flowmap import LossOutput, _as_context, noise_latents, shifted_grid
+from ..samplers.jumps import flow_map_jumps
+from ..samplers.schedule import pairs_of, time_grid
+from .flowmap import LossOutput, _as_context, model_velocity, noise_latents
 
 
 def consistency_grid(num_intervals: int, shift: float) -> torch.Tensor:
-    """``[N + 1]`` float64 increasing grid ``t_i = 1000 shift(i / N)`` (t_0 = 0, t_N = 1000)."""
-    return shifted_grid(num_intervals, shift).flip(0)
+    """``[N + 1]`` float64 increasing grid ``t_i = 1000 shift(i / N)`` (t_0 = 0, t_N = 1000): the sampler's
+    :func:`anyflow.samplers.schedule.time_grid`, reversed."""
+    return time_grid(num_intervals, shift).flip(0)
 
 
 def endpoint(forward, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
@@ -123,31 +126,35 @@ def consistency_sample(
     generator: Optional[torch.Generator] = None,
     timesteps: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
-    """Multistep consistency sampling on the shifted grid (same grid as the flow-map sampler).
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on the flow-map sampler's grid.
 
-    ``x0 = f(z, t_i)``; unless t_{i+1} = 0, ``z = sigma_{i+1} eps' + (1 - sigma_{i+1}) x0`` with fresh
-    noise eps' from ``generator``.
+    Step i is the flow-map jump ``t_i -> 0`` (``x0 = z - t_i / 1000 u(z, t_i, 0)``, the endpoint map) of
+    :func:`anyflow.samplers.jumps.flow_map_jumps`, whose ``renoise`` policy then draws fresh noise eps'
+    from ``generator`` and sets ``z = sigma_{i+1} eps' + (1 - sigma_{i+1}) x0`` (not after the last step,
+    nor when t_{i+1} = 0).
 
     Args:
+        forward: student wrapper, ``u = forward(z, t [B, F], r [B, F], text)``.
         noise: ``[B, F, C, H, W]`` initial noise at t_0 = 1000.
-        num_steps: N (NFE).
-        timesteps: custom decreasing grid ending at 0 (default :func:`shifted_grid`).
+        text: ``[B, L, D]`` prompt embeddings or a TextContext.
+        num_steps: N (NFE) on :func:`anyflow.samplers.schedule.time_grid` with ``shift``.
+        timesteps: custom decreasing grid in [0, 1000] ending at 0 (replaces the N-step grid).
 
     Returns:
-        ``[B, F, C, H, W]`` fp32 clean latents.
-    """
-    grid = shifted_grid(num_steps, shift).tolist() if timesteps is None else [float(v) for v in timesteps]
-    text = _as_context(forward, text)
-    b, f = noise.shape[:2]
-    dtype = next(forward.model.parameters()).dtype
-    z = noise.float()
-    x0 = z
-    for i, t_i in enumerate(grid[:-1]):
-        t = torch.full((b, f), t_i, device=z.device)
-        x0 = endpoint(forward, z.to(dtype), t, text)
-        t_next = grid[i + 1]
-        if t_next > 0:
-            eps = torch.randn(z.shape, generator=generator).to(z.device)
-            z = noise_latents(x0, eps, torch.full((b, f), t_next, device=z.device)).float()
-    return x0
+        ``[B, F, C, H, W]`` fp32 clean latents (the last endpoint).
 
+    Raises:
+        ValueError: ``num_steps`` < 1 (without ``timesteps``).
+    """
+    pairs = pairs_of(time_grid(num_steps, shift) if timesteps is None else timesteps)
+    b, f = noise.shape[:2]
+
+    def renoise(i, x0):
+        t_next = pairs[i][1]
+        if i + 1 == len(pairs) or t_next <= 0:
+            return x0
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return noise_latents(x0, eps, torch.full((b, f), t_next, device=x0.device)).float()
+
+    to_zero = [(t, 0.0) for t, _ in pairs]
+    return flow_map_jumps(model_velocity(forward, text), noise, to_zero, renoise=renoise, backend="torch").latents

@@ -25,6 +25,8 @@ import torch
 from ..models.bidirectional import bidirectional_forward
 from ..models.blocks import TextContext, prepare_text
 from ..models.far import check_chunk_partition, far_sequence_forward, split_chunks
+from ..samplers.jumps import flow_map_jumps
+from ..samplers.schedule import pairs_of, shift_sigma, time_grid
 from .config import TEACHER_TIMESTEPS, FARConfig, FlowMapConfig
 
 KIND_DIFFUSION, KIND_CONSISTENCY, KIND_FREE = 0, 1, 2
@@ -34,27 +36,8 @@ RESCALE_EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
-# time grid, shift and weighting (reference §3)
+# weighting (reference §3)
 # ----------------------------------------------------------------------------------------------
-def shift_sigma(s, shift: float):
-    """Flow shift ``k s / (1 + (k - 1) s)`` of sigma ``s`` in [0, 1] (identity for k = 1).
-
-    Works on Python floats and tensors; a tensor keeps its dtype (bf16 arithmetic rounds every op,
-    which is how the official trainer's bf16 timesteps come about).
-    """
-    if shift == 1.0:
-        return s
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def shifted_grid(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """``[N + 1]`` float64 grid ``1000 * shift(linspace(1, 0, N + 1))`` from 1000 down to 0 (reference §3)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return shift_sigma(s, shift) * num_train_timesteps
-
-
 def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int = 1000):
     """The training-weight table over the 1001-point shifted grid (reference §3).
 
@@ -68,7 +51,7 @@ def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int 
     Raises:
         ValueError: unknown ``weight_type``.
     """
-    grid = shifted_grid(num_train_timesteps, shift, num_train_timesteps)
+    grid = time_grid(num_train_timesteps, shift, num_train_timesteps)
     n = float(num_train_timesteps)
     if weight_type == "gaussian":
         y = torch.exp(-2 * ((grid - n / 2) / n) ** 2)
@@ -701,24 +684,35 @@ def bidirectional_modeling_loss(
 def flow_map_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: float = 5.0,
                     timesteps: Optional[Sequence[float]] = None) -> torch.Tensor:
     """N-step flow-map sampling ``z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) / 1000 u(z_{t_i}, t_i, t_{i+1})``
-    on the shifted grid (reference §3/§4, no CFG), with an fp32 master latent.
+    (AnyFlow §3-4, no CFG) through :func:`anyflow.samplers.jumps.flow_map_jumps`, fp32 master latent.
 
     Args:
-        forward: e.g. :class:`BidirectionalForward`.
+        forward: ``u = forward(z, t [B, F], r [B, F], text)``, e.g. :class:`BidirectionalForward`; called
+            with ``z`` in the dtype of ``forward.model``'s parameters and fp32 times in [0, 1000].
         noise: ``[B, F, C, H, W]`` initial noise (t = 1000).
-        timesteps: custom decreasing grid ending at 0 (default :func:`shifted_grid`).
+        text: ``[B, L, D]`` prompt embeddings or a TextContext.
+        num_steps: N (NFE), on :func:`anyflow.samplers.schedule.time_grid` with ``shift``.
+        timesteps: custom decreasing grid in [0, 1000] ending at 0 (replaces the N-step grid).
 
     Returns:
         ``[B, F, C, H, W]`` fp32 latents at t = 0.
+
+    Raises:
+        ValueError: ``num_steps`` < 1 (without ``timesteps``).
     """
-    grid = shifted_grid(num_steps, shift).tolist() if timesteps is None else [float(v) for v in timesteps]
+    grid = time_grid(num_steps, shift) if timesteps is None else timesteps
+    return flow_map_jumps(model_velocity(forward, text), noise, pairs_of(grid), backend="torch").latents
+
+
+def model_velocity(forward, text):
+    """``velocity(i, z, t, r)`` of :func:`anyflow.samplers.jumps.flow_map_jumps` from a training forward:
+    ``forward(z in the model dtype, t [B, F], r [B, F] fp32, text)``."""
     text = _as_context(forward, text)
-    z = noise.float()
-    b, f = z.shape[:2]
     dtype = next(forward.model.parameters()).dtype
-    for t_i, t_next in zip(grid[:-1], grid[1:]):
-        t = torch.full((b, f), t_i, device=z.device)
-        r = torch.full((b, f), t_next, device=z.device)
-        u = forward(z.to(dtype), t, r, text)
-        z = z - ((t_i - t_next) / 1000) * u.float()
-    return z
+
+    def velocity(i, z, t, r):
+        b, f = z.shape[:2]
+        return forward(z.to(dtype), torch.full((b, f), t, device=z.device), torch.full((b, f), r, device=z.device),
+                       text)
+
+    return velocity

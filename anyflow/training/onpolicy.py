@@ -36,6 +36,7 @@ import torch
 from ..models.blocks import TextContext, prepare_text
 from ..models.far import FARRunner
 from ..samplers.jumps import flow_map_jumps
+from ..samplers.schedule import shift_sigma, time_grid
 from .distributed import compute_dtype, frozen_parameters, is_sharded, run_sharded
 from .flowmap import (
     BidirectionalForward,
@@ -44,8 +45,6 @@ from .flowmap import (
     expand_negative,
     noise_latents,
     sample_logit_normal,
-    shift_sigma,
-    shifted_grid,
 )
 
 SEGMENT_NAMES = ("S1", "S2", "S3")
@@ -75,7 +74,7 @@ def rollout_plan(num_steps: int, grad_step: int, shift: float) -> RolloutPlan:
     skipping those whose endpoints coincide (official ``training_rollout``)."""
     if not 0 <= grad_step < num_steps:
         raise ValueError(f"grad_step must be in [0, {num_steps}), got {grad_step}")
-    grid = shifted_grid(num_steps, shift).tolist()
+    grid = time_grid(num_steps, shift).tolist()
     ends = ((grid[0], grid[grad_step]), (grid[grad_step], grid[grad_step + 1]), (grid[grad_step + 1], grid[-1]))
     segs = tuple((name, a, b) for name, (a, b) in zip(SEGMENT_NAMES, ends) if a != b)
     return RolloutPlan(num_steps, grad_step, segs)
@@ -111,10 +110,6 @@ def _segment_text(name: str, grad_segments: str, text: TextContext) -> TextConte
     return text
 
 
-def _jump(z, u, t_from: float, t_to: float):
-    return z - ((t_from - t_to) / 1000) * u.float()
-
-
 def bidirectional_rollout(
     forward, noise: torch.Tensor, text, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all",
     params=(),
@@ -133,17 +128,23 @@ def bidirectional_rollout(
 
     Returns:
         ``(x_hat [B, F, C, H, W] fp32, nfe)``.
+
+    Each jump is one NFE in the grad mode of its segment (module docstring) and the update
+    :func:`anyflow.samplers.jumps.flow_map_jumps` on the torch backend (autograd sees it; it reads no
+    parameter, so running it outside the segment's grad mode leaves the parameter gradients alone).
     """
     text = _as_context(forward, text)
-    z = noise.float()
-    b, f = z.shape[:2]
     dtype = compute_dtype(forward.model)
-    for name, t_from, t_to in plan.segments:
+
+    def velocity(i, z, t, r):
+        name = plan.segments[i][0]
+        b, f = z.shape[:2]
         with _segment_context(name, grad, grad_segments, params):
-            t = torch.full((b, f), t_from, device=z.device)
-            r = torch.full((b, f), t_to, device=z.device)
-            z = _jump(z, forward(z.to(dtype), t, r, _segment_text(name, grad_segments, text)), t_from, t_to)
-    return z, len(plan.segments)
+            return forward(z.to(dtype), torch.full((b, f), t, device=z.device), torch.full((b, f), r, device=z.device),
+                           _segment_text(name, grad_segments, text))
+
+    run = flow_map_jumps(velocity, noise, [(a, b) for _, a, b in plan.segments], backend="torch")
+    return run.latents, run.nfe
 
 
 class FARRollout:
