@@ -32,6 +32,13 @@ a variant that raises costs its own row; a lost CUDA context ends the process wi
 
     python -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --chunk-partition 1,2,2,1 --out /tmp/nfe
     python -m benchmarks nfe --model 1.3B --mode bidirectional --guidance --out benchmarks/results/h200
+
+``--context-parallel N`` (under ``torchrun --nproc_per_node N``) times the plain diffusers transformer with
+``anyflow.parallel.apply_context_parallel`` (Ulysses over N ranks; only the ``diffusers`` variant runs, the record
+is named ``nfe_<model>_cpN_<mode>``); TFLOP/s and "of peak" are for the whole job (peak = N x the measured one-device peak); rank 0 prints
+and writes. ``docs/context_parallel.md`` has the cost model to compare with::
+
+    torchrun --nproc_per_node 2 -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --chunk-partition 1,2,2,1 --context-parallel 2
 """
 
 from __future__ import annotations
@@ -395,6 +402,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed repetitions per forward (median)")
     ap.add_argument("--pipeline", default=None, help="also time text encoding + VAE decode: 'wan' (Wan2.1's UMT5-XXL "
                     "and VAE, random weights), 'tiny' or a pipeline folder")
+    ap.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                    help="Ulysses context parallelism over N ranks (run under torchrun --nproc_per_node N); "
+                         "times the plain diffusers transformer only")
     ap.add_argument("--out", default=None, help="folder for nfe_<model>_<mode>[_cfg].json and .md (default: print only)")
     ap.add_argument("--jsonl", default=None, help="also append every row to this JSON-lines file as it is measured")
     ap.add_argument("--resume", action="store_true", help="skip the variants an earlier run of the same configuration "
@@ -402,7 +412,26 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
+def _init_context_parallel(n: int) -> int:
+    """``torch.distributed`` for ``--context-parallel n`` (nccl on CUDA, gloo on CPU); returns the rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != n:
+        raise SystemExit(f"--context-parallel {n} needs torchrun --nproc_per_node {n} "
+                         f"(WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')})")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def run(args, command: str) -> dict:
+    cp_n = getattr(args, "context_parallel", 1)
+    if cp_n > 1 and _init_context_parallel(cp_n) != 0:
+        args.out = args.jsonl = None  # rank 0 alone writes
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.frames < 1 or (args.frames - 1) % 4:
@@ -416,6 +445,13 @@ def run(args, command: str) -> dict:
     meta = common.run_meta(device, command)
     pk = common.peaks(device)
     model = build_transformer(cfg, args.mode, dtype, device)
+    if cp_n > 1:
+        from diffusers import ContextParallelConfig
+
+        from anyflow.parallel import apply_context_parallel
+
+        apply_context_parallel(model, ContextParallelConfig(ulysses_degree=cp_n))
+        variants, label, pk = ["diffusers"], f"{label}_cp{cp_n}", dict(pk, bf16_matmul_tflops=cp_n * pk["bf16_matmul_tflops"])
     batch = 2 if args.guidance else 1
     loads = workloads(model, args.mode, (f, args.height // 8, args.width // 8), cp, batch, device, dtype)
     data = {
@@ -424,7 +460,8 @@ def run(args, command: str) -> dict:
                    "guidance": args.guidance, "height": args.height, "width": args.width, "frames": args.frames,
                    "latent": [f, args.height // 8, args.width // 8],
                    "chunk_partition": cp if args.mode == "far" else None,
-                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "iters": args.iters},
+                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "iters": args.iters,
+                   "context_parallel": cp_n},
         "notes": "one warm-up and the same timed calls per variant; FAR per-NFE = mean over chunks of per-chunk "
                  "medians; FAR cache steps are transformer-level re-encodes of the prefix (anyflow's sampler "
                  "appends instead); whole-video times: the levers benchmark",
@@ -457,8 +494,15 @@ def run(args, command: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - recorded, the DiT numbers still stand
             parts = {"pipeline": args.pipeline, "error": common.failure_reason(exc)}
         rec.set("pipeline", parts)
-    print(markdown(rec.data))
+    if _is_rank0():
+        print(markdown(rec.data))
     return rec.data
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def markdown(rec: dict) -> str:

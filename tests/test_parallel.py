@@ -191,3 +191,20 @@ def test_errors_without_distributed():
         apply_context_parallel(tiny_transformer(), object())
     assert split_sizes(1560 * 3, 16) == [293] * 8 + [292] * 8
     assert split_sizes(9, 4) == [3, 2, 2, 2]
+
+
+def test_nfe_benchmark_context_parallel_command(tmp_path):
+    """The measuring command of docs/context_parallel.md runs (tiny FAR model, 2 gloo ranks) and rank 0 writes."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "benchmarks", "nfe", "--model", "tiny", "--mode", "far", "--height", "64", "--width", "64",
+           "--frames", "21", "--chunk-partition", "1,2,2,1", "--context-parallel", "2", "--iters", "1",
+           "--out", str(tmp_path)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "nfe_tiny_cp2_far.json").read_text())
+    assert rec["config"]["context_parallel"] == 2
+    assert [v["status"] for v in rec["variants"]] == ["ok"]
