@@ -35,8 +35,8 @@ a variant that raises costs its own row; a lost CUDA context ends the process wi
 
 ``--context-parallel N`` (under ``torchrun --nproc_per_node N``) times the plain diffusers transformer with
 ``anyflow.parallel.apply_context_parallel`` (Ulysses over N ranks; only the ``diffusers`` variant runs, the record
-is named ``nfe_<model>_cpN_<mode>``); TFLOP/s and "of peak" are for the whole job (peak = N x the measured one-device peak); rank 0 prints
-and writes. ``docs/context_parallel.md`` has the cost model to compare with::
+is named ``nfe_<model>_cpN_<mode>``); TFLOP/s and "of peak" are for the whole job (peak = N x the measured
+one-device peak); rank 0 prints and writes. ``docs/context_parallel.md`` has the cost model to compare with::
 
     torchrun --nproc_per_node 2 -m benchmarks nfe --model tiny --mode far --height 64 --width 64 --frames 21 --chunk-partition 1,2,2,1 --context-parallel 2
 """
@@ -97,7 +97,7 @@ def load_config(model: str, mode: str, chunk_partition) -> tuple[str, dict]:
     if model in common.CONFIGS:
         return model, dict(common.CONFIGS[model], **far)
     if model == "tiny":
-        from anyflow.testing.tiny import TINY_FAR_EXTRA, TINY_TRANSFORMER
+        from anyflow.models.tiny import TINY_FAR_EXTRA, TINY_TRANSFORMER
 
         return "tiny", dict(TINY_TRANSFORMER, **(dict(TINY_FAR_EXTRA, **far) if mode == "far" else {}))
     path = Path(model)
@@ -362,7 +362,7 @@ def time_pipeline_parts(spec: str, mode: str, dtype, device, frames: int, height
     if spec == "wan":
         return _wan_parts(dtype, device, ((frames - 1) // 4 + 1, height // 8, width // 8), guidance, iters)
     if spec == "tiny":
-        from anyflow.testing.tiny import tiny_pipeline
+        from anyflow.models.tiny import tiny_pipeline
 
         pipe = tiny_pipeline("far" if mode == "far" else "bidirectional", dtype=dtype).to(device)
     else:
@@ -451,7 +451,8 @@ def run(args, command: str) -> dict:
         from anyflow.parallel import apply_context_parallel
 
         apply_context_parallel(model, ContextParallelConfig(ulysses_degree=cp_n))
-        variants, label, pk = ["diffusers"], f"{label}_cp{cp_n}", dict(pk, bf16_matmul_tflops=cp_n * pk["bf16_matmul_tflops"])
+        variants, label = ["diffusers"], f"{label}_cp{cp_n}"
+        pk = dict(pk, bf16_matmul_tflops=cp_n * pk["bf16_matmul_tflops"])
     batch = 2 if args.guidance else 1
     loads = workloads(model, args.mode, (f, args.height // 8, args.width // 8), cp, batch, device, dtype)
     data = {
