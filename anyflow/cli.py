@@ -369,7 +369,7 @@ def _env(args) -> int:
 
 
 def _make_tiny(args) -> int:
-    from .testing.tiny import save_tiny_checkpoint
+    from .models.tiny import save_tiny_checkpoint
 
     folder = Path(args.dir).expanduser()
     if folder.exists() and not folder.is_dir():

@@ -28,7 +28,7 @@ WEIGHTS = {
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from anyflow.testing.tiny import save_tiny_checkpoint
+    from anyflow.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", kind="far")
 

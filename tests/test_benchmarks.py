@@ -50,7 +50,7 @@ def test_nfe_tiny(tmp_path, mode, extra):
 
 
 def test_nfe_custom_config_and_pipeline(tmp_path):
-    from anyflow.testing.tiny import TINY_TRANSFORMER
+    from anyflow.models.tiny import TINY_TRANSFORMER
 
     cfg = tmp_path / "mini.json"
     cfg.write_text(json.dumps(dict(TINY_TRANSFORMER, num_layers=1, _class_name="AnyFlowTransformer3DModel")))
@@ -184,7 +184,7 @@ def test_diffusers_attention_variant_restores_state(monkeypatch):
     import torch
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     monkeypatch.setitem(nfe.DIFFUSERS_ATTENTION, "flash", "_native_math")
     model = tiny_transformer("far", chunk_partition=(1, 2)).eval()

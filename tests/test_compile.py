@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import anyflow
-from anyflow.testing.tiny import tiny_transformer
+from anyflow.models.tiny import tiny_transformer
 from anyflow.testing.tolerances import assert_rel_l2
 
 

@@ -28,7 +28,7 @@ import torch
 
 import anyflow
 from anyflow.testing.official import official_far_semantics
-from anyflow.testing.tiny import tiny_pipeline, tiny_transformer
+from anyflow.models.tiny import tiny_pipeline, tiny_transformer
 from anyflow.testing.tolerances import assert_rel_l2
 
 FWD_TOL = 1e-5

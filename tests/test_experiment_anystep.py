@@ -71,7 +71,7 @@ def test_distances():
 def test_endpoint_sampler_is_deterministic_consistency_sampling():
     """Jumps with u(z, t, 0) equal re-noising the endpoint x0 with the noise implied by z (gamma = 0)."""
     from anyflow.samplers.schedule import time_grid
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
     from anyflow.training import consistency as cons
     from anyflow.training import flowmap as fm
 

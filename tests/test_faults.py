@@ -137,7 +137,7 @@ def test_training_killed_anywhere_resumes_bit_exact(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from anyflow.testing.tiny import save_tiny_checkpoint
+    from anyflow.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", kind="far")
 

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import anyflow
 from anyflow.samplers import graphs
 from anyflow.testing.official import official_far_semantics
-from anyflow.testing.tiny import tiny_pipeline
+from anyflow.models.tiny import tiny_pipeline
 from anyflow.testing.tolerances import rel_l2
 
 H = W = 32
@@ -165,7 +165,7 @@ def test_real_cuda_graphs_equal_eager(kind, dtype):
 
 
 def test_cuda_graphs_flag_validation():
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     model = tiny_transformer("bidirectional", seed=0)
     with pytest.raises(ValueError, match="cuda_graphs=True applies to pipelines"):
@@ -207,7 +207,7 @@ def test_step_forward_is_capture_safe(kind):
     from anyflow.models.bidirectional import bidirectional_forward
     from anyflow.models.blocks import prepare_text
     from anyflow.samplers.far import FARSession
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     model = tiny_transformer(kind, **({"chunk_partition": tuple(CP)} if kind == "far" else {})).to("meta")
     text = prepare_text(model, torch.randn(2, 7, model.config.text_dim, device="meta"), cache_kv=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anyflow.models.loading import DEFAULT_CHUNK_PARTITION, load_pipeline
-from anyflow.testing.tiny import TINY_CHECKPOINT_CHUNK_PARTITION, save_tiny_checkpoint, tiny_pipeline
+from anyflow.models.tiny import TINY_CHECKPOINT_CHUNK_PARTITION, save_tiny_checkpoint, tiny_pipeline
 
 KINDS = ("far", "bidirectional")
 LAYOUTS = ("upstream", "legacy")

@@ -5,7 +5,7 @@ import torch
 
 import anyflow
 from anyflow.testing.official import official_far_semantics
-from anyflow.testing.tiny import tiny_transformer
+from anyflow.models.tiny import tiny_transformer
 from anyflow.testing.tolerances import assert_rel_l2, sqnr_db
 
 REAL_CP = [1, 3, 3, 3, 3, 3, 3, 2]

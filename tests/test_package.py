@@ -136,3 +136,27 @@ def test_compatibility_reason(built, running, problem):
         assert reason is None
     else:
         assert reason is not None and problem in reason
+
+
+def test_production_code_does_not_import_testing():
+    """``anyflow.testing`` is for tests and benchmarks: no module of the package proper imports it."""
+    import ast
+
+    root = Path(anyflow.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.relative_to(root).parts[0] == "testing":
+            continue
+        package = ".".join(("anyflow",) + path.relative_to(root).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = ".".join(filter(None, (base, node.module))) if node.level else node.module
+                names = [name] + [f"{name}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n == "anyflow.testing" or n.startswith("anyflow.testing.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

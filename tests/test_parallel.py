@@ -24,6 +24,15 @@ FAR_CP = [1, 2, 2, 1]  # full_chunk_limit 3: the last chunk attends to a compres
 PROMPT = "a red panda eating bamboo in the forest"
 
 
+def _tiny():
+    """The tiny model builders (anyflow.models.tiny; anyflow.testing.tiny before the move)."""
+    try:
+        from anyflow.models import tiny
+    except ImportError:
+        from anyflow.testing import tiny
+    return tiny
+
+
 def _rel(a, b):
     assert torch.isfinite(a).all()
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -38,7 +47,7 @@ def _cp_config(n, **kw):
 def _forward_cases(world):
     """Bidirectional forward (45 tokens) and FAR training forward (chunk-causal BlockMask, 2 chunks)."""
     from anyflow.parallel import apply_context_parallel
-    from anyflow.testing.tiny import tiny_transformer
+    tiny_transformer = _tiny().tiny_transformer
 
     g = torch.Generator().manual_seed(5)
     out = {}
@@ -66,7 +75,7 @@ def _forward_cases(world):
 
 def _pipeline_cases(world, kinds):
     from anyflow.parallel import apply_context_parallel
-    from anyflow.testing.tiny import tiny_pipeline
+    tiny_pipeline = _tiny().tiny_pipeline
 
     out = {}
     for name in kinds:
@@ -93,7 +102,7 @@ def _pipeline_cases(world, kinds):
 def _error_cases(world):
     """Each bad configuration must raise on every rank without entering a collective."""
     from anyflow.parallel import apply_context_parallel
-    from anyflow.testing.tiny import tiny_transformer
+    tiny_transformer = _tiny().tiny_transformer
 
     def message(fn):
         try:
@@ -181,7 +190,7 @@ def test_four_processes_match_one(tmp_path):
 
 def test_errors_without_distributed():
     from anyflow.parallel import apply_context_parallel, split_sizes
-    from anyflow.testing.tiny import tiny_transformer
+    tiny_transformer = _tiny().tiny_transformer
 
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         apply_context_parallel(tiny_transformer(), _cp_config(2))

@@ -26,7 +26,7 @@ from anyflow.io import read_image, read_video
 from anyflow.models import far as kv_cache_mod
 from anyflow.testing.host_reads import HostReads
 from anyflow.testing.official import official_far_semantics
-from anyflow.testing.tiny import tiny_pipeline
+from anyflow.models.tiny import tiny_pipeline
 from anyflow.testing.tolerances import assert_rel_l2, rel_l2, sqnr_db
 
 H = W = 32  # latent 4x4: 4 full tokens and 1 compressed token per frame

@@ -196,7 +196,7 @@ def test_ops_route_their_dense_calls_through_sdpa(timing):
 
 def test_fused_bidirectional_forward_under_policies(timing):
     from anyflow.models.bidirectional import bidirectional_forward
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     model = tiny_transformer("bidirectional", seed=1)
     g = torch.Generator().manual_seed(2)
@@ -285,7 +285,7 @@ def test_enabled_pipeline_runs_under_its_policy(kind, monkeypatch):
     """``anyflow.enable(pipe, attention=...)``: every dense attention of the call runs under that policy, and
     the process policy is back to what it was afterwards."""
     import anyflow
-    from anyflow.testing.tiny import tiny_pipeline
+    from anyflow.models.tiny import tiny_pipeline
 
     from types import SimpleNamespace
 

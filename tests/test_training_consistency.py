@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anyflow.models.blocks import TextContext
-from anyflow.testing.tiny import tiny_transformer
+from anyflow.models.tiny import tiny_transformer
 from anyflow.samplers.schedule import time_grid
 from anyflow.training import consistency as cons
 from anyflow.training import flowmap as fm

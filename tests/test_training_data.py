@@ -60,7 +60,7 @@ def test_eval_videos_are_real_footage():
 
 def test_encode_prompts_matches_the_pipeline():
     """The training embeddings are exactly what AnyFlowFARPipeline.encode_prompt feeds the transformer."""
-    from anyflow.testing.tiny import tiny_pipeline
+    from anyflow.models.tiny import tiny_pipeline
     from anyflow.training.data import encode_prompts
 
     pipe = tiny_pipeline("far")
@@ -74,7 +74,7 @@ def test_encode_prompts_matches_the_pipeline():
 
 
 def test_encode_decode_latents_use_the_pipeline_normalisation():
-    from anyflow.testing.tiny import tiny_vae
+    from anyflow.models.tiny import tiny_vae
     from anyflow.training.data import decode_latents, encode_clips
 
     vae = tiny_vae()

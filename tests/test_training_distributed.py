@@ -53,7 +53,7 @@ def _batch():
 
 def _model(kind="bidirectional"):
     import anyflow
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     extra = {"chunk_partition": (1, 1, 2, 2, 2)} if kind == "far" else {}
     model = tiny_transformer(kind, seed=3, **extra).train()
@@ -86,7 +86,7 @@ def _far_trainer(batch_size, fsdp=False, model_seed=None):
 
 
 def _onpolicy_trainer(world, overrides=None):
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
     from anyflow.training.config import from_dict
     from anyflow.training.data import SyntheticClips
     from anyflow.training.trainer import Trainer, build_model
@@ -328,7 +328,7 @@ def test_enable_swaps_and_restores_block_classes():
     import anyflow
     from anyflow.models.bidirectional import dense_self_attention
     from anyflow.models.blocks import prepare_text, rope_for, run_blocks
-    from anyflow.testing.tiny import tiny_transformer
+    from anyflow.models.tiny import tiny_transformer
 
     model = tiny_transformer("bidirectional", seed=3)
     original = [type(b) for b in model.blocks]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from anyflow.testing.tiny import tiny_transformer
+from anyflow.models.tiny import tiny_transformer
 from anyflow.samplers.schedule import shift_sigma, time_grid
 from anyflow.training import flowmap as fm
 from anyflow.training.config import FARConfig, FlowMapConfig

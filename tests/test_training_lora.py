@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 
 from anyflow.models.bidirectional import bidirectional_forward  # noqa: E402
-from anyflow.testing.tiny import tiny_transformer  # noqa: E402
+from anyflow.models.tiny import tiny_transformer  # noqa: E402
 from anyflow.training.config import STUDENT_LORA_TARGETS, TEACHER_LORA_TARGETS, LoRAConfig, from_dict  # noqa: E402
 from anyflow.training.lora import apply_lora, merged_state_dict  # noqa: E402
 from anyflow.training.data import SyntheticClips  # noqa: E402

@@ -13,7 +13,7 @@ from anyflow.models.bidirectional import bidirectional_forward
 from anyflow.models.blocks import TextContext, prepare_text
 from anyflow.models.far import FARRunner
 from anyflow.samplers.schedule import shift_sigma, time_grid
-from anyflow.testing.tiny import tiny_transformer
+from anyflow.models.tiny import tiny_transformer
 from anyflow.training import flowmap as fm
 from anyflow.training import onpolicy as op
 from anyflow.training.config import from_dict

@@ -1,4 +1,5 @@
-"""Tiny AnyFlow model configs built locally (no hub): transformers for tests and the demo checkpoint.
+"""Tiny AnyFlow models built locally (no hub): transformers, offline tokenizer, text encoder, VAE and whole
+pipelines, for ``anyflow make-tiny``, ``model.tiny`` training configs, benchmarks and tests.
 
 The shapes keep every code path alive (several heads, RoPE split over three axes, FAR compressed
 patches) while a forward takes milliseconds on a CPU.

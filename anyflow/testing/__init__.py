@@ -1,1 +1,2 @@
-"""Test support: tiny local model configs, tolerance rules and reference helpers (no hub access)."""
+"""Test support: tolerance rules and reference helpers (the official FAR semantics, host-read counting, Triton
+compile checks); the tiny local models the tests build live in :mod:`anyflow.models.tiny`."""

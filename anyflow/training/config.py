@@ -41,7 +41,7 @@ class ModelConfig:
         kind: ``"bidirectional"`` (``AnyFlowTransformer3DModel``) or ``"far"`` (``AnyFlowFARTransformer3DModel``).
         pretrained: path of a diffusers-format transformer folder (or a whole AnyFlow checkpoint folder,
             whose ``transformer/`` is used); ``None`` for :attr:`tiny` / :attr:`arch` models.
-        tiny: build :func:`anyflow.testing.tiny.tiny_transformer` (CPU tests) instead of loading.
+        tiny: build :func:`anyflow.models.tiny.tiny_transformer` (CPU tests) instead of loading.
         arch: transformer constructor kwargs (the diffusers ``config.json`` keys) of a model built
             from scratch with diffusers' default initialisation (seeded by :attr:`seed`).
         init_from: a transformer folder whose parameters of matching name and shape initialise an

@@ -29,7 +29,7 @@ def build_transformer(m: ModelConfig, far=None):
     """The transformer of a :class:`ModelConfig`: tiny random, from scratch (``arch``, optionally
     initialised from ``init_from``), or a diffusers folder, in fp32."""
     if m.tiny:
-        from ..testing.tiny import tiny_transformer
+        from ..models.tiny import tiny_transformer
 
         overrides = {"gate_value": m.gate_value, "deltatime_type": m.deltatime_type}
         if m.kind == "far" and far is not None:
