@@ -75,7 +75,8 @@ def _loss(forward, rows, all_reduce=None, derivative="fd"):
 def _far_trainer(batch_size, fsdp=False, model_seed=None):
     from anyflow.training.config import from_dict
     from anyflow.training.data import SyntheticClips
-    from anyflow.training.trainer import Trainer, build_model
+    from anyflow.training.run import build_model
+    from anyflow.training.trainer import Trainer
 
     cfg = from_dict({**FAR_CFG, "batch_size": batch_size})
     if model_seed is not None:
@@ -89,7 +90,8 @@ def _onpolicy_trainer(world, overrides=None):
     from anyflow.models.tiny import tiny_transformer
     from anyflow.training.config import from_dict
     from anyflow.training.data import SyntheticClips
-    from anyflow.training.trainer import Trainer, build_model
+    from anyflow.training.run import build_model
+    from anyflow.training.trainer import Trainer
 
     over = {**ONPOLICY_CFG, **(overrides or {}), "batch_size": 2 // world}
     over["dmd"] = {**ONPOLICY_CFG["dmd"], "dmd_batch_size": 2 // world}

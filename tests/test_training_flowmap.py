@@ -412,7 +412,8 @@ def test_teacher_timestep_distributions():
 def test_teacher_phase_uses_the_configured_distribution(monkeypatch):
     from anyflow.training.config import from_dict
     from anyflow.training.data import SyntheticClips
-    from anyflow.training.trainer import Trainer, build_model
+    from anyflow.training.run import build_model
+    from anyflow.training.trainer import Trainer
 
     seen = []
     real = fm.sample_teacher_timesteps

@@ -13,7 +13,8 @@ from anyflow.models.tiny import tiny_transformer  # noqa: E402
 from anyflow.training.config import STUDENT_LORA_TARGETS, TEACHER_LORA_TARGETS, LoRAConfig, from_dict  # noqa: E402
 from anyflow.training.lora import apply_lora, merged_state_dict  # noqa: E402
 from anyflow.training.data import SyntheticClips  # noqa: E402
-from anyflow.training.trainer import Trainer, build_model  # noqa: E402
+from anyflow.training.run import build_model  # noqa: E402
+from anyflow.training.trainer import Trainer  # noqa: E402
 
 
 def _randomise(params, seed=0):

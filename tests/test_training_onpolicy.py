@@ -18,7 +18,8 @@ from anyflow.training import flowmap as fm
 from anyflow.training import onpolicy as op
 from anyflow.training.config import from_dict
 from anyflow.training.data import SyntheticClips
-from anyflow.training.trainer import Trainer, build_model
+from anyflow.training.run import build_model
+from anyflow.training.trainer import Trainer
 
 SHAPE = (2, 3, 16, 8, 8)
 

@@ -11,7 +11,8 @@ import torch
 from anyflow.training import checkpoint as ckpt
 from anyflow.training.config import from_dict
 from anyflow.training.data import SyntheticClips
-from anyflow.training.trainer import Trainer, build_model
+from anyflow.training.run import build_model
+from anyflow.training.trainer import Trainer
 
 
 def _negative():

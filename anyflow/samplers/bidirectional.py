@@ -1,7 +1,7 @@
 """Bidirectional sampler core: whole-clip flow-map jumps z_r = z_t - (t - r) u(z_t, t, r).
 
-One NFE per time pair (t, r) over the whole clip (AnyFlow §3-4: sampling with the flow map u, any number
-of steps; NVlabs/AnyFlow ``far/pipelines/pipeline_wan_anyflow.py``), run by
+One NFE per time pair (t, r) over the whole clip (flow-map sampling with any number of steps:
+NVlabs/AnyFlow ``far/pipelines/pipeline_wan_anyflow.py``, ``WanAnyFlowPipeline.__call__``), run by
 :func:`anyflow.samplers.jumps.flow_map_jumps`. The latent between steps is an fp32 master copy that the
 model sees in its own dtype; the Euler shortcut update (with CFG when the text batch is 2B) is one fused
 op. Context frames (I2V / V2V) are clean: their time is t = 0 and the update leaves them unchanged. The

@@ -27,11 +27,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import ops
 from ..models.bidirectional import bidirectional_forward
-from .config import ConsistencyConfig
 from ..samplers.jumps import flow_map_jumps
 from ..samplers.schedule import pairs_of, time_grid
-from .flowmap import LossOutput, _as_context, model_velocity, noise_latents
+from .config import ConsistencyConfig
+from .flowmap import LossOutput, Phase, _as_context, expand_negative, model_velocity, noise_latents, window_forward
 
 
 def consistency_grid(num_intervals: int, shift: float) -> torch.Tensor:
@@ -41,14 +42,15 @@ def consistency_grid(num_intervals: int, shift: float) -> torch.Tensor:
 
 
 def endpoint(forward, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-    """Consistency function ``x0 = z_t - (t / 1000) u(z_t, t, r = 0)`` in fp32.
+    """Consistency function ``x0 = z_t - (t / 1000) u(z_t, t, r = 0)`` in fp32: the flow-map jump t -> 0
+    (:func:`anyflow.ops.euler_shortcut`, torch backend: differentiable).
 
     Args:
         forward: :class:`anyflow.training.flowmap.BidirectionalForward` or ``FARWindowForward``.
         z: ``[B, F, C, H, W]`` latents at t; t: ``[B, F]`` in [0, 1000].
     """
     u = forward(z, t, torch.zeros_like(t), text)
-    return z.float() - (t.float() / 1000)[:, :, None, None, None] * u.float()
+    return ops.euler_shortcut(z.float(), u, t, 0.0, backend="torch")
 
 
 def teacher_velocity(model, backend=None) -> Callable:
@@ -97,14 +99,13 @@ def consistency_loss(
         if teacher is None:
             z_s = noise_latents(x, noise, s)
         else:
-            v = teacher(z_t, t, text).float()
+            v = teacher(z_t, t, text)
             w = cfg.teacher_guidance_scale
             if w != 1.0:
                 if negative is None:
                     raise ValueError("teacher_guidance_scale != 1 needs the negative text")
-                v_u = teacher(z_t, t, _as_context(forward, negative)).float()
-                v = v_u + w * (v - v_u)
-            z_s = (z_t.float() - ((t - s).float() / 1000)[:, :, None, None, None] * v).to(x.dtype)
+                v = torch.cat([teacher(z_t, t, _as_context(forward, negative)), v])  # [uncond; cond]: CFG w
+            z_s = ops.euler_shortcut(z_t.float(), v, t, s, guidance_scale=w, backend="torch").to(x.dtype)
         target = endpoint(forward, z_s, s, text)
     pred = endpoint(forward, z_t, t, text)
     per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
@@ -158,3 +159,30 @@ def consistency_sample(
 
     to_zero = [(t, 0.0) for t, _ in pairs]
     return flow_map_jumps(model_velocity(forward, text), noise, to_zero, renoise=renoise, backend="torch").latents
+
+
+class ConsistencyPhase(Phase):
+    """Phase ``consistency``: :func:`consistency_loss` of the student (bidirectional, or a FAR window), distilled
+    from ``teacher`` or, without one, consistency training. Single-process only.
+
+    Args:
+        trainer: the :class:`~anyflow.training.trainer.Trainer`.
+        teacher: ``v(z, t, text)`` flow-matching velocity (:func:`teacher_velocity`) or ``None``.
+
+    Raises:
+        ValueError: a data-parallel (``fsdp``) trainer.
+    """
+
+    def __init__(self, trainer, teacher: Optional[Callable] = None):
+        if trainer.fsdp:
+            raise ValueError("phase 'consistency' is single-process only (fsdp=True given)")
+        super().__init__(trainer)
+        self.teacher = teacher
+        self.cfg = trainer.cfg.consistency or ConsistencyConfig()
+
+    def losses(self, latents, text):
+        tr = self.trainer
+        fwd, x, text = window_forward(tr, latents, text)
+        noise = torch.randn(x.shape, generator=tr.generator).to(x.device, x.dtype)
+        yield consistency_loss(fwd, x, noise, text, self.cfg, tr.cfg.shift, tr.generator, teacher=self.teacher,
+                               negative=expand_negative(tr.negative, text))

@@ -684,7 +684,8 @@ def bidirectional_modeling_loss(
 def flow_map_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: float = 5.0,
                     timesteps: Optional[Sequence[float]] = None) -> torch.Tensor:
     """N-step flow-map sampling ``z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) / 1000 u(z_{t_i}, t_i, t_{i+1})``
-    (AnyFlow §3-4, no CFG) through :func:`anyflow.samplers.jumps.flow_map_jumps`, fp32 master latent.
+    (NVlabs/AnyFlow ``WanAnyFlowPipeline.__call__`` without CFG) through
+    :func:`anyflow.samplers.jumps.flow_map_jumps`, fp32 master latent.
 
     Args:
         forward: ``u = forward(z, t [B, F], r [B, F], text)``, e.g. :class:`BidirectionalForward`; called
@@ -716,3 +717,115 @@ def model_velocity(forward, text):
                        text)
 
     return velocity
+
+
+# ----------------------------------------------------------------------------------------------
+# the training phases of the forward objective (run by anyflow.training.trainer.Trainer)
+# ----------------------------------------------------------------------------------------------
+def is_far(model) -> bool:
+    """Whether ``model`` is an ``AnyFlowFARTransformer3DModel`` (it has FAR's compressed patch embedding)."""
+    return hasattr(model, "far_patch_embedding")
+
+
+class Phase:
+    """One phase's training step on a :class:`anyflow.training.trainer.Trainer`, which owns the loop, the
+    optimisers, EMA, checkpoints and logs; the phase draws the step's randomness from ``trainer.generator``
+    and builds its losses. This base runs one student update on the losses :meth:`losses` yields for the
+    next batch (teacher, pretrain and consistency phases).
+
+    Args:
+        trainer: the :class:`~anyflow.training.trainer.Trainer` (its ``cfg``, ``model``, ``negative``,
+            ``generator`` and data-parallel helpers are read).
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def losses(self, latents: torch.Tensor, text: torch.Tensor):
+        """Yield the :class:`LossOutput` of one step on ``latents [B, F, C, H, W]``, ``text [B, L, D]`` (the
+        global batch) one by one: each is backpropagated before the next is built."""
+        raise NotImplementedError
+
+    def step(self, device: torch.device, record: dict) -> None:
+        """One optimiser step; its statistics go into ``record``."""
+        tr = self.trainer
+        tr.update_student(self.losses(*tr.next_batch(device)), record, device)
+        tr.average_losses(record)
+
+
+def window_forward(trainer, latents: torch.Tensor, text: torch.Tensor):
+    """Text dropout, then for a FAR student a chunk count and its window (context + noisy chunks): the draws
+    of a teacher or consistency step, in this order. Returns ``(forward, x, text)`` with ``x`` the clean
+    latents to denoise (the window, or the whole clip for a bidirectional student)."""
+    cfg, g = trainer.cfg, trainer.generator
+    text, _ = drop_text(text, trainer.negative, cfg.drop_text_ratio, g)
+    if not trainer.far:
+        return BidirectionalForward(trainer.model, trainer.backend), latents, text
+    n = sample_num_chunks(cfg.far, g)
+    cp, context, window = far_window(latents, cfg.far.chunk_partition, n, cfg.far.full_chunk_limit)
+    return FARWindowForward(trainer.model, cp, context, window, cfg.far.full_chunk_limit, trainer.backend), window, text
+
+
+class TeacherPhase(Phase):
+    """Phase ``teacher``: plain flow matching at r = t (:func:`flow_matching_loss`; NVlabs/AnyFlow
+    ``far/trainers/trainer_wan_teacher.py``), t from :func:`sample_teacher_timesteps`."""
+
+    def losses(self, latents, text):
+        tr = self.trainer
+        cfg = tr.cfg
+        fwd, x, text = window_forward(tr, latents, text)
+        b, f = x.shape[:2]
+        t = sample_teacher_timesteps(b, cfg.shift, tr.generator, cfg.teacher_timesteps)[:, None].expand(b, f)
+        t = t.to(x.device)
+        noise = torch.randn(x.shape, generator=tr.generator).to(x.device, x.dtype)
+        rows = tr.rows(b)
+        if rows is not None:
+            fwd = fwd.take(rows)
+            x, noise, t, text = tr.take(rows, x, noise, t, text)
+        yield flow_matching_loss(tr.sharded(fwd), x, noise, t, text)
+
+
+class PretrainPhase(Phase):
+    """Phase ``pretrain``: the forward flow-map loss (NVlabs/AnyFlow
+    ``far/trainers/trainer_wan_anyflow_pretrain.py`` / ``trainer_far_wan_anyflow_pretrain.py``),
+    bidirectional or FAR, plus FAR's bidirectional-modeling loss with probability
+    ``far.bidirectional_modeling_prob``. The on-policy phase co-trains with it."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.weighting = TrainWeighting(trainer.cfg.flowmap.weight_type, trainer.cfg.shift)
+
+    def losses(self, latents, text):
+        tr = self.trainer
+        cfg, g = tr.cfg, tr.generator
+        fmc = cfg.flowmap
+        # drawn for the global batch (pair kinds by global index), then this process's rows
+        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g, backend=tr.backend)
+        if tr.far:
+            si = prepare_far(tr.model, latents, text, tr.negative, fmc, cfg.far, **kw)
+        else:
+            si = prepare_bidirectional(tr.model, latents, text, tr.negative, fmc, **kw)
+        si = self._local(si)
+        neg = expand_negative(tr.negative, si.text) if fmc.fuse_guidance_scale != 1.0 else None
+        out = flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, neg, fmc, self.weighting,
+                            tr.all_reduce)
+        if si.num_chunks is not None:
+            out.stats["num_chunks"] = si.num_chunks
+        yield out
+        if tr.far and torch.rand((), generator=g).item() < cfg.far.bidirectional_modeling_prob:
+            extra = bidirectional_modeling_loss(
+                tr.model, latents, text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
+                generator=g, backend=tr.backend, forward=tr.sharded(BidirectionalForward(tr.model, tr.backend)),
+                rows=tr.rows(latents.shape[0]))
+            extra.stats = {"loss_bidirectional": extra.stats["loss"]}
+            yield extra
+
+    def _local(self, si: StepInputs) -> StepInputs:
+        """This process's rows of a step drawn for the global batch, with the sharded forward if sharded."""
+        tr = self.trainer
+        rows = tr.rows(si.x.shape[0])
+        if rows is None:
+            return dataclasses.replace(si, forward=tr.sharded(si.forward))
+        x, noise, t, r, text = tr.take(rows, si.x, si.noise, si.t, si.r, si.text)
+        return dataclasses.replace(si, forward=tr.sharded(si.forward.take(rows)), x=x, noise=noise, t=t, r=r,
+                                   kind=si.kind[rows], text=text, dropped=si.dropped[rows])

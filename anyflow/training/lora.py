@@ -111,3 +111,28 @@ def merged_state_dict(model: torch.nn.Module, dtype=None) -> dict:
         v = v.detach().clone()
         state[key] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     return state
+
+
+def select_trainable(model, lora_cfg, patterns: Sequence[str], arg: str, what: str) -> list:
+    """``(name, param)`` pairs to train: LoRA adapters (+ extra patterns) when ``lora_cfg`` is given
+    (:func:`apply_lora`), else the parameters whose name contains one of ``patterns`` (all when empty); the
+    rest is frozen.
+
+    Args:
+        arg, what: the config key and the model, for the error message.
+
+    Raises:
+        ValueError: nothing matches.
+    """
+    if lora_cfg is not None:
+        named = apply_lora(model, lora_cfg)
+    else:
+        named = []
+        for name, p in model.named_parameters():
+            train = not patterns or any(s in name for s in patterns)
+            p.requires_grad_(train)
+            if train:
+                named.append((name, p))
+    if not named:
+        raise ValueError(f"{arg}={list(patterns)} matches no parameter of {what}")
+    return named

@@ -28,21 +28,28 @@ Units as in :mod:`.flowmap`: timesteps in [0, 1000], latents ``[B, F, C, H, W]``
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .. import ops
 from ..models.blocks import TextContext, prepare_text
 from ..models.far import FARRunner
 from ..samplers.jumps import flow_map_jumps
 from ..samplers.schedule import shift_sigma, time_grid
-from .distributed import compute_dtype, frozen_parameters, is_sharded, run_sharded
+from .config import DMDConfig
+from .distributed import compute_dtype, frozen_parameters, full_tensor, is_sharded, run_sharded
 from .flowmap import (
     BidirectionalForward,
     LossOutput,
+    Phase,
+    PretrainPhase,
     _as_context,
     expand_negative,
+    is_far,
     noise_latents,
     sample_logit_normal,
 )
@@ -257,8 +264,9 @@ def _cache_step(model, runner, k, prefix, text, cache):
 # losses
 # ----------------------------------------------------------------------------------------------
 def x0_from_velocity(z: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x0 = z - (t / 1000) u`` per frame (``t`` ``[B, F]``), fp32."""
-    return z.float() - (t.float() / 1000)[:, :, None, None, None] * u.float()
+    """``x0 = z - (t / 1000) u`` per frame (``t`` ``[B, F]``), fp32: the flow-map jump t -> 0
+    (:func:`anyflow.ops.euler_shortcut`, torch backend)."""
+    return ops.euler_shortcut(z.float(), u, t, 0.0, backend="torch")
 
 
 def sample_dmd_timesteps(batch: int, shift: float, generator: torch.Generator, lo: float = 0.0, hi: float = 1000.0):
@@ -331,3 +339,137 @@ def critic_loss(critic, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, t
 def sample_critic_timesteps(batch: int, shift: float, generator: torch.Generator, lo: float = 0.0, hi: float = 1000.0):
     """``[B]`` logit-normal, shifted and clamped critic timesteps (the official critic step)."""
     return sample_logit_normal(batch, shift, generator).clamp(lo, hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# the on-policy phase (run by anyflow.training.trainer.Trainer)
+# ----------------------------------------------------------------------------------------------
+class OnPolicyPhase(Phase):
+    """Phase ``onpolicy`` (the loop of NVlabs/AnyFlow ``far/main.py`` with
+    ``trainer_wan_anyflow_onpolicy.py`` / ``trainer_far_wan_anyflow_onpolicy.py``): per iteration, when
+    ``step % critic_update_ratio == 0``, a generator step (shortcut rollout of the first ``dmd_batch_size``
+    samples, :func:`dmd_generator_loss` against the teacher and the critic, optionally plus the forward loss
+    on the whole batch), then always a critic step on a fresh batch (:meth:`critic_step`). Bidirectional and
+    FAR students; teacher and critic are bidirectional models judging the whole clip. The critic's
+    parameters and AdamW are the trainer's ``"critic"`` optimiser (checkpointed with it).
+
+    Args:
+        trainer: the :class:`~anyflow.training.trainer.Trainer`.
+        real_score: the teacher (bidirectional flow-matching model; frozen here, CFG real score of DMD).
+        critic: the fake score (bidirectional; default: a copy of ``real_score``), trained with LoRA when
+            ``config.lora`` is set.
+
+    Raises:
+        ValueError: no ``real_score``; a FAR ``real_score`` or ``critic``; nothing of the critic to train.
+    """
+
+    def __init__(self, trainer, real_score, critic=None):
+        if real_score is None:
+            raise ValueError("phase 'onpolicy' needs real_score (the teacher, a bidirectional model)")
+        for name, m in (("real_score", real_score), ("critic", critic)):
+            if m is not None and is_far(m):
+                raise ValueError(f"{name} must be a bidirectional model (it judges the whole clip)")
+        super().__init__(trainer)
+        cfg = trainer.cfg
+        self.dmd = cfg.dmd or DMDConfig()
+        self.forward_phase = PretrainPhase(trainer)  # the co-trained forward loss
+        if critic is None:
+            critic = copy.deepcopy(real_score)
+        real_score.eval().requires_grad_(False)
+        self.real_score, self.critic = real_score, critic
+        critic.train()
+        if cfg.gradient_checkpointing:
+            critic.enable_gradient_checkpointing()
+        patterns = tuple(self.dmd.critic_trainable)
+        # the critic trains LoRA adapters too (official on-policy configs)
+        lora = None if cfg.lora is None else dataclasses.replace(cfg.lora, extra_trainable=patterns)
+        self.critic_params = trainer.trainable(critic, lora, patterns, "critic_trainable", "the critic")
+        if trainer.fsdp:
+            trainer.shard(real_score)
+        self.critic_optimizer, self.critic_lr_scheduler = trainer.add_optimizer(
+            "critic", self.critic_params, self.dmd.critic_optimizer)
+        self.real_forward = trainer.sharded(BidirectionalForward(real_score, trainer.backend))
+        self.critic_forward = trainer.sharded(BidirectionalForward(critic, trainer.backend))
+
+    def step(self, device, record):
+        tr = self.trainer
+        if tr.step % self.dmd.critic_update_ratio == 0:
+            # the co-trained forward loss is logged as loss_forward: the generator's loss is the sum
+            record["loss"] = tr.update_student(self.losses(*tr.next_batch(device)), record, device)
+            tr.average_losses(record)
+        record.update(self.critic_step(device))
+
+    def rollout(self, noise, text, plan: RolloutPlan, grad: bool):
+        """The student's shortcut rollout (bidirectional, or FAR chunk by chunk through the KV cache):
+        ``(x_hat [B, F, C, H, W] fp32, nfe)``."""
+        tr = self.trainer
+        params = [p for _, p in tr.named_params]
+        if tr.far:
+            ro = FARRollout(tr.model, text, tr.cfg.far.chunk_partition, noise.shape[-2:], tr.backend)
+            return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
+        return bidirectional_rollout(tr.sharded(BidirectionalForward(tr.model, tr.backend)), noise, text, plan,
+                                     grad=grad, grad_segments=self.dmd.grad_segments, params=params)
+
+    def _frames(self, latents) -> int:
+        return sum(self.trainer.cfg.far.chunk_partition) if self.trainer.far else latents.shape[1]
+
+    def losses(self, latents, text):
+        """DMD on the first ``dmd_batch_size`` samples (of each process's slice), then (co-training) the
+        forward loss on all; draws are made for the global DMD batch (``dmd_batch_size * world_size``)."""
+        tr, d = self.trainer, self.dmd
+        cfg, g = tr.cfg, tr.generator
+        rows = tr.rows(latents.shape[0])
+        local_text = text if rows is None else tr.take(rows, text)[0]
+        nb = min(d.dmd_batch_size, local_text.shape[0])
+        dmd_rows = None if rows is None else torch.arange(tr.rank * nb, (tr.rank + 1) * nb)
+        dev = latents.device
+        shape = (nb * tr.world_size, self._frames(latents)) + tuple(latents.shape[2:])
+        plan = sample_plan(d.rollout_steps, cfg.shift, g)
+        noise, = tr.take(dmd_rows, torch.randn(shape, generator=g).to(dev))
+        x_hat, nfe = self.rollout(noise, local_text[:nb], plan, grad=True)
+        t = sample_dmd_timesteps(shape[0], cfg.shift, g, d.min_timestep, d.max_timestep)
+        t = t[:, None].expand(shape[0], shape[1]).to(dev)
+        dmd_noise = torch.randn(shape, generator=g).to(dev)
+        t, dmd_noise = tr.take(dmd_rows, t, dmd_noise)
+        out = dmd_generator_loss(x_hat, dmd_noise, t, local_text[:nb], tr.negative, self.real_forward,
+                                 self.critic_forward, real_guidance_scale=d.real_guidance_scale,
+                                 dmd_weight=d.dmd_weight)
+        out.stats.update(rollout_steps=plan.num_steps, rollout_grad_step=plan.grad_step, rollout_nfe=nfe)
+        yield out
+        if d.cotrain_forward:
+            for extra in self.forward_phase.losses(latents, text):
+                extra.stats = {("loss_forward" if k == "loss" else k): v for k, v in extra.stats.items()}
+                yield extra
+
+    def critic_step(self, device) -> dict:
+        """Critic (fake score) flow matching on a fresh batch of no-grad student samples (official critic
+        step, ``trainer_wan_anyflow_onpolicy.py``); returns its log statistics."""
+        tr, d = self.trainer, self.dmd
+        cfg, g = tr.cfg, tr.generator
+        latents, text = tr.next_batch(device)
+        b = latents.shape[0]  # global batch: draws for all of it, then this process's rows
+        rows = tr.rows(b)
+        shape = (b, self._frames(latents)) + tuple(latents.shape[2:])
+        plan = sample_plan(d.rollout_steps, cfg.shift, g)
+        noise, text = tr.take(rows, torch.randn(shape, generator=g).to(device), text)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        with tr.autocast(device):
+            tr.model.eval()
+            try:
+                with torch.no_grad():
+                    x, _ = self.rollout(noise, text, plan, grad=False)
+            finally:
+                tr.model.train()
+            t = sample_critic_timesteps(b, cfg.shift, g, d.min_timestep, d.max_timestep)
+            t = t[:, None].expand(b, shape[1]).to(device)
+            eps = torch.randn(shape, generator=g).to(device)
+            t, eps = tr.take(rows, t, eps)
+            out = critic_loss(self.critic_forward, x, eps, t, text)
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.critic_params], d.critic_optimizer.max_grad_norm)
+        self.critic_optimizer.step()
+        self.critic_lr_scheduler.step()
+        tr.average_losses(out.stats)
+        return {**out.stats, "critic_grad_norm": float(full_tensor(norm)),
+                "critic_lr": self.critic_optimizer.param_groups[0]["lr"],
+                "critic_rollout_steps": plan.num_steps, "critic_rollout_grad_step": plan.grad_step}

@@ -23,6 +23,7 @@ import torch
 from .config import ModelConfig, TrainConfig, dump_config, resolve
 from .consistency import teacher_velocity
 from .data import SyntheticClips, TensorClips, load_dataset
+from .trainer import Trainer
 
 
 def build_transformer(m: ModelConfig, far=None):
@@ -61,6 +62,11 @@ def build_transformer(m: ModelConfig, far=None):
     return load_transformer(_transformer_folder(m.pretrained), dtype=torch.float32)
 
 
+def build_model(cfg: TrainConfig):
+    """The student transformer of ``cfg`` (:func:`build_transformer` of ``cfg.model`` with ``cfg.far``), fp32."""
+    return build_transformer(cfg.model, cfg.far)
+
+
 def build_phase_models(cfg: TrainConfig):
     """``(student, real score, ODE teacher)`` of a run, fp32 on the CPU: the real score (``dmd.teacher``) for
     phase ``onpolicy`` and the frozen teacher whose ODE a ``consistency`` phase distils
@@ -69,7 +75,7 @@ def build_phase_models(cfg: TrainConfig):
     Raises:
         ValueError: phase ``onpolicy`` without ``dmd.teacher``.
     """
-    model = build_transformer(cfg.model, cfg.far)
+    model = build_model(cfg)
     real_score = ode_teacher = None
     if cfg.phase == "onpolicy":
         if cfg.dmd is None or cfg.dmd.teacher is None:
@@ -161,7 +167,6 @@ def train_from_config(
     The process group is destroyed before returning.
     """
     from . import distributed as D
-    from .trainer import Trainer
 
     ctx = D.init_from_env()
     try:

@@ -1,18 +1,14 @@
-"""Training loop for every phase: teacher, flow-map pretrain, consistency baseline, on-policy FMBS + DMD.
+"""The training loop of every phase: teacher, flow-map pretrain, consistency baseline, on-policy FMBS + DMD.
 
-One :class:`Trainer` step: next ``(latents [B, F, C, H, W], text [B, L, D])`` from the data iterator,
-the phase's loss under optional bf16 autocast (fp32 master weights), backward, gradient clipping,
-AdamW with the official betas / LR and linear warm-up, EMA, a log line (stdout and ``log.jsonl``), and
-an atomic checkpoint every ``save_every`` steps. All randomness of the objective comes from one CPU
+:class:`Trainer` owns the loop, the optimisers, EMA, checkpoints and logs; what a step computes is its
+phase's (:class:`anyflow.training.flowmap.TeacherPhase` / :class:`~anyflow.training.flowmap.PretrainPhase`,
+:class:`anyflow.training.consistency.ConsistencyPhase`, :class:`anyflow.training.onpolicy.OnPolicyPhase`,
+each next to its loss). One step: next ``(latents [B, F, C, H, W], text [B, L, D])`` from the data
+iterator, the phase's losses under optional bf16 autocast (fp32 master weights), backward, gradient
+clipping, AdamW with the official betas / LR and linear warm-up, EMA, a log line (stdout and ``log.jsonl``),
+and an atomic checkpoint every ``save_every`` steps. All randomness of the objective comes from one CPU
 ``torch.Generator`` seeded by ``config.seed``; it is checkpointed with the global RNGs and the data
 iterator's state, so a resumed run continues bit for bit.
-
-Phase ``onpolicy`` (reference §7, :mod:`.onpolicy`): per iteration, when ``step % critic_update_ratio
-== 0``, a generator step (shortcut rollout of the first ``dmd_batch_size`` samples, DMD loss against the
-teacher (real score, CFG) and the critic (fake score), optionally plus the forward loss on the whole
-batch; clip, AdamW, LR step, EMA), then always a critic step on a fresh batch (no-grad rollout,
-flow-matching loss, clip, its own AdamW). Bidirectional and FAR students; teacher and critic are
-bidirectional models judging the whole clip.
 
 LoRA adapters through ``peft`` (:mod:`.lora`) when ``config.lora`` is set (student and critic).
 
@@ -42,34 +38,17 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import checkpoint as ckpt
-from . import consistency as cons
 from . import distributed as D
-from . import flowmap as fm
-from . import onpolicy as op
-from .config import ConsistencyConfig, DMDConfig, TrainConfig, resolve, to_dict
+from .config import resolve, to_dict
+from .consistency import ConsistencyPhase
+from .flowmap import PretrainPhase, TeacherPhase, is_far, kind_losses
+from .lora import select_trainable
+from .onpolicy import OnPolicyPhase
 
 #: Logged losses averaged over processes in data-parallel runs (present on every process alike).
 GLOBAL_LOSSES = ("loss", "loss_forward", "loss_bidirectional", "loss_dmd", "loss_critic")
 
 
-# ----------------------------------------------------------------------------------------------
-# model construction
-# ----------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig):
-    """The transformer of ``cfg.model``: a tiny random one or a diffusers-format folder (upstream or
-    legacy layout; a whole checkpoint folder's ``transformer/`` is used), in fp32 (master weights)."""
-    from .run import build_transformer
-
-    return build_transformer(cfg.model, cfg.far)
-
-
-def _is_far(model) -> bool:
-    return hasattr(model, "far_patch_embedding")
-
-
-# ----------------------------------------------------------------------------------------------
-# trainer
-# ----------------------------------------------------------------------------------------------
 class Trainer:
     """Trainer of every phase: ``teacher``, ``pretrain``, ``consistency`` and ``onpolicy``.
 
@@ -96,6 +75,10 @@ class Trainer:
             are :func:`anyflow.enable`-d with ``config.backend``); needs an initialised process group and
             the models on the training device.
 
+    Attributes:
+        phase: the phase's step (:class:`anyflow.training.flowmap.Phase`); ``critic``, ``critic_params``,
+            ``critic_optimizer`` and ``real_score`` are the on-policy phase's (``None`` in other phases).
+
     Raises:
         ValueError: ``phase="onpolicy"`` without ``real_score``.
         ValueError: the model kind does not match ``config.model.kind``; nothing to train.
@@ -121,9 +104,7 @@ class Trainer:
         fsdp: bool = False,
     ):
         cfg = resolve(config)
-        if cfg.phase == "onpolicy" and real_score is None:
-            raise ValueError("phase 'onpolicy' needs real_score (the teacher, a bidirectional model)")
-        far = _is_far(model)
+        far = is_far(model)
         if far != (cfg.model.kind == "far"):
             raise ValueError(f"config.model.kind is {cfg.model.kind!r} but the model is "
                              f"{type(model).__name__} ({'far' if far else 'bidirectional'})")
@@ -134,14 +115,11 @@ class Trainer:
         self.far = far
         self.data = data
         self.negative = negative_embedding
-        self.teacher = teacher
         if fsdp:
             import torch.distributed as dist
 
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
-            if cfg.phase == "consistency":
-                raise ValueError("phase 'consistency' is single-process only (fsdp=True given)")
             rank, world_size = dist.get_rank(), dist.get_world_size()
             all_reduce = all_reduce or D.all_reduce_sum
         if not 0 <= rank < world_size:
@@ -161,27 +139,35 @@ class Trainer:
         lora = None if cfg.lora is None else dataclasses.replace(
             cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns
         )
-        self.named_params = _select_trainable(model, lora, patterns, "trainable", "the model")
-        if fsdp:
-            self.named_params = self._shard(model, self.named_params)
-        params = [p for _, p in self.named_params]
-        o = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        warmup = o.warmup_steps
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: s / warmup if s < warmup else 1.0
-        )
+        self._optimizers = {}  # name -> (named params, AdamW, LR schedule) of trained models besides the student
+        self.named_params = self.trainable(model, lora, patterns, "trainable", "the model")
+        self.optimizer, self.lr_scheduler = _adamw(self.named_params, cfg.optimizer)
         # sharded: the EMA keeps this process's shards (views that follow the optimiser's in-place updates)
         self.ema = ckpt.EMA([(n, D.local_view(p)) for n, p in self.named_params], cfg.ema.decay, cfg.ema.warmup_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.weighting = fm.TrainWeighting(cfg.flowmap.weight_type, cfg.shift)
-        self.consistency_cfg = cfg.consistency or ConsistencyConfig()
         self.step = 0
-        self.real_score = self.critic = None
         if cfg.phase == "onpolicy":
-            self._init_onpolicy(real_score, critic)
+            self.phase = OnPolicyPhase(self, real_score, critic)
+        elif cfg.phase == "consistency":
+            self.phase = ConsistencyPhase(self, teacher)
+        elif cfg.phase == "pretrain":
+            self.phase = PretrainPhase(self)
+        else:  # "teacher"; validated in config
+            self.phase = TeacherPhase(self)
 
-    def _shard(self, model, named):
+    critic = property(lambda self: getattr(self.phase, "critic", None))
+    critic_params = property(lambda self: getattr(self.phase, "critic_params", None))
+    critic_optimizer = property(lambda self: getattr(self.phase, "critic_optimizer", None))
+    real_score = property(lambda self: getattr(self.phase, "real_score", None))
+
+    # -- what phases use ----------------------------------------------------------------------------
+    def trainable(self, model, lora_cfg, patterns, arg: str, what: str) -> list:
+        """``(name, param)`` pairs to train in ``model`` (:func:`anyflow.training.lora.select_trainable`; the
+        rest is frozen), re-bound to the sharded parameters when the trainer shards (:meth:`shard`)."""
+        named = select_trainable(model, lora_cfg, patterns, arg, what)
+        return self.shard(model, named) if self.fsdp else named
+
+    def shard(self, model, named=()) -> list:
         """Enable and FSDP2-shard ``model``; ``named`` re-bound to the sharded parameters (same names)."""
         import anyflow
 
@@ -190,46 +176,25 @@ class Trainer:
         own = dict(model.named_parameters())
         return [(n, own[n]) for n, _ in named]
 
-    def _init_onpolicy(self, real_score, critic):
-        """Teacher (frozen, eval) and critic (trainable; default: a copy of the teacher) with its AdamW."""
-        import copy
+    def add_optimizer(self, name: str, named: list, opt_cfg):
+        """AdamW with linear warm-up (``opt_cfg``: :class:`~anyflow.training.config.OptimizerConfig`) for
+        another trained model's ``named`` parameters; checkpointed as ``name``, ``name_optimizer`` and
+        ``name_lr_scheduler``. Returns ``(optimizer, lr_scheduler)``; the phase steps them."""
+        optimizer, scheduler = _adamw(named, opt_cfg)
+        self._optimizers[name] = (named, optimizer, scheduler)
+        return optimizer, scheduler
 
-        cfg = self.cfg
-        self.dmd = cfg.dmd or DMDConfig()
-        for name, m in (("real_score", real_score), ("critic", critic)):
-            if m is not None and _is_far(m):
-                raise ValueError(f"{name} must be a bidirectional model (it judges the whole clip)")
-        if critic is None:
-            critic = copy.deepcopy(real_score)
-        real_score.eval().requires_grad_(False)
-        self.real_score, self.critic = real_score, critic
-        critic.train()
-        if cfg.gradient_checkpointing:
-            critic.enable_gradient_checkpointing()
-        patterns = tuple(self.dmd.critic_trainable)
-        # the critic trains LoRA adapters too (reference §7)
-        lora = None if cfg.lora is None else dataclasses.replace(cfg.lora, extra_trainable=patterns)
-        self.critic_params = _select_trainable(critic, lora, patterns, "critic_trainable", "the critic")
-        if self.fsdp:
-            self.critic_params = self._shard(critic, self.critic_params)
-            self._shard(real_score, [])
-        o = self.dmd.critic_optimizer
-        self.critic_optimizer = torch.optim.AdamW([p for _, p in self.critic_params], lr=o.lr, betas=tuple(o.betas),
-                                                  weight_decay=o.weight_decay, eps=o.eps)
-        warmup = o.warmup_steps
-        self.critic_lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.critic_optimizer, lambda s: s / warmup if s < warmup else 1.0
-        )
-        self.real_forward = D.sharded_forward(fm.BidirectionalForward(real_score, self.backend))
-        self.critic_forward = D.sharded_forward(fm.BidirectionalForward(critic, self.backend))
+    def sharded(self, forward):
+        """The sharded twin of a training forward whose model is sharded (:func:`.distributed.sharded_forward`)."""
+        return D.sharded_forward(forward)
 
-    # -- one step ---------------------------------------------------------------------------------
-    def _autocast(self, device):
-        if not self.cfg.mixed_precision or self.fsdp:  # sharded: FSDP's bf16 policy instead
+    def autocast(self, device):
+        """bf16 autocast with ``mixed_precision`` (sharded: FSDP's bf16 policy instead, no autocast)."""
+        if not self.cfg.mixed_precision or self.fsdp:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def _rows(self, global_batch: int) -> Optional[torch.Tensor]:
+    def rows(self, global_batch: int) -> Optional[torch.Tensor]:
         """This process's rows of a global batch (``None`` for one process).
 
         Raises:
@@ -244,25 +209,22 @@ class Trainer:
         return torch.arange(self.rank * n, (self.rank + 1) * n)
 
     @staticmethod
-    def _take(rows, *tensors):
+    def take(rows, *tensors):
+        """``tensors`` restricted to ``rows`` (all of them for ``None``)."""
         if rows is None:
             return tensors
         return tuple(x[rows.to(x.device)] for x in tensors)
 
-    def _local_inputs(self, si: fm.StepInputs) -> fm.StepInputs:
-        """This process's rows of a step drawn for the global batch, with the sharded forward if sharded."""
-        rows = self._rows(si.x.shape[0])
-        if rows is None:
-            return dataclasses.replace(si, forward=D.sharded_forward(si.forward))
-        x, noise, t, r, text = self._take(rows, si.x, si.noise, si.t, si.r, si.text)
-        return dataclasses.replace(si, forward=D.sharded_forward(si.forward.take(rows)), x=x, noise=noise, t=t, r=r,
-                                   kind=si.kind[rows], text=text, dropped=si.dropped[rows])
+    def next_batch(self, device):
+        """The next ``(latents, text)`` of the data iterator on ``device`` (the global batch)."""
+        latents, text = next(self.data)
+        return latents.to(device), text.to(device)
 
-    def _average_losses(self, record: dict) -> None:
+    def average_losses(self, record: dict) -> None:
         """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over processes and the
         per-kind pieces by the per-kind means over the global batch; other statistics stay this process's."""
         distributed = self.world_size > 1 and self.all_reduce is not None
-        fm.kind_losses(record, self._all_reduce_on_device if distributed else None)
+        kind_losses(record, self._all_reduce_on_device if distributed else None)
         if not distributed:
             return
         keys = [k for k in GLOBAL_LOSSES if k in record]  # the same keys on every process (global coins)
@@ -277,149 +239,13 @@ class Trainer:
         device = next(self.model.parameters()).device
         return self.all_reduce(values.to(device)).cpu()
 
-    def _losses(self, latents, text):
-        """Yield the step's losses one by one (each is backpropagated before the next is built)."""
-        if self.cfg.phase == "pretrain":
-            yield from self._pretrain_losses(latents, text)
-            return
-        yield from self._other_losses(latents, text)
-
-    def _pretrain_losses(self, latents, text):
-        """The forward flow-map loss (reference §6), bidirectional or FAR (+ FAR's bidirectional modeling)."""
-        cfg, g = self.cfg, self.generator
-        fmc = cfg.flowmap
-        # drawn for the global batch (pair kinds by global index), then this process's rows
-        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g, backend=self.backend)
-        if self.far:
-            si = fm.prepare_far(self.model, latents, text, self.negative, fmc, cfg.far, **kw)
-        else:
-            si = fm.prepare_bidirectional(self.model, latents, text, self.negative, fmc, **kw)
-        si = self._local_inputs(si)
-        neg = fm.expand_negative(self.negative, si.text) if fmc.fuse_guidance_scale != 1.0 else None
-        out = fm.flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, neg, fmc,
-                               self.weighting, self.all_reduce)
-        if si.num_chunks is not None:
-            out.stats["num_chunks"] = si.num_chunks
-        yield out
-        if self.far:
-            coin = torch.rand((), generator=g).item() < cfg.far.bidirectional_modeling_prob
-            if coin:
-                extra = fm.bidirectional_modeling_loss(
-                    self.model, latents, text, self.negative, shift=cfg.shift,
-                    guidance_scale=fmc.fuse_guidance_scale, generator=g, backend=self.backend,
-                    forward=D.sharded_forward(fm.BidirectionalForward(self.model, self.backend)),
-                    rows=self._rows(latents.shape[0]))
-                extra.stats = {"loss_bidirectional": extra.stats["loss"]}
-                yield extra
-
-    def _other_losses(self, latents, text):
-        """Teacher (reference §8) and consistency-baseline losses."""
-        cfg, g = self.cfg, self.generator
-        text, _ = fm.drop_text(text, self.negative, cfg.drop_text_ratio, g)
-        if self.far:
-            n = fm.sample_num_chunks(cfg.far, g)
-            cp, context, window = fm.far_window(latents, cfg.far.chunk_partition, n, cfg.far.full_chunk_limit)
-            fwd = fm.FARWindowForward(self.model, cp, context, window, cfg.far.full_chunk_limit, self.backend)
-            x = window
-        else:
-            fwd, x = fm.BidirectionalForward(self.model, self.backend), latents
-        if cfg.phase == "teacher":
-            b, f = x.shape[:2]
-            t = fm.sample_teacher_timesteps(b, cfg.shift, g, cfg.teacher_timesteps)[:, None].expand(b, f).to(x.device)
-            noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-            rows = self._rows(b)
-            if rows is not None:
-                fwd = fwd.take(rows)
-                x, noise, t, text = self._take(rows, x, noise, t, text)
-            yield fm.flow_matching_loss(D.sharded_forward(fwd), x, noise, t, text)
-        elif cfg.phase == "consistency":
-            noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-            neg = fm.expand_negative(self.negative, text)
-            yield cons.consistency_loss(fwd, x, noise, text, self.consistency_cfg, cfg.shift, g,
-                                        teacher=self.teacher, negative=neg)
-        else:  # validated in config
-            raise ValueError(f"unknown phase {cfg.phase!r}")
-
-    # -- on-policy phase (reference §7) ------------------------------------------------------------
-    def _rollout(self, noise, text, plan, grad: bool):
-        """The student's shortcut rollout (bidirectional, or FAR chunk by chunk through the KV cache)."""
-        params = [p for _, p in self.named_params]
-        if self.far:
-            ro = op.FARRollout(self.model, text, self.cfg.far.chunk_partition, noise.shape[-2:], self.backend)
-            return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
-        return op.bidirectional_rollout(D.sharded_forward(fm.BidirectionalForward(self.model, self.backend)), noise,
-                                        text, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
-
-    def _rollout_frames(self, latents) -> int:
-        return sum(self.cfg.far.chunk_partition) if self.far else latents.shape[1]
-
-    def _generator_losses(self, latents, text):
-        """DMD on the first ``dmd_batch_size`` samples (of each process's slice), then (co-training) the
-        forward loss on all; draws are made for the global DMD batch (``dmd_batch_size * world_size``)."""
-        cfg, g, d = self.cfg, self.generator, self.dmd
-        rows = self._rows(latents.shape[0])
-        local_text = text if rows is None else self._take(rows, text)[0]
-        nb = min(d.dmd_batch_size, local_text.shape[0])
-        dmd_rows = None if rows is None else torch.arange(self.rank * nb, (self.rank + 1) * nb)
-        dev = latents.device
-        shape = (nb * self.world_size, self._rollout_frames(latents)) + tuple(latents.shape[2:])
-        plan = op.sample_plan(d.rollout_steps, cfg.shift, g)
-        noise, = self._take(dmd_rows, torch.randn(shape, generator=g).to(dev))
-        x_hat, nfe = self._rollout(noise, local_text[:nb], plan, grad=True)
-        t = op.sample_dmd_timesteps(shape[0], cfg.shift, g, d.min_timestep, d.max_timestep)
-        t = t[:, None].expand(shape[0], shape[1]).to(dev)
-        dmd_noise = torch.randn(shape, generator=g).to(dev)
-        t, dmd_noise = self._take(dmd_rows, t, dmd_noise)
-        out = op.dmd_generator_loss(x_hat, dmd_noise, t, local_text[:nb], self.negative, self.real_forward,
-                                    self.critic_forward, real_guidance_scale=d.real_guidance_scale,
-                                    dmd_weight=d.dmd_weight)
-        out.stats.update(rollout_steps=plan.num_steps, rollout_grad_step=plan.grad_step, rollout_nfe=nfe)
-        yield out
-        if d.cotrain_forward:
-            for extra in self._pretrain_losses(latents, text):
-                extra.stats = {("loss_forward" if k == "loss" else k): v for k, v in extra.stats.items()}
-                yield extra
-
-    def _critic_step(self, device) -> dict:
-        """Critic (fake score) flow matching on a fresh batch of no-grad student samples (reference §7.3)."""
-        cfg, g, d = self.cfg, self.generator, self.dmd
-        latents, text = next(self.data)
-        latents, text = latents.to(device), text.to(device)
-        b = latents.shape[0]  # global batch: draws for all of it, then this process's rows
-        rows = self._rows(b)
-        shape = (b, self._rollout_frames(latents)) + tuple(latents.shape[2:])
-        plan = op.sample_plan(d.rollout_steps, cfg.shift, g)
-        noise, text = self._take(rows, torch.randn(shape, generator=g).to(device), text)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        with self._autocast(device):
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    x, _ = self._rollout(noise, text, plan, grad=False)
-            finally:
-                self.model.train()
-            t = op.sample_critic_timesteps(b, cfg.shift, g, d.min_timestep, d.max_timestep)
-            t = t[:, None].expand(b, shape[1]).to(device)
-            eps = torch.randn(shape, generator=g).to(device)
-            t, eps = self._take(rows, t, eps)
-            out = op.critic_loss(self.critic_forward, x, eps, t, text)
-        out.loss.backward()
-        params = [p for _, p in self.critic_params]
-        norm = torch.nn.utils.clip_grad_norm_(params, d.critic_optimizer.max_grad_norm)
-        self.critic_optimizer.step()
-        self.critic_lr_scheduler.step()
-        self._average_losses(out.stats)
-        return {**out.stats, "critic_grad_norm": float(D.full_tensor(norm)),
-                "critic_lr": self.critic_optimizer.param_groups[0]["lr"],
-                "critic_rollout_steps": plan.num_steps, "critic_rollout_grad_step": plan.grad_step}
-
-    def _student_update(self, losses, record: dict, device) -> float:
+    def update_student(self, losses, record: dict, device) -> float:
         """Backward every loss ``losses`` yields (each under autocast), clip, AdamW, LR and EMA steps; the
         losses' stats and ``grad_norm`` go into ``record``. Returns the summed loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         while True:
-            with self._autocast(device):
+            with self.autocast(device):
                 out = next(losses, None)
             if out is None:
                 break
@@ -434,26 +260,14 @@ class Trainer:
         self.ema.update(self.step)
         return total
 
-    def _next_batch(self, device):
-        latents, text = next(self.data)
-        return latents.to(device), text.to(device)
-
+    # -- the loop -----------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One optimiser step (on-policy: a generator step every ``critic_update_ratio`` iterations, then
         a critic step); returns the logged record."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.cfg.phase != "onpolicy":
-            self._student_update(self._losses(*self._next_batch(device)), record, device)
-            self._average_losses(record)
-        else:
-            if self.step % self.dmd.critic_update_ratio == 0:
-                # the co-trained forward loss is logged as loss_forward: the generator's loss is the sum
-                losses = self._generator_losses(*self._next_batch(device))
-                record["loss"] = self._student_update(losses, record, device)
-                self._average_losses(record)
-            record.update(self._critic_step(device))
+        self.phase.step(device, record)
         self.step += 1
         record["time_s"] = time.perf_counter() - start
         self._log(record)
@@ -497,10 +311,10 @@ class Trainer:
         }
         if hasattr(self.data, "state_dict"):
             state["data"] = self.data.state_dict()
-        if self.critic is not None:
-            state["critic"] = _full_params(self.critic_params)
-            state["critic_optimizer"] = D.gather_optimizer_state(self.critic_optimizer.state_dict())
-            state["critic_lr_scheduler"] = self.critic_lr_scheduler.state_dict()
+        for name, (named, optimizer, scheduler) in self._optimizers.items():
+            state[name] = _full_params(named)
+            state[f"{name}_optimizer"] = D.gather_optimizer_state(optimizer.state_dict())
+            state[f"{name}_lr_scheduler"] = scheduler.state_dict()
         return state
 
     def _ema_state(self) -> dict:
@@ -514,13 +328,12 @@ class Trainer:
         """Restore a checkpoint of :meth:`state_dict` (written by any number of processes)."""
         _restore_params(self.named_params, state["model"], "trainable parameters")
         self.optimizer.load_state_dict(D.shard_optimizer_state(state["optimizer"], [p for _, p in self.named_params]))
-        if self.critic is not None:
-            if "critic" not in state:
-                raise KeyError("checkpoint has no critic state (not an on-policy run)")
-            _restore_params(self.critic_params, state["critic"], "critic parameters")
-            self.critic_optimizer.load_state_dict(
-                D.shard_optimizer_state(state["critic_optimizer"], [p for _, p in self.critic_params]))
-            self.critic_lr_scheduler.load_state_dict(state["critic_lr_scheduler"])
+        for name, (named, optimizer, scheduler) in self._optimizers.items():
+            if name not in state:
+                raise KeyError(f"checkpoint has no {name} state (written by another phase)")
+            _restore_params(named, state[name], f"{name} parameters")
+            optimizer.load_state_dict(D.shard_optimizer_state(state[f"{name}_optimizer"], [p for _, p in named]))
+            scheduler.load_state_dict(state[f"{name}_lr_scheduler"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ema = state["ema"]
         if self.fsdp:
@@ -641,29 +454,6 @@ def _full_params(named) -> dict:
     return {n: D.full_tensor(p.detach()).cpu().clone() for n, p in named}
 
 
-def _select_trainable(model, lora_cfg, patterns, arg: str, what: str) -> list:
-    """``(name, param)`` pairs to train: LoRA adapters (+ extra patterns) when ``lora_cfg`` is given, else
-    the parameters whose name contains one of ``patterns`` (all when empty); the rest is frozen.
-
-    Raises:
-        ValueError: nothing matches.
-    """
-    if lora_cfg is not None:
-        from .lora import apply_lora
-
-        named = apply_lora(model, lora_cfg)
-    else:
-        named = []
-        for name, p in model.named_parameters():
-            train = not patterns or any(s in name for s in patterns)
-            p.requires_grad_(train)
-            if train:
-                named.append((name, p))
-    if not named:
-        raise ValueError(f"{arg}={list(patterns)} matches no parameter of {what}")
-    return named
-
-
 def _restore_params(named, saved: dict, what: str) -> None:
     """Copy ``saved[name]`` into every ``(name, param)`` of ``named``.
 
@@ -675,3 +465,12 @@ def _restore_params(named, saved: dict, what: str) -> None:
         raise KeyError(f"checkpoint lacks {what} {missing[:5]}")
     for n, p in named:
         D.load_full_(p, saved[n])
+
+
+def _adamw(named, o):
+    """AdamW over ``named``'s parameters with the settings of ``o`` and its LR schedule: linear warm-up over
+    ``o.warmup_steps`` steps, then constant."""
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                  eps=o.eps)
+    warmup = o.warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: s / warmup if s < warmup else 1.0)
