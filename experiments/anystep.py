@@ -2,11 +2,11 @@
 
 One command trains, on clips cut from the real evaluation videos of ``../shared/data/anyflow_eval``:
 
-1. a flow-matching **teacher** from scratch (the v-loss of reference §8, with the students' time
-   draw, see :func:`phase_configs`), in two stages: a constant learning rate, then a lower one (the
+1. a flow-matching **teacher** from scratch (the v-loss of NVlabs/AnyFlow trainer_wan_teacher.py, with the
+   students' time draw, see :func:`phase_configs`), in two stages: a constant learning rate, then a lower one (the
    trainer's schedule is warm-up + constant; the second stage is the decay);
-2. **AnyFlow**: the forward flow-map pretrain initialised from the teacher (§6), then the on-policy
-   Flow Map Backward Simulation with DMD against the teacher (§7);
+2. **AnyFlow**: the forward flow-map pretrain initialised from the teacher, then the on-policy
+   Flow Map Backward Simulation with DMD against the teacher;
 3. the **consistency baseline** (consistency distillation of the same teacher,
    :mod:`anyflow.training.consistency`) on the same backbone and data, with as many optimiser steps
    as both AnyFlow phases together;
@@ -308,7 +308,8 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
     Teacher from scratch in two stages, LR 1e-3 then 2e-4 from the first stage's EMA (``teacher`` is
     the final one). It is plain flow matching (every pair a diffusion pair, r = t, unweighted) run
     through the pretrain code path, so t is drawn as max(u1, u2) like the students' pairs: the official
-    teacher's logit-normal t (reference §8) almost never reaches t > 950 at shift 1, where the first
+    teacher's logit-normal t (NVlabs/AnyFlow trainer_wan_teacher.py) almost never reaches t > 950 at shift 1, where
+    the first
     sampling step starts, and such a teacher is worse there than its own students (see the README). AnyFlow
     pretrain and the consistency baseline start from the teacher's EMA; on-policy from the pretrain
     EMA with the official rollout steps {2, 4, 8, 16, 50}, betas (0, 0.999), critic = a copy of the

@@ -213,7 +213,8 @@ def tiny_pipeline(kind: str = "bidirectional", seed: int = 0, dtype=torch.float3
 
 
 def _legacy_transformer_config(cfg: dict, kind: str) -> dict:
-    """Rewrite an upstream transformer config the way the official converter writes it (reference §1.3)."""
+    """Rewrite an upstream transformer config the way the official converter writes it (NVlabs/AnyFlow
+    convert_anyflow_to_diffusers.py)."""
     out = {
         "_class_name": "FAR_Wan_Transformer3DModel",
         "_diffusers_version": "0.35.1",

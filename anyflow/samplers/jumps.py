@@ -5,7 +5,8 @@ on-policy shortcut rollouts of Flow Map Backward Simulation) and the consistency
 differs between them is how the mean velocity u is obtained (``velocity``) and, for multistep consistency
 sampling, a re-noising policy applied after each jump. The update is :func:`anyflow.ops.euler_shortcut`
 (fp32 master latent, CFG combine when the velocity has batch 2B, clean context frames copied through).
-Source: AnyFlow §3-4 (flow-map sampling with any number of steps).
+Source: the AnyFlow paper's flow-map sampling with any number of steps; NVlabs/AnyFlow
+pipeline_wan_anyflow.py / pipeline_far_wan_anyflow.py (``__call__``, ``training_rollout``).
 """
 
 from __future__ import annotations

@@ -28,13 +28,14 @@ PathLike = Union[str, os.PathLike]
 
 
 # ----------------------------------------------------------------------------------------------
-# EMA (reference §7.4)
+# EMA (NVlabs/AnyFlow far/utils/ema_util.py)
 # ----------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of named parameters, kept as fp32 copies (on CPU by default).
 
     ``update(step)`` uses decay 0 (a plain copy) while ``step < warmup_steps`` and ``decay`` after:
-    ``ema <- d * ema + (1 - d) * param`` (reference §7.4: pretrain 0.999 / 1000, on-policy 0.99 / 200).
+    ``ema <- d * ema + (1 - d) * param`` (NVlabs/AnyFlow far/utils/ema_util.py, NVlabs/AnyFlow far/main.py: pretrain
+    0.999 / 1000, on-policy 0.99 / 200).
 
     Args:
         named_params: ``(name, parameter)`` pairs of the trainable parameters.

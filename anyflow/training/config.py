@@ -1,7 +1,8 @@
 """Training configurations: dataclasses with the official AnyFlow defaults, presets and a YAML loader.
 
-The values restate the official YAML files (reference spec §9; §6 for the forward objective, §7 for
-the on-policy phase, §8 for the teacher). A config is a :class:`TrainConfig`; :func:`preset` returns
+The values restate the official YAML files (NVlabs/AnyFlow options/train/anyflow YAMLs; NVlabs/AnyFlow
+trainer_wan_anyflow_pretrain.py for the forward objective, NVlabs/AnyFlow trainer_wan_anyflow_onpolicy.py for
+the on-policy phase, NVlabs/AnyFlow trainer_wan_teacher.py for the teacher). A config is a :class:`TrainConfig`; :func:`preset` returns
 the official ones by name (``"teacher-1.3b"``, ``"bidirectional-pretrain-14b"``,
 ``"far-onpolicy-1.3b"``, ...) plus ``"tiny"`` / ``"tiny-far"`` for CPU tests, and :func:`load_config`
 reads YAML (``preset: NAME`` selects a base, every other key overrides it, nested by section).
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-#: Wan2.1 LoRA targets of the teacher (reference §9: attn1 q/k/v/out.0, ffn.net.0.proj, ffn.net.2).
+#: Wan2.1 LoRA targets of the teacher (NVlabs/AnyFlow options/train/anyflow YAMLs: attn1 q/k/v/out.0, ffn.net.0.proj,
+#: ffn.net.2).
 TEACHER_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
-#: Flow-map students add the Linear layers of both timestep embedders (reference §6, §9).
+#: Flow-map students add the Linear layers of both timestep embedders (NVlabs/AnyFlow
+#: trainer_wan_anyflow_pretrain.py, NVlabs/AnyFlow far/utils/lora_util.py).
 STUDENT_LORA_TARGETS = TEACHER_LORA_TARGETS + (
     "time_embedder.linear_1", "time_embedder.linear_2", "delta_embedder.linear_1", "delta_embedder.linear_2",
 )
@@ -49,7 +52,7 @@ class ModelConfig:
             compressed patch embedding keeps its fresh initialisation).
         seed: init seed of a tiny model.
         gate_value, deltatime_type: the flow-map embedder of a model initialised from a plain Wan
-            checkpoint (reference §9 ``flowmap_cfg``: gate 0.25, delta input ``r``).
+            checkpoint (NVlabs/AnyFlow options/train/anyflow YAMLs ``flowmap_cfg``: gate 0.25, delta input ``r``).
     """
 
     kind: str = "bidirectional"
@@ -64,7 +67,8 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with a linear warm-up to a constant learning rate (reference §7.4).
+    """AdamW with a linear warm-up to a constant learning rate (NVlabs/AnyFlow far/main.py, optimisers and learning
+    rate).
 
     ``lr(step) = lr * step / warmup_steps`` for ``step < warmup_steps`` (0 at the first update, as the
     ``constant_with_warmup`` schedule of the official trainer), then ``lr``.
@@ -105,7 +109,7 @@ class LoRAConfig:
 
 @dataclass
 class FlowMapConfig:
-    """Forward (pretrain) flow-map objective, reference §6.
+    """Forward (pretrain) flow-map objective (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py).
 
     Attributes:
         diffusion_ratio, consistency_ratio: shares of the global batch with r = t (diffusion) and
@@ -117,9 +121,10 @@ class FlowMapConfig:
             the derivative): a training step takes 1.06 s with ``"fd"`` and 1.83 s with ``"jvp"``
             (median of 4, interleaved), so ``"fd"`` stays the default; GPU figures are owed.
         fuse_guidance_scale: g of the guidance fusion (1 disables it and its unconditional pass).
-        weight_type: time weighting ``"beta08"``, ``"gaussian"`` or ``"uniform"`` (reference §3).
-        bf16_timesteps: emulate the official bf16 rounding of t, r and t +/- epsilon (reference
-            §10.1 #1, a bias of the finite difference); off = fp32 timesteps.
+        weight_type: time weighting ``"beta08"``, ``"gaussian"`` or ``"uniform"`` (NVlabs/AnyFlow
+        scheduling_flowmap_euler_discrete.py).
+        bf16_timesteps: emulate the official bf16 rounding of t, r and t +/- epsilon (the official
+            trainers draw them in the model dtype; a bias of the finite difference); off = fp32 timesteps.
         rescale: scale each non-diffusion loss to the global diffusion mean (stop-gradient factor).
         i2v_prob: probability (one coin per step) of zeroing t of the first frame (bidirectional).
     """
@@ -137,7 +142,8 @@ class FlowMapConfig:
 
 @dataclass
 class FARConfig:
-    """FAR causal training (reference §5.1, §6 FAR variant).
+    """FAR causal training (NVlabs/AnyFlow transformer_far_wan_model.py ``setup_far``; NVlabs/AnyFlow
+    trainer_far_wan_anyflow_pretrain.py).
 
     Attributes:
         chunk_partition: latent frames per chunk.
@@ -156,7 +162,8 @@ class FARConfig:
 
 @dataclass
 class DMDConfig:
-    """On-policy Flow Map Backward Simulation + DMD (reference §7). Consumed by the on-policy trainer.
+    """On-policy Flow Map Backward Simulation + DMD (NVlabs/AnyFlow trainer_wan_anyflow_onpolicy.py). Consumed by the
+    on-policy trainer.
 
     Attributes:
         rollout_steps: step counts N drawn uniformly per iteration.
@@ -164,7 +171,7 @@ class DMDConfig:
         dmd_weight, dmd_batch_size: generator loss weight and the samples it uses.
         real_guidance_scale: s of x0_real = x0_c + s (x0_c - x0_u) (CFG 1 + s).
         critic_update_ratio: generator step every this many iterations; critic every iteration.
-        cotrain_forward: add the §6 forward loss to the generator loss.
+        cotrain_forward: add the forward flow-map loss to the generator loss.
         min_timestep, max_timestep: clamp of the DMD noise level.
         critic_optimizer: AdamW of the critic (fake score).
         critic_trainable: critic parameter-name substrings to train without LoRA (empty: all).
@@ -213,7 +220,7 @@ class TrainConfig:
 
     Attributes:
         name: run name.
-        phase: ``"teacher"`` (§8), ``"pretrain"`` (forward flow map, §6), ``"onpolicy"`` (§7, later) or
+        phase: ``"teacher"``, ``"pretrain"`` (forward flow map), ``"onpolicy"`` (DMD, after pretrain) or
             ``"consistency"`` (the baseline).
         batch_size: samples per process and step.
         total_iter: optimiser steps.
@@ -311,7 +318,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# official presets (reference §9)
+# official presets (NVlabs/AnyFlow options/train/anyflow YAMLs)
 # ----------------------------------------------------------------------------------------------
 _SIZES = {"1.3b": dict(batch_size=2, total_iter=6000, dmd_batch_size=2), "14b": dict(batch_size=1, total_iter=4000, dmd_batch_size=1)}
 
@@ -380,7 +387,7 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str) -> TrainConfig:
-    """An official configuration (reference §9) or a tiny CPU one.
+    """An official configuration (NVlabs/AnyFlow options/train/anyflow YAMLs) or a tiny CPU one.
 
     Names: ``teacher-{1.3b,14b}``, ``{bidirectional,far}-{pretrain,onpolicy}-{1.3b,14b}``, ``tiny``
     (bidirectional) and ``tiny-far``. Sizes differ only in batch per GPU (2 / 1), pretrain/teacher

@@ -55,7 +55,7 @@ def endpoint(forward, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
 
 def teacher_velocity(model, backend=None) -> Callable:
     """Flow-matching velocity ``v(z, t, text)`` of an AnyFlow (bidirectional) model used at r = t, the way
-    the official trainer queries its teacher (reference §7, ``real_score``)."""
+    the official trainer queries its teacher (NVlabs/AnyFlow trainer_wan_anyflow_onpolicy.py, ``real_score``)."""
 
     def v(z, t, text):
         return bidirectional_forward(model, z, t, t, text, backend=backend)

@@ -1,4 +1,6 @@
-"""Forward (pretrain) flow-map objective of AnyFlow, bidirectional and FAR (reference spec §6, §3).
+"""Forward (pretrain) flow-map objective of AnyFlow, bidirectional and FAR (NVlabs/AnyFlow
+trainer_wan_anyflow_pretrain.py,
+NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py).
 
 The student is a flow map u(z_t, t, r): ``z_r = z_t - (t - r) / 1000 * u``. With v = eps - x the
 flow-matching velocity of a sample, its mean-velocity target is ``v - (t - r) dU/dt`` where dU/dt is
@@ -31,15 +33,15 @@ from .config import TEACHER_TIMESTEPS, FARConfig, FlowMapConfig
 
 KIND_DIFFUSION, KIND_CONSISTENCY, KIND_FREE = 0, 1, 2
 KIND_NAMES = ("diffusion", "consistency", "free")
-#: Floor of the loss re-scaling denominator (reference §6.9).
+#: Floor of the loss re-scaling denominator (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, loss re-scaling).
 RESCALE_EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
-# weighting (reference §3)
+# weighting (NVlabs/AnyFlow scheduling_flowmap_euler_discrete.py)
 # ----------------------------------------------------------------------------------------------
 def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int = 1000):
-    """The training-weight table over the 1001-point shifted grid (reference §3).
+    """The training-weight table over the 1001-point shifted grid (NVlabs/AnyFlow scheduling_flowmap_euler_discrete.py).
 
     ``gaussian``: y = exp(-2 ((x - 500) / 1000)^2), y -= min y, w = y * 1000 / sum y;
     ``beta08``: tau = x / 1000, y = tau sqrt(1 - tau), w = y * 1000 / sum y (0 at both ends, max near
@@ -92,7 +94,7 @@ class TrainWeighting:
 
 
 # ----------------------------------------------------------------------------------------------
-# sampling of pairs, noise, text dropout (reference §6.2-6.5)
+# sampling of pairs, noise, text dropout (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TimePairs:
@@ -115,7 +117,8 @@ class TimePairs:
 
 
 def pair_kinds(batch: int, diffusion_ratio: float, consistency_ratio: float, rank: int = 0, world_size: int = 1):
-    """Kind of every local sample from its global index ``j = rank * batch + b`` (reference §6.3).
+    """Kind of every local sample from its global index ``j = rank * batch + b`` (NVlabs/AnyFlow
+    trainer_wan_anyflow_pretrain.py, pair kinds).
 
     ``j < round(d * Bg)``: diffusion; ``j < round(d * Bg) + round(c * Bg)``: consistency; else free
     (Bg = world_size * batch; Python's round, as the official trainer). Deterministic by index, so
@@ -139,7 +142,8 @@ def sample_time_pairs(
     rank: int = 0,
     world_size: int = 1,
 ) -> TimePairs:
-    """Draw (t, r) (reference §6.3): u1, u2 ~ U[0, 1), t = max, r = min; r = t for diffusion samples,
+    """Draw (t, r) (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, pair sampling): u1, u2 ~ U[0, 1), t = max, r =
+    min; r = t for diffusion samples,
     r = 0 for consistency samples; then ``t <- 1000 shift(t)``, ``r <- 1000 shift(r)``.
 
     With ``cfg.bf16_timesteps`` the draws and the shift are computed in bf16 (the official trainer's
@@ -162,7 +166,8 @@ def sample_logit_normal(batch: int, shift: float, generator: torch.Generator) ->
 
 def sample_teacher_timesteps(batch: int, shift: float, generator: torch.Generator,
                              distribution: str = "logit_normal") -> torch.Tensor:
-    """``[B]`` fp32 teacher timesteps: ``"logit_normal"`` (the official draw, reference §8) or ``"uniform"``
+    """``[B]`` fp32 teacher timesteps: ``"logit_normal"`` (the official draw, NVlabs/AnyFlow trainer_wan_teacher.py)
+    or ``"uniform"``
     (t = 1000 shift(u), u ~ U(0, 1): every noise level gets samples; at shift 1 the logit-normal draw
     leaves t > 950 almost untrained, see docs/anystep).
 
@@ -177,7 +182,8 @@ def sample_teacher_timesteps(batch: int, shift: float, generator: torch.Generato
 
 
 def drop_text(text: torch.Tensor, negative: torch.Tensor, ratio: float, generator: torch.Generator):
-    """Replace each sample's prompt by the negative embedding with probability ``ratio`` (reference §6.2).
+    """Replace each sample's prompt by the negative embedding with probability ``ratio`` (NVlabs/AnyFlow
+    trainer_wan_anyflow_pretrain.py, text dropout).
 
     Args:
         text: ``[B, L, D]`` prompt embeddings.
@@ -193,7 +199,7 @@ def drop_text(text: torch.Tensor, negative: torch.Tensor, ratio: float, generato
 
 
 def expand_negative(negative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``negative`` as ``[B, L, D]`` like ``like`` (explicit expand: reference §10.1 #9)."""
+    """``negative`` as ``[B, L, D]`` like ``like`` (explicit expand: the official code broadcasts a batch-1 negative)."""
     if negative.ndim == 2:
         negative = negative[None]
     if negative.ndim != 3 or negative.shape[1:] != like.shape[1:] or negative.shape[0] not in (1, like.shape[0]):
@@ -239,7 +245,8 @@ class BidirectionalForward:
 
 @dataclass
 class FARWindowForward:
-    """FAR training forward on a window of noisy chunks (reference §5.2, §6 FAR variant).
+    """FAR training forward on a window of noisy chunks (NVlabs/AnyFlow transformer_far_wan_model.py
+    ``_forward_train``; NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py).
 
     The sequence is ``[compressed clean context (t = r = 0) | noisy window | clean copy of the window
     (t = 0)]`` with the training mask; the call takes and returns only the window frames.
@@ -283,7 +290,8 @@ class FARWindowForward:
 
 
 def sample_num_chunks(far: FARConfig, generator: torch.Generator) -> int:
-    """Chunks n of one FAR training step (reference §6 FAR variant): with probability
+    """Chunks n of one FAR training step (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, chunk sampling): with
+    probability
     ``long_context_ratio`` n ~ U{limit, ..., len(cp)}, else n = limit (limit = ``full_chunk_limit``,
     capped at the number of chunks). Both draws are always made, so the generator advances alike."""
     total = len(far.chunk_partition)
@@ -329,7 +337,7 @@ def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfi
     """The passes of one step that take no gradient, batched into one forward where possible.
 
     Returns ``(u_uncond [B, ...] or None, dU/dt [len(rows), ...] fp32 or None)``, dU/dt per 1000-unit
-    of t and divided by the guidance scale g (reference §6.7).
+    of t and divided by the guidance scale g (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, guidance fusion).
     """
     g = cfg.fuse_guidance_scale
     b = z.shape[0]
@@ -394,7 +402,8 @@ def jvp_derivative(forward, z, v, t, r, text) -> torch.Tensor:
 
 def finite_difference_derivative(forward, z, v, t, r, text, epsilon: float = 5.0) -> torch.Tensor:
     """Central difference ``(u(z + v e / 1000, t + e, r) - u(z - v e / 1000, t - e, r)) / (2 e)``
-    (reference §6.7) without gradient; ``[B, F, C, H, W]`` fp32 per 1000-unit of t."""
+    (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, guidance fusion) without gradient; ``[B, F, C, H, W]`` fp32 per
+    1000-unit of t."""
     cfg = FlowMapConfig(epsilon=epsilon, derivative="fd", fuse_guidance_scale=1.0)
     return _no_grad_passes(forward, z, v, t, r, _as_context(forward, text), None, torch.arange(z.shape[0]), cfg)[1]
 
@@ -422,7 +431,8 @@ def _sample_rows(t: torch.Tensor, r: torch.Tensor, forward=None) -> torch.Tensor
 
 
 def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch.Tensor:
-    """``v - (t - r) dU/dt`` per frame (reference §6.7-6.8), fp32, no gradient.
+    """``v - (t - r) dU/dt`` per frame (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, mean-velocity target), fp32,
+    no gradient.
 
     dU/dt is computed only for samples with some frame where t != r; the others get ``v`` exactly
     (their derivative term is multiplied by zero). dU/dt is divided by the guidance scale g, as the
@@ -449,12 +459,13 @@ def rescale_losses(
     all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     eps: float = RESCALE_EPS,
 ) -> torch.Tensor:
-    """Adaptive normalisation of the non-diffusion losses (reference §6.9).
+    """Adaptive normalisation of the non-diffusion losses (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, loss
+    re-scaling).
 
     Every non-diffusion ``l_b`` becomes ``l_b * sg(m / (l_b + eps))`` with m the mean diffusion loss
     over the global batch: its value is ~m and its gradient ``(m / (l_b + eps)) grad l_b``. Without any
     diffusion sample in the global batch the losses are returned unchanged (the official code divides
-    by zero there, reference §10.1 #10).
+    by zero there in the official code).
 
     Args:
         losses: ``[B]`` per-sample losses (with graph).
@@ -487,7 +498,8 @@ class LossOutput:
 
 
 def guidance_fuse(u_cond: torch.Tensor, u_uncond: Optional[torch.Tensor], g: float) -> torch.Tensor:
-    """``U_hat = (U_c - (1 - g) U_u) / g`` (reference §6.6): the prediction whose CFG with scale g is U_c."""
+    """``U_hat = (U_c - (1 - g) U_u) / g`` (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, guidance fusion): the
+    prediction whose CFG with scale g is U_c."""
     if u_uncond is None or g == 1.0:
         return u_cond
     return (u_cond - (1 - g) * u_uncond.to(u_cond.dtype)) / g
@@ -506,7 +518,7 @@ def flow_map_loss(
     weighting: TrainWeighting,
     all_reduce: Optional[Callable] = None,
 ) -> LossOutput:
-    """The forward flow-map loss of one batch (reference §6.5-6.9).
+    """The forward flow-map loss of one batch (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py).
 
     Args:
         forward: :class:`BidirectionalForward` or :class:`FARWindowForward`.
@@ -579,7 +591,8 @@ def kind_losses(stats: dict, all_reduce=None) -> None:
 def flow_matching_loss(forward, x, noise, t, text, negative=None, guidance_scale: float = 1.0) -> LossOutput:
     """Plain flow-matching loss at r = t: ``mean (U_hat(z_t, t, t) - (eps - x))^2`` unweighted, fp32.
 
-    The teacher objective (reference §8, g = 1) and the FAR bidirectional-modeling loss (reference §6
+    The teacher objective (NVlabs/AnyFlow trainer_wan_teacher.py, g = 1) and the FAR bidirectional-modeling loss
+    (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py,
     FAR variant, guidance-fused with the student's own unconditional prediction when g != 1).
 
     Args:
@@ -622,7 +635,7 @@ def prepare_bidirectional(
     model, latents, text, negative, cfg: FlowMapConfig, *, shift: float, drop_text_ratio: float,
     generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
 ) -> StepInputs:
-    """Text dropout, (t, r) pairs, the I2V coin (``t[:, 0] = 0``, r kept, reference §10.1 #6) and noise
+    """Text dropout, (t, r) pairs, the I2V coin (``t[:, 0] = 0``, r kept, as the official trainer does) and noise
     for a bidirectional step. Draw order: text coins, pairs, I2V coin, noise."""
     b, f = latents.shape[:2]
     text, dropped = drop_text(text, negative, drop_text_ratio, generator)
@@ -641,7 +654,8 @@ def prepare_far(
     model, latents, text, negative, cfg: FlowMapConfig, far: FARConfig, *, shift: float, drop_text_ratio: float,
     generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
 ) -> StepInputs:
-    """A FAR step (reference §6 FAR variant): chunk count n, window = last ``full_chunk_limit`` chunks of
+    """A FAR step (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, chunk sampling): chunk count n, window = last
+    ``full_chunk_limit`` chunks of
     ``cp[:n]`` with one (t, r) per sample, compressed clean context before it, clean copy of the window.
     Draw order: chunk count, text coins, pairs, noise (of the window)."""
     n = sample_num_chunks(far, generator)
@@ -660,7 +674,8 @@ def bidirectional_modeling_loss(
     model, latents, text, negative, *, shift: float, guidance_scale: float, generator: torch.Generator, backend=None,
     forward=None, rows: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """FAR's extra bidirectional flow-matching loss on the whole clip (reference §6 FAR variant):
+    """FAR's extra bidirectional flow-matching loss on the whole clip (NVlabs/AnyFlow
+    trainer_far_wan_anyflow_pretrain.py, bidirectional co-training):
     t ~ logit-normal then shifted, r = t, guidance-fused, unweighted MSE to v.
 
     ``forward`` replaces ``BidirectionalForward(model, backend)`` (e.g. the sharded forward of

@@ -1,4 +1,5 @@
-"""LoRA adapters through ``peft`` as in the official recipe (reference §6, §9: rank = alpha = 256 on
+"""LoRA adapters through ``peft`` as in the official recipe (NVlabs/AnyFlow far/utils/lora_util.py, NVlabs/AnyFlow
+options/train/anyflow YAMLs: rank = alpha = 256 on
 attn1 q/k/v/out.0, ffn.net.0.proj, ffn.net.2 and, for flow-map students, the Linear layers of the
 time and delta embedders).
 

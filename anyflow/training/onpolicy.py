@@ -14,7 +14,7 @@ Gradient through the rollout (``grad_segments``; the official ``training_rollout
 * ``"all"`` (official parity): autograd through all 2-3 jumps (the official ``training_rollout`` wraps
   none of them in no-grad, whatever the name ``grad_timestep`` suggests).
 * ``"mid"``: only S2 gives the student's parameters gradient, the reading of ``grad_timestep`` that
-  §7.1 makes the flag: S1 runs without gradient; S3 is differentiated with respect to its input only
+  its name suggests: S1 runs without gradient; S3 is differentiated with respect to its input only
   (the parameters are frozen for that call, and a checkpointed block's recompute replays the freeze),
   so x_hat still depends on S2's output (a detached S3 would leave x_hat without any gradient).
 
