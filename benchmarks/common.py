@@ -1,7 +1,8 @@
 """What every benchmark shares: real Wan2.1 configs, the FLOP model, timing, peaks and run metadata.
 
-FLOPs follow ``shared/docs/performance.md`` section 2 (2 FLOPs per MAC): per layer, ``N`` query and
-``M`` key tokens, ``L_t`` text tokens, width ``d``, FFN width ``f``::
+FLOPs of a Wan2.1 DiT block (2 FLOPs per MAC: QKV/O projections, FFN, self-attention scores and values,
+cross-attention on the text, the text K/V projections): per layer, ``N`` query and ``M`` key tokens, ``L_t``
+text tokens, width ``d``, FFN width ``f``::
 
     N (12 d^2 + 4 d f) + 4 N M d + 4 N L_t d + 4 L_t d^2
 """
