@@ -175,6 +175,9 @@ class DMDConfig:
         min_timestep, max_timestep: clamp of the DMD noise level.
         critic_optimizer: AdamW of the critic (fake score).
         critic_trainable: critic parameter-name substrings to train without LoRA (empty: all).
+        critic_lora_targets: module-name suffixes of the critic's LoRA adapters (rank and alpha from
+            ``lora``): attention q/k/v/o and FFN, not the student's timestep embedders (the
+            ``discriminator_cfg`` LoRA of NVlabs/AnyFlow options/train/anyflow/*/onpolicy YAMLs).
         teacher: the real score (a bidirectional flow-matching model, also the critic's init) for
             ``anyflow train``; ``None`` when the caller passes the models to the trainer.
     """
@@ -192,6 +195,7 @@ class DMDConfig:
         default_factory=lambda: OptimizerConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0)
     )
     critic_trainable: tuple = ()
+    critic_lora_targets: tuple = TEACHER_LORA_TARGETS
     teacher: Optional[ModelConfig] = None
 
 
@@ -392,6 +396,18 @@ def preset(name: str) -> TrainConfig:
     Names: ``teacher-{1.3b,14b}``, ``{bidirectional,far}-{pretrain,onpolicy}-{1.3b,14b}``, ``tiny``
     (bidirectional) and ``tiny-far``. Sizes differ only in batch per GPU (2 / 1), pretrain/teacher
     iterations (6000 / 4000) and the DMD batch (2 / 1).
+
+    Where the official presets deliberately differ from the official trainers:
+
+    * **fp32 timesteps.** The official trainers draw and shift t, r (and t +/- epsilon of the finite
+      difference) in the bf16 model dtype, which biases dU/dt by up to about 20% above t = 256; the presets
+      keep them in fp32 (``flowmap.bf16_timesteps=False``; set it to ``True`` to emulate the rounding).
+    * **Explicit batch of the negative embedding.** It is expanded to the batch instead of broadcast from
+      batch 1 (same numbers; lets the fused attention kernels run).
+
+    The critic follows the official code (it trains on the first ``dmd_batch_size`` samples, with LoRA on
+    attention and FFN only, ``dmd.critic_lora_targets``), and so does FAR's bidirectional loss (it gets the
+    prompts after text dropout).
 
     Raises:
         ValueError: unknown name.

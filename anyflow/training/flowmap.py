@@ -804,7 +804,8 @@ class PretrainPhase(Phase):
     """Phase ``pretrain``: the forward flow-map loss (NVlabs/AnyFlow
     ``far/trainers/trainer_wan_anyflow_pretrain.py`` / ``trainer_far_wan_anyflow_pretrain.py``),
     bidirectional or FAR, plus FAR's bidirectional-modeling loss with probability
-    ``far.bidirectional_modeling_prob``. The on-policy phase co-trains with it."""
+    ``far.bidirectional_modeling_prob``, on the same prompts after text dropout (the official FAR
+    ``pixel_loss`` drops them in place before both losses). The on-policy phase co-trains with it."""
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -820,6 +821,7 @@ class PretrainPhase(Phase):
             si = prepare_far(tr.model, latents, text, tr.negative, fmc, cfg.far, **kw)
         else:
             si = prepare_bidirectional(tr.model, latents, text, tr.negative, fmc, **kw)
+        dropped_text = si.text  # the global batch's prompts after dropout, also for the bidirectional loss
         si = self._local(si)
         neg = expand_negative(tr.negative, si.text) if fmc.fuse_guidance_scale != 1.0 else None
         out = flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, neg, fmc, self.weighting,
@@ -829,7 +831,7 @@ class PretrainPhase(Phase):
         yield out
         if tr.far and torch.rand((), generator=g).item() < cfg.far.bidirectional_modeling_prob:
             extra = bidirectional_modeling_loss(
-                tr.model, latents, text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
+                tr.model, latents, dropped_text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
                 generator=g, backend=tr.backend, forward=tr.sharded(BidirectionalForward(tr.model, tr.backend)),
                 rows=tr.rows(latents.shape[0]))
             extra.stats = {"loss_bidirectional": extra.stats["loss"]}

@@ -381,8 +381,10 @@ class OnPolicyPhase(Phase):
         if cfg.gradient_checkpointing:
             critic.enable_gradient_checkpointing()
         patterns = tuple(self.dmd.critic_trainable)
-        # the critic trains LoRA adapters too (official on-policy configs)
-        lora = None if cfg.lora is None else dataclasses.replace(cfg.lora, extra_trainable=patterns)
+        # the critic trains its own LoRA adapters: attention and FFN only (discriminator_cfg of the official
+        # on-policy YAMLs), not the student's timestep-embedder targets
+        lora = None if cfg.lora is None else dataclasses.replace(
+            cfg.lora, target_modules=tuple(self.dmd.critic_lora_targets), extra_trainable=patterns)
         self.critic_params = trainer.trainable(critic, lora, patterns, "critic_trainable", "the critic")
         if trainer.fsdp:
             trainer.shard(real_score)
@@ -443,15 +445,21 @@ class OnPolicyPhase(Phase):
 
     def critic_step(self, device) -> dict:
         """Critic (fake score) flow matching on a fresh batch of no-grad student samples (official critic
-        step, ``trainer_wan_anyflow_onpolicy.py``); returns its log statistics."""
+        step, ``trainer_wan_anyflow_onpolicy.py`` ``train_step`` / ``discriminator_loss``); returns its log
+        statistics. Like the generator's DMD loss it uses the first ``dmd_batch_size`` samples of each
+        process's slice (draws for the global DMD batch ``dmd_batch_size * world_size``)."""
         tr, d = self.trainer, self.dmd
         cfg, g = tr.cfg, tr.generator
         latents, text = tr.next_batch(device)
-        b = latents.shape[0]  # global batch: draws for all of it, then this process's rows
-        rows = tr.rows(b)
+        rows = tr.rows(latents.shape[0])
+        local_text = text if rows is None else tr.take(rows, text)[0]
+        nb = min(d.dmd_batch_size, local_text.shape[0])
+        b = nb * tr.world_size
+        rows = None if rows is None else torch.arange(tr.rank * nb, (tr.rank + 1) * nb)
+        text = local_text[:nb]
         shape = (b, self._frames(latents)) + tuple(latents.shape[2:])
         plan = sample_plan(d.rollout_steps, cfg.shift, g)
-        noise, text = tr.take(rows, torch.randn(shape, generator=g).to(device), text)
+        noise, = tr.take(rows, torch.randn(shape, generator=g).to(device))
         self.critic_optimizer.zero_grad(set_to_none=True)
         with tr.autocast(device):
             tr.model.eval()
