@@ -268,7 +268,14 @@ def records_from_jsonl(path) -> list[dict]:
 
 def device_lost(device: torch.device) -> str | None:
     """Why the CUDA context of ``device`` can no longer be used (a sticky fault such as an illegal memory
-    access poisons every later call in the process), or ``None`` when it still works."""
+    access poisons every later call in the process), or ``None`` when it still works.
+
+    ``BENCH_SIMULATE_DEVICE_LOST=FILE`` makes the first call (the one that creates FILE) report a loss, so
+    that the recovery path (exit 75, rerun with ``--resume``) is rehearsed on CPU."""
+    flag = os.environ.get("BENCH_SIMULATE_DEVICE_LOST")  # rehearsal of the recovery path: lose it once
+    if flag and not os.path.exists(flag):
+        Path(flag).touch()
+        return "simulated by BENCH_SIMULATE_DEVICE_LOST"
     if device.type != "cuda":
         return None
     try:
@@ -282,6 +289,14 @@ def device_lost(device: torch.device) -> str | None:
 #: Exit status of a benchmark process that stopped because its CUDA context was lost; the device check
 #: reruns such a stage with the rows already written skipped.
 EXIT_DEVICE_LOST = 75
+
+
+def stop_if_lost(device: torch.device, who: str) -> None:
+    """End the process with :data:`EXIT_DEVICE_LOST` when the CUDA context is gone (after a row was recorded)."""
+    lost = device_lost(device)
+    if lost:
+        print(f"{who}: CUDA context lost ({lost}); stopping (rerun with --resume)")
+        raise SystemExit(EXIT_DEVICE_LOST)
 
 
 def write_json(path: Path, obj) -> None:

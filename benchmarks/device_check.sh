@@ -89,7 +89,10 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a timeout inside the budget; re
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+if compgen -G "$WHEELS/*.whl" > /dev/null && ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  # the wheels are packed for the GPU image's Python 3.12 (benchmarks/rehearse_gpu_image.sh installs them there)
+  printf 'install\tskipped-not-python-3.12\t0\n' >> "$STAGES"
+elif compgen -G "$WHEELS/*.whl" > /dev/null; then
   stage install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/anyflow-site "$WHEELS"/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/anyflow-site"   # after the tree (the GPU image has no diffusers of its own)

@@ -235,7 +235,7 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001
                 row.update(ms=None, status="failed", note=common.failure_reason(exc))
             rec.add("rows", row)
-            _stop_if_lost(device)
+            common.stop_if_lost(device, "kernels")
             continue
         todo = [b for b in backends if f"{name}|{b}" not in done]
         if not todo:
@@ -247,22 +247,16 @@ def main(argv=None):
             for b in todo:
                 rec.add("rows", {"id": f"{name}|{b}", "op": name, "backend": b, "ms": None, "device_ms": None, "ok": None,
                                  "status": "failed", "note": f"torch reference failed: {common.failure_reason(exc)}"})
-            _stop_if_lost(device)
+            common.stop_if_lost(device, "kernels")
             continue
         for backend in todo:
             row = measure(fn, backend, ref, ref32, nbytes, flops, device, pk["copy_gbs"])
             rec.add("rows", {"id": f"{name}|{backend}", "op": name, **row})
-            _stop_if_lost(device)
+            common.stop_if_lost(device, "kernels")
         del ref, ref32
     print(markdown(rec.data))
     return rec.data
 
-
-def _stop_if_lost(device) -> None:
-    lost = common.device_lost(device)
-    if lost:
-        print(f"kernels: CUDA context lost ({lost}); stopping (rerun with --resume)")
-        raise SystemExit(common.EXIT_DEVICE_LOST)
 
 
 def markdown(rec: dict) -> str:

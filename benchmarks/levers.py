@@ -58,6 +58,7 @@ LEVERS = {
 
 def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, device, dtype, lever: dict):
     """``run() -> (latents, nfe)``: one whole video through the sampler with ``lever``'s settings."""
+    from anyflow import ops
     from anyflow.models.blocks import prepare_text
     from anyflow.samplers import bidirectional, far
 
@@ -68,18 +69,20 @@ def video_runner(model, mode: str, latent, chunk_partition, pairs, text_raw, dev
     if mode == "bidirectional":
         def run():
             text = prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
-            out = bidirectional.sample(model, noise, pairs, text, backend="torch", cuda_graphs=lever["cuda_graphs"],
-                                       attention=lever["attention"])
+            with ops.backend("torch"):
+                out = bidirectional.sample(model, noise, pairs, text, cuda_graphs=lever["cuda_graphs"],
+                                           attention=lever["attention"])
             return out.latents, out.nfe
         return run
 
     def run():
         text = prepare_text(model, text_raw, cache_kv=lever["cache_kv"])
-        session = far.FARSession(model, text, chunk_partition, (h, w), backend="torch",
-                                 cuda_graphs=lever["cuda_graphs"], attention=lever["attention"])
+        session = far.FARSession(model, text, chunk_partition, (h, w), cuda_graphs=lever["cuda_graphs"],
+                                 attention=lever["attention"])
         out = None
-        for _, out in far.generate(session, noise, pairs):
-            pass
+        with ops.backend("torch"):
+            for _, out in far.generate(session, noise, pairs):
+                pass
         return out, session.nfe
 
     return run
@@ -205,7 +208,7 @@ def run(args, command: str) -> dict:
         if ok and "euler" in rec.data:
             per_nfe = min(r["video_ms"] / r["nfe"] for r in ok)
             rec.set("euler", dict(rec.data["euler"], fp32_share_of_nfe=rec.data["euler"]["fp32_master_ms"] / per_nfe))
-        _stop_if_lost(device)
+        common.stop_if_lost(device, "levers")
 
     if pipeline_names:
         time_pipelines(model, args, latent, cp, text_raw, device, pipeline_names, rec, done)
@@ -277,14 +280,8 @@ def time_pipelines(model, args, latent, cp, text_raw, device, names, rec, done=f
             if reference in outputs and other != reference:
                 c["rel_l2_vs_official"] = rel_l2(outputs[other], outputs[reference])
         rec.set("pipeline_comparisons", {"reference": reference, "rows": comparisons})
-        _stop_if_lost(device)
+        common.stop_if_lost(device, "levers")
 
-
-def _stop_if_lost(device) -> None:
-    lost = common.device_lost(device)
-    if lost:
-        print(f"levers: CUDA context lost ({lost}); stopping (rerun with --resume)")
-        raise SystemExit(common.EXIT_DEVICE_LOST)
 
 
 def markdown(rec: dict) -> str:

@@ -483,10 +483,7 @@ def run(args, command: str) -> dict:
             continue
         rec.add("variants", time_variant(model, v, loads, device, args.iters, pk["bf16_matmul_tflops"]))
         rec.set("ratios", ratios(rec.data["variants"]))
-        lost = common.device_lost(device)
-        if lost:
-            print(f"nfe: CUDA context lost after {v} ({lost}); stopping (rerun with --resume)")
-            raise SystemExit(common.EXIT_DEVICE_LOST)
+        common.stop_if_lost(device, f"nfe (after {v})")
     del model, loads
     if args.pipeline:
         try:

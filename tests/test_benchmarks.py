@@ -221,7 +221,9 @@ def test_device_check_rehearsal_on_cpu(tmp_path):
     a GPU lease. Its figures land in one JSON-lines file that the report reads back; at most 8 files."""
     import os
 
-    env = dict(os.environ, HARNESS_SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # the first row check "loses" the device once: the stage must exit 75 and rerun the rows not yet written
+    env = dict(os.environ, HARNESS_SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               BENCH_SIMULATE_DEVICE_LOST=str(tmp_path.parent / f"{tmp_path.name}-lost"))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
@@ -233,12 +235,28 @@ def test_device_check_rehearsal_on_cpu(tmp_path):
                              "nfe_1.3B_bidirectional_cfg", "far_video_1.3B"], stages  # the order of value
     assert {"cuda_1.3B", "summary"} <= set(ran), stages
     assert all(rc == "0" for rc in ran.values()), (stages, log[-3000:])
+    assert log.count("CUDA context lost, rerunning the rows not yet written") == 1
     records = report.load(tmp_path)
     kinds = [r["kind"] for r in records]
     assert kinds.count("ceilings") == 1 and kinds.count("nfe") == 3 and kinds.count("levers") == 1
     for r in records:
         assert r["meta"]["git"] and r["meta"]["command"] and r["meta"]["versions"]["torch"]
     rows = [row for r in records if r["kind"] == "kernels" for row in r["rows"]]
+    # the stage that lost its device: the rerun (--resume) measured exactly the rows the first run had not written
+    entries = common.read_jsonl(tmp_path / "results.jsonl")
+    runs = [e for e in entries if e.get("type") == "run"]
+    resumed = next(i for i, e in enumerate(runs) if "--resume" in e["meta"]["command"])
+    first = runs[resumed - 1]
+    assert first["key"] == runs[resumed]["key"]
+
+    def row_ids(run):
+        return [e["row"]["id"] for e in entries if e.get("type") == "row" and e["run"] == run["run"]]
+
+    before, after = row_ids(first), row_ids(runs[resumed])
+    assert before and after and not set(before) & set(after)
+    complete = row_ids(runs[resumed + 1])  # the 14B stage: the same smoke shapes and backends, never interrupted
+    union = set(before) | set(after)
+    assert set(complete) <= union and all(r.startswith("baseline") for r in union - set(complete))
     ops_run = {(row["op"], row["backend"]) for row in rows if row["status"] == "ok"}
     assert ("segmented_attention (3 separate segments)", "triton") in ops_run and ("adaln_modulate", "cuda") in ops_run
     assert all(row["ok"] is not False for row in rows), [row for row in rows if row["ok"] is False]
