@@ -32,11 +32,13 @@ def _say_if_extension_absent() -> None:
 _say_if_extension_absent()
 
 
-def enable(pipe_or_transformer, backend: str = "auto", *, attention=None, cuda_graphs: bool = False):
+def enable(pipe_or_transformer, backend: str = "auto", *, attention=None, cuda_graphs: bool = False,
+           context_parallel=None):
     """Accelerate a diffusers AnyFlow pipeline or transformer in place. See :func:`anyflow.integration.enable`."""
     from .integration import enable as _enable
 
-    return _enable(pipe_or_transformer, backend=backend, attention=attention, cuda_graphs=cuda_graphs)
+    return _enable(pipe_or_transformer, backend=backend, attention=attention, cuda_graphs=cuda_graphs,
+                   context_parallel=context_parallel)
 
 
 def load_pipeline(path, **kwargs):

@@ -29,7 +29,7 @@ from .ops.sdpa import get_sdpa_policy
 
 _SUBCLASSES: dict[type, type] = {}
 #: per-instance attributes set by :func:`enable` (and removed by ``disable``)
-_SETTINGS = ("_anyflow_backend", "_anyflow_attention", "_anyflow_cuda_graphs")
+_SETTINGS = ("_anyflow_backend", "_anyflow_attention", "_anyflow_cuda_graphs", "_anyflow_context_parallel")
 
 
 @dataclass
@@ -232,7 +232,7 @@ def _far_forward(
 # enable
 # ----------------------------------------------------------------------------------------------
 def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[str] = None,
-           cuda_graphs: bool = False) -> EnableHandle:
+           cuda_graphs: bool = False, context_parallel=None) -> EnableHandle:
     """Accelerate a diffusers AnyFlow pipeline or transformer in place.
 
     Args:
@@ -250,6 +250,15 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
             forward / sampler runs (:data:`anyflow.ops.SDPA_POLICIES`: ``"default"``, ``"cudnn"``,
             ``"flash"``, ``"efficient"``, ``"math"``, ``"tuned"`` = fastest kernel measured per shape);
             ``None`` (default) leaves the process policy (``ANYFLOW_SDPA``) alone.
+        context_parallel: a ``diffusers.ContextParallelConfig(ulysses_degree=N)`` (``ring_degree`` 1): run the
+            fused forwards with Ulysses context parallelism over the ``N`` ranks of a ``torchrun`` job
+            (:class:`anyflow.parallel.UlyssesGroup`; ``torch.distributed`` initialised, ``N`` = world size or the
+            ``"ulysses"`` dim of ``config.mesh``, heads divisible by ``N``). Each rank computes its slice of the
+            tokens, the self-attention exchanges heads by all-to-all, every rank gets the whole output; the FAR
+            KV cache holds ``heads / N`` heads per rank. Call with the same inputs (prompt, seed) on every rank.
+            A transformer on which :func:`anyflow.parallel.apply_context_parallel` was called is run the same
+            way without this argument. Not with a bare FAR transformer driven by diffusers' own pipeline
+            ``__call__`` (its dict KV cache holds all heads): enable the pipeline. See docs/context_parallel.md.
         cuda_graphs: pipelines only: capture the per-step forward as a CUDA graph and replay it
             (:mod:`anyflow.samplers.graphs`; CUDA and inference only, eager elsewhere). Off by default.
 
@@ -259,6 +268,9 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
     Raises:
         TypeError: the object is not one of the four supported diffusers classes.
         ValueError: unknown backend or attention policy name; ``cuda_graphs`` for a bare transformer.
+        TypeError / RuntimeError / ValueError: a bad ``context_parallel``
+            (:func:`anyflow.parallel.check_context_parallel`: not a ``ContextParallelConfig``, ``torch.distributed`` not initialised, ring degree > 1, degree not the
+            world size or not dividing the heads), raised before any collective.
         anyflow.ops.BackendUnavailableError: the requested backend cannot run at all here (e.g.
             ``"cuda"`` without the compiled extension), with the reason.
 
@@ -286,8 +298,14 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
             "cuda_graphs=True applies to pipelines (their samplers capture the per-step forward); for a bare "
             "transformer use torch.compile(mode='reduce-overhead') or torch.cuda.make_graphed_callables"
         )
+    transformer = obj.transformer if is_pipe else obj
+    ulysses = None  # validated before anything is swapped and before any collective, identically on every rank
+    if context_parallel is not None or getattr(transformer, "_parallel_config", None) is not None:
+        from . import parallel
+
+        ulysses = parallel.ulysses_group(transformer, context_parallel)
     handle = EnableHandle(backend)
-    settings = {"_anyflow_backend": name, "_anyflow_attention": attention}
+    settings = {"_anyflow_backend": name, "_anyflow_attention": attention, "_anyflow_context_parallel": ulysses}
     if is_pipe:
         from .samplers import pipelines
 

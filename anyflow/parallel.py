@@ -1,4 +1,12 @@
-"""Context parallelism (Ulysses) for the plain diffusers AnyFlow transformers.
+"""Context parallelism (Ulysses) for anyflow's fused forwards and for the plain diffusers AnyFlow transformers.
+
+Two users, one home for the collectives:
+
+* anyflow's fast path (``anyflow.enable(pipe, context_parallel=config)``): :class:`UlyssesGroup` /
+  :class:`SequenceShard` below split the token sequence of a fused forward, exchange Q/K/V with functional
+  collectives (``torch.distributed._functional_collectives``, so ``torch.compile`` keeps one graph) and gather
+  the output; the forwards in :mod:`anyflow.models` call them where ``context_parallel_of(model)`` is set.
+* plain diffusers models (``apply_context_parallel``), described next.
 
 ``apply_context_parallel(transformer, config)`` makes an un-enabled diffusers ``AnyFlowTransformer3DModel`` or
 ``AnyFlowFARTransformer3DModel`` run Ulysses sequence parallelism (Jacobs et al., "DeepSpeed Ulysses",
@@ -38,12 +46,16 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "SequenceShard",
+    "UlyssesGroup",
     "UlyssesAnyFlowAttnProcessor",
     "UlyssesAnyFlowCausalAttnProcessor",
     "apply_context_parallel",
     "check_context_parallel",
+    "context_parallel_of",
     "context_parallel_plan",
     "split_sizes",
+    "ulysses_group",
 ]
 
 
@@ -55,6 +67,255 @@ def split_sizes(num_tokens: int, world_size: int) -> list[int]:
     """
     q, r = divmod(num_tokens, world_size)
     return [q + 1] * r + [q] * (world_size - r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast path: token shards of anyflow's fused forwards, exchanged with functional collectives
+# --------------------------------------------------------------------------------------------------
+
+#: attribute of an enabled transformer that holds its :class:`UlyssesGroup` (set by ``anyflow.enable``)
+ATTRIBUTE = "_anyflow_context_parallel"
+
+
+def context_parallel_of(model) -> "UlyssesGroup | None":
+    """The :class:`UlyssesGroup` that ``anyflow.enable(..., context_parallel=...)`` attached to ``model``, or
+    ``None`` (one process: the fused forwards run unchanged)."""
+    return getattr(model, ATTRIBUTE, None)
+
+
+def _merge_segments(segs: list, rows: list) -> tuple:
+    merged = []
+    for nf, tpf in segs:
+        if merged and merged[-1][1] == tpf:  # rows are listed per frame, so equal widths simply continue
+            merged[-1] = (merged[-1][0] + nf, tpf)
+        else:
+            merged.append((nf, tpf))
+    return tuple(merged), tuple(rows)
+
+
+def local_segments(segments, start: int, end: int) -> tuple[tuple, tuple]:
+    """The frame-segment table of tokens ``[start, end)`` of a sequence described by ``segments``.
+
+    Args:
+        segments: ``((frames, tokens_per_frame), ...)`` of the whole sequence, in token order (the table of
+            :func:`anyflow.ops.adaln_modulate`).
+        start, end: the token range of this rank (``0 <= start <= end <= sum(frames * tokens_per_frame)``).
+
+    Returns:
+        ``(segments, rows)``: the table of the range, where a frame cut by ``start`` or ``end`` becomes a
+        segment of one frame with fewer tokens, and ``rows``: for every frame of that table the index of its row
+        in the whole sequence's per-frame modulation (a cut frame keeps its row), so
+        ``m_rows.index_select(1, rows)`` is the range's modulation. Adjacent segments of equal width are merged.
+
+    Raises:
+        ValueError: a range outside the sequence.
+    """
+    total = sum(nf * tpf for nf, tpf in segments)
+    if not 0 <= start <= end <= total:
+        raise ValueError(f"token range [{start}, {end}) is outside the sequence of {total} tokens")
+    segs, rows = [], []
+    tok = row = 0
+    for nf, tpf in segments:
+        s0 = tok
+        a, b = max(start, s0), min(end, s0 + nf * tpf)
+        tok, row0, row = tok + nf * tpf, row, row + nf
+        if a >= b:
+            continue
+        frame, offset = divmod(a - s0, tpf)
+        pos = a
+        if offset:  # the range starts inside a frame
+            n = min(tpf - offset, b - a)
+            segs.append((1, n))
+            rows.append(row0 + frame)
+            pos, frame = pos + n, frame + 1
+        whole = (b - pos) // tpf
+        if whole:
+            segs.append((whole, tpf))
+            rows.extend(range(row0 + frame, row0 + frame + whole))
+            pos, frame = pos + whole * tpf, frame + whole
+        if pos < b:  # the range ends inside a frame
+            segs.append((1, b - pos))
+            rows.append(row0 + frame)
+    return _merge_segments(segs, rows)
+
+
+class UlyssesGroup:
+    """The ranks that share one sequence under Ulysses context parallelism (DeepSpeed-Ulysses,
+    arXiv:2309.14509), as the fused forwards use it.
+
+    A forward splits its token sequence with :meth:`shard` (``torch.tensor_split``'s rule, :func:`split_sizes`:
+    any token count, also fewer tokens than ranks), runs the per-token work (patch embedding, adaLN, QK norm and
+    RoPE on its slice of the global table, MLPs, cross-attention) on its tokens and exchanges only around the
+    self-attention (:meth:`SequenceShard.to_heads` / :meth:`SequenceShard.to_seq`).
+
+    Args:
+        group: the ``torch.distributed`` process group of the ``world_size`` ranks.
+        rank: this process's rank within ``group``.
+        world_size: ``ulysses_degree``.
+    """
+
+    def __init__(self, group, rank: int, world_size: int):
+        self.group, self.rank, self.world_size = group, int(rank), int(world_size)
+
+    def local_heads(self, heads: int) -> int:
+        """Heads each rank attends with (``heads / world_size``); ``ValueError`` if that does not divide."""
+        if heads % self.world_size:
+            raise ValueError(f"the model has {heads} attention heads, not divisible by ulysses_degree="
+                             f"{self.world_size}")
+        return heads // self.world_size
+
+    def shard(self, segments) -> "SequenceShard":
+        """This rank's part of a sequence described by the frame-segment table ``segments``
+        (``((frames, tokens_per_frame), ...)``): see :class:`SequenceShard`."""
+        segments = tuple((int(f), int(n)) for f, n in segments)
+        sizes = tuple(split_sizes(sum(f * n for f, n in segments), self.world_size))
+        start = sum(sizes[: self.rank])
+        local, rows = local_segments(segments, start, start + sizes[self.rank])
+        return SequenceShard(self, sizes, start, start + sizes[self.rank], local, rows)
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather of unequal token shards (an all-to-all that sends the shard to every rank: no padding); the
+    backward keeps the local slice of the gradient (every rank holds the same output and the same loss)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        import torch.distributed._functional_collectives as funcol
+
+        ctx.args = (sizes, rank)
+        n = len(sizes)
+        send = x.transpose(0, 1).contiguous()  # [s, B, ...]
+        send = send.repeat(n, *([1] * (send.ndim - 1)))
+        out = funcol.all_to_all_single(send, list(sizes), [x.shape[1]] * n, group)
+        return funcol.wait_tensor(out).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank = ctx.args
+        return grad.narrow(1, sum(sizes[:rank]), sizes[rank]), None, None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceShard:
+    """One rank's contiguous slice ``[start, end)`` of a token sequence and the exchanges of its attention.
+
+    Attributes:
+        group: the :class:`UlyssesGroup`.
+        sizes: tokens of every rank (:func:`split_sizes` of the sequence length).
+        start, end: this rank's token range.
+        segments: frame-segment table of the range (:func:`local_segments`: frames cut by the split become
+            one-frame segments), for the per-frame ops (``anyflow.ops.adaln_modulate`` and friends).
+        rows: per frame of ``segments``, its row in the sequence's per-frame modulation.
+    """
+
+    group: UlyssesGroup
+    sizes: tuple
+    start: int
+    end: int
+    segments: tuple
+    rows: tuple
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the whole sequence."""
+        return sum(self.sizes)
+
+    def tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence tensor (tokens at ``dim``; e.g. ``[B, S, d]`` or RoPE tables
+        ``[S, Dh/2]`` with ``dim=0``)."""
+        return x.narrow(dim, self.start, self.end - self.start)
+
+    def take_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's per-frame rows ``[B, R_local, ...]`` of whole-sequence rows ``[B, R, ...]``."""
+        return rows.index_select(1, torch.tensor(self.rows, dtype=torch.long, device=rows.device))
+
+    def to_heads(self, *xs: torch.Tensor) -> tuple:
+        """Sequence-sharded -> head-sharded, one all-to-all for all of ``xs``.
+
+        Args:
+            xs: tensors ``[B, s_rank, H, D]`` of one shape and dtype (this rank's tokens, all heads; e.g. Q, K
+                after QK norm and RoPE, and V).
+
+        Returns:
+            One ``[B, S, H/N, D]`` contiguous tensor per input: every token, heads ``rank*H/N : (rank+1)*H/N``.
+
+        Raises:
+            ValueError: ``H`` not divisible by the group size, or a token count other than this rank's.
+        """
+        import torch.distributed._functional_collectives as funcol
+
+        n = self.group.world_size
+        x = torch.stack(xs)  # [T, B, s, H, D]
+        t, b, s, heads, d = x.shape
+        if s != self.end - self.start:
+            raise ValueError(f"to_heads: this rank holds {self.end - self.start} tokens, got {s}")
+        h = self.group.local_heads(heads)
+        send = x.view(t, b, s, n, h, d).permute(3, 2, 0, 1, 4, 5).reshape(n * s, t, b, h, d)  # [dst, token]
+        recv = funcol.all_to_all_single_autograd(send, list(self.sizes), [s] * n, self.group.group)
+        return recv.permute(1, 2, 0, 3, 4).contiguous().unbind(0)  # [S, T, B, h, D] -> T x [B, S, h, D]
+
+    def to_seq(self, y: torch.Tensor) -> torch.Tensor:
+        """Head-sharded -> sequence-sharded: ``[B, S, H/N, D]`` -> ``[B, s_rank, H, D]`` (one all-to-all); the
+        inverse of :meth:`to_heads`."""
+        import torch.distributed._functional_collectives as funcol
+
+        n, s = self.group.world_size, self.end - self.start
+        b, total, h, d = y.shape
+        if total != self.num_tokens:
+            raise ValueError(f"to_seq: the sequence has {self.num_tokens} tokens, got {total}")
+        send = y.transpose(0, 1).contiguous()  # [S, B, h, D], split by destination token ranges
+        recv = funcol.all_to_all_single_autograd(send, [s] * n, list(self.sizes), self.group.group)
+        return recv.view(n, s, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, s, n * h, d)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens of a sequence-sharded tensor: ``[B, s_rank, ...]`` -> ``[B, S, ...]`` on every rank. The
+        backward keeps this rank's slice of the gradient (the loss is the same on every rank)."""
+        if x.shape[1] != self.end - self.start:
+            raise ValueError(f"gather: this rank holds {self.end - self.start} tokens, got {x.shape[1]}")
+        return _Gather.apply(x, self.sizes, self.group.rank, self.group.group)
+
+
+def ulysses_group(transformer, config=None) -> UlyssesGroup:
+    """The :class:`UlyssesGroup` for running ``transformer``'s fused forwards under ``config``.
+
+    Without ``config``, the configuration that :func:`apply_context_parallel` recorded on ``transformer`` is used
+    (``anyflow.enable`` honours it); with both, their ``ulysses_degree`` must agree. Validation is that of
+    :func:`check_context_parallel` (world size, ring degree, heads divisible by ``ulysses_degree``): it runs
+    before any collective, identically on every rank.
+
+    Args:
+        transformer: diffusers ``AnyFlowTransformer3DModel`` / ``AnyFlowFARTransformer3DModel``.
+        config: ``diffusers.ContextParallelConfig`` (or a ``ParallelConfig`` holding one), or ``None``.
+
+    Raises:
+        TypeError, RuntimeError, ValueError: see :func:`check_context_parallel`; ``ValueError`` also when
+            ``config`` disagrees with the one applied to ``transformer``; ``ValueError`` when neither exists.
+    """
+    applied = getattr(transformer, "_parallel_config", None)
+    if applied is not None and getattr(applied, "context_parallel_config", None) is not None:
+        cfg = applied.context_parallel_config
+        if config is not None:
+            from diffusers import ParallelConfig
+
+            given = config.context_parallel_config if isinstance(config, ParallelConfig) else config
+            if getattr(given, "ulysses_degree", None) != cfg.ulysses_degree:
+                raise ValueError(
+                    f"context_parallel has ulysses_degree={getattr(given, 'ulysses_degree', given)!r} but "
+                    f"apply_context_parallel applied ulysses_degree={cfg.ulysses_degree} to this transformer"
+                )
+        mesh = cfg._ulysses_mesh
+        group = UlyssesGroup(mesh.get_group(), cfg._ulysses_local_rank, cfg.ulysses_degree)
+    elif config is None:
+        raise ValueError("context_parallel: no ContextParallelConfig given and none applied to the transformer")
+    else:
+        cfg = check_context_parallel(transformer, config)
+        if cfg.mesh is not None:
+            mesh = cfg.mesh["ulysses"]
+            group = UlyssesGroup(mesh.get_group(), mesh.get_local_rank(), cfg.ulysses_degree)
+        else:
+            group = UlyssesGroup(dist.group.WORLD, dist.get_rank(), cfg.ulysses_degree)
+    group.local_heads(transformer.config.num_attention_heads)
+    return group
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,15 +12,18 @@ from . import blocks
 from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
 
 
-def dense_self_attention(cos, sin, backend=None) -> SelfAttention:
+def dense_self_attention(cos, sin, backend=None, *, shard=None) -> SelfAttention:
     """Bidirectional self-attention over the whole sequence; ``cos``, ``sin`` are the fp32 ``[N, Dh/2]`` RoPE
-    tables of its ``N`` tokens (:func:`anyflow.models.blocks.rope_for`)."""
+    tables of its ``N`` tokens (:func:`anyflow.models.blocks.rope_for`). Under Ulysses (``shard``, an
+    :class:`anyflow.parallel.SequenceShard`) the tokens and tables are this rank's and the attention runs on all
+    tokens for this rank's heads."""
 
     def fn(layer, attn, q, k, v):
         q = norm_rope(attn, q, "q", cos, sin, backend)
         k = norm_rope(attn, k, "k", cos, sin, backend)
+        q, k, v = blocks.exchange_heads(shard, q, k, v)
         o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return o.transpose(1, 2).flatten(2)
+        return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
 
     return fn
 
@@ -58,5 +61,9 @@ def bidirectional_forward(
     segs = ((f, grid[0] * grid[1]),)
     cos, sin = blocks.rope_for(model, 0, f, grid, False, hidden_states.device)
     x = patchify(model.patch_embedding, hidden_states)
-    x = blocks.run_blocks(model, x, text, m_rows, segs, dense_self_attention(cos, sin, backend), backend)
-    return unpatchify(model, head(model, x, e_rows, segs, backend), f, hh, ww)
+    shard = blocks.split_sequence(model, segs)  # Ulysses context parallelism: this rank's tokens
+    x, (m_rows, e_rows), cos, sin = blocks.shard_inputs(shard, x, (m_rows, e_rows), cos, sin)
+    segs = segs if shard is None else shard.segments
+    x = blocks.run_blocks(model, x, text, m_rows, segs, dense_self_attention(cos, sin, backend, shard=shard), backend)
+    out = head(model, x, e_rows, segs, backend)
+    return unpatchify(model, out if shard is None else shard.gather(out), f, hh, ww)

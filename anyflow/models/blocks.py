@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import ops
+from .. import ops, parallel
 from . import offload
 
 #: ``fn(layer, attn_module, q_proj [B, L, H*Dh], k_proj [B, L, H*Dh], v [B, L, H, Dh]) -> [B, L, H*Dh]``
@@ -127,6 +127,35 @@ def rope_for(model, f0: int, f1: int, grid_hw, compressed: bool, device) -> tupl
     if torch.compiler.is_compiling():  # traced into the graph: the table becomes a constant computation
         return _rope_cached.__wrapped__(*args)
     return _rope_cached(*args)
+
+
+def split_sequence(model, segments) -> Optional[parallel.SequenceShard]:
+    """This rank's :class:`anyflow.parallel.SequenceShard` of a sequence with frame-segment table ``segments``
+    when ``model`` runs under Ulysses context parallelism (``anyflow.enable(..., context_parallel=...)``);
+    ``None`` in one process."""
+    group = parallel.context_parallel_of(model)
+    return None if group is None else group.shard(segments)
+
+
+def shard_inputs(shard, x, rows, cos, sin):
+    """This rank's tokens ``x`` ``[B, s, d]``, per-frame ``rows`` (list of ``[B, R, ...]``) and RoPE tables
+    ``[s, Dh/2]`` (``None`` passes through) of a whole sequence; everything unchanged when ``shard`` is ``None``."""
+    if shard is None:
+        return x, rows, cos, sin
+    cos, sin = (None if t is None else shard.tokens(t, 0) for t in (cos, sin))
+    return shard.tokens(x), [shard.take_rows(r) for r in rows], cos, sin
+
+
+def exchange_heads(shard, q, k, v):
+    """Ulysses exchange before an attention: ``[B, s, H, Dh]`` per rank -> ``[B, S, H/N, Dh]`` (one all-to-all);
+    unchanged when ``shard`` is ``None``."""
+    return (q, k, v) if shard is None else shard.to_heads(q, k, v)
+
+
+def exchange_tokens(shard, o):
+    """Ulysses exchange after an attention: ``[B, S, H/N, Dh]`` -> ``[B, s, H, Dh]``; unchanged when ``shard`` is
+    ``None``."""
+    return o if shard is None else shard.to_seq(o)
 
 
 def cat_rope(parts):

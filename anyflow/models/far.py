@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import ops
+from .. import ops, parallel
 from . import blocks
 from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
 
@@ -89,18 +89,21 @@ def kv_capacity(chunk_partition: Sequence[int], full_chunk_limit: int, full_tpf:
 # ----------------------------------------------------------------------------------------------
 # full-sequence forward (training, diffusers' cache step)
 # ----------------------------------------------------------------------------------------------
-def _masked_attention(cos, sin, layout, on_kv=None, backend=None) -> SelfAttention:
-    """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys."""
+def _masked_attention(cos, sin, layout, on_kv=None, backend=None, *, shard=None) -> SelfAttention:
+    """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys. Under
+    Ulysses (``shard``) the queries/keys are exchanged to all tokens of this rank's heads around the attention
+    (``layout`` indexes the whole sequence); ``on_kv`` is not supported there."""
 
     def fn(layer, attn, q, k, v):
         qr = norm_rope(attn, q, "q", cos, sin, backend)
         kr = norm_rope(attn, k, "k", cos, sin, backend)
         if on_kv is not None:
             on_kv(layer, attn, k, kr, v)
+        qr, kr, v = blocks.exchange_heads(shard, qr, kr, v)
         o = ops.chunk_causal_attention(
             qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout, backend=backend
         )
-        return o.transpose(1, 2).flatten(2)
+        return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
 
     return fn
 
@@ -187,10 +190,17 @@ def far_sequence_forward(
     layout = ops.far_attention_layout(
         cp, nc_chunks, geo.full_tpf, geo.compressed_tpf, clean_copy=clean_hidden_states is not None
     )
-    attend = _masked_attention(cos, sin, layout, on_kv, backend)
-    x = blocks.run_blocks(model, x, text, m_rows, tuple(segs), attend, backend)
+    segs = tuple(segs)
+    shard = blocks.split_sequence(model, segs)  # Ulysses context parallelism: this rank's tokens
+    if shard is not None and on_kv is not None:
+        raise NotImplementedError("on_kv (diffusers' dict KV cache) is not supported under context parallelism")
+    x, (m_rows,), cos, sin = blocks.shard_inputs(shard, x, (m_rows,), cos, sin)
+    attend = _masked_attention(cos, sin, layout, on_kv, backend, shard=shard)
+    x = blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attend, backend)
     if not with_head:
         return None
+    if shard is not None:
+        x = shard.gather(x)
     n_ctx = nc_frames * geo.compressed_tpf
     x = x[:, n_ctx : n_ctx + nf_frames * geo.full_tpf]
     out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),), backend)
@@ -251,13 +261,16 @@ class FARKVCache:
         n = self.num_cached
         return KVSnapshot([(self.k[i, :, :, :n].clone(), self.v[i, :, :, :n].clone()) for i in range(self.k.shape[0])])
 
-    def _writing(self, cos, sin, start: int, backend, attend) -> SelfAttention:
-        """Self-attention that writes the tokens' K/V at ``start``, then ``attend(layer, q [B, H, L, Dh], end)``."""
+    def _writing(self, cos, sin, start: int, backend, attend, shard=None) -> SelfAttention:
+        """Self-attention that writes the tokens' K/V at ``start``, then ``attend(layer, q [B, H, L, Dh], end)``;
+        under Ulysses (``shard``) this rank's heads of all tokens are written and attended."""
 
         def fn(layer, attn, q, k, v):
-            self.write(layer, start, norm_rope(attn, k, "k", cos, sin, backend), v)
-            qr = norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
-            return attend(layer, qr, start + k.shape[1]).transpose(1, 2).flatten(2)
+            kr = norm_rope(attn, k, "k", cos, sin, backend)
+            qr, kr, v = blocks.exchange_heads(shard, norm_rope(attn, q, "q", cos, sin, backend), kr, v)
+            self.write(layer, start, kr, v)
+            o = attend(layer, qr.transpose(1, 2), start + kr.shape[1]).transpose(1, 2)
+            return blocks.exchange_tokens(shard, o).flatten(2)
 
         return fn
 
@@ -265,7 +278,10 @@ class FARKVCache:
         def attend(layer, q, end):
             return ops.segmented_attention(q, *self.segments(layer, end), backend=runner.backend)
 
-        return self._writing(cos, sin, self.num_cached, runner.backend, attend)
+        shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
+        if shard is not None:
+            cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
+        return self._writing(cos, sin, self.num_cached, runner.backend, attend, shard)
 
     def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
         nc, _ = split_chunks(k + 1, runner.limit - 1)
@@ -285,27 +301,34 @@ class FARKVCache:
         layout = ops.chunk_causal_layout([c * tpf for c in runner.cp[c0:c1]], kv_offset=start)
         zeros = torch.zeros(x.shape[0], f1 - f0, dtype=torch.float64, device=x.device)
         m_rows = blocks.time_rows(model, zeros, zeros, text.raw_dtype, backend)[1]
+        segs = ((f1 - f0, tpf),)
+        shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens, all tokens of its heads cached
+        cos, sin = runner.rope(f0, f1, x.device, compressed)
+        x, (m_rows,), cos, sin = blocks.shard_inputs(shard, x, (m_rows,), cos, sin)
 
         def attend(layer, q, end):
             return ops.chunk_causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], layout,
                                               backend=backend)
 
-        attention = self._writing(*runner.rope(f0, f1, x.device, compressed), start, backend, attend)
-        blocks.run_blocks(model, x, text, m_rows, ((f1 - f0, tpf),), attention, backend)
-        return x.shape[1]
+        attention = self._writing(cos, sin, start, backend, attend, shard)
+        blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attention, backend)
+        return (f1 - f0) * tpf
 
 
-def _over_cache(cos, sin, backend, cached) -> SelfAttention:
+def _over_cache(cos, sin, backend, cached, shard=None) -> SelfAttention:
     """Self-attention of the current tokens over ``cached(layer) -> (keys, values)`` (lists of
-    ``[B, H, L, Dh]``, rotated) and themselves, without mask; nothing is written."""
+    ``[B, H, L, Dh]``, rotated) and themselves, without mask; nothing is written. Under Ulysses (``shard``) the
+    current tokens are this rank's and ``cached`` holds this rank's heads."""
 
     def fn(layer, attn, q, k, v):
-        qr = norm_rope(attn, q, "q", cos, sin, backend).transpose(1, 2)
-        kr = norm_rope(attn, k, "k", cos, sin, backend).transpose(1, 2)
+        qr = norm_rope(attn, q, "q", cos, sin, backend)
+        kr = norm_rope(attn, k, "k", cos, sin, backend)
+        qr, kr, v = (t.transpose(1, 2) for t in blocks.exchange_heads(shard, qr, kr, v))
         keys, values = cached(layer)
         keys = [c.to(qr.dtype) for c in keys] + [kr]
-        values = [c.to(qr.dtype) for c in values] + [v.transpose(1, 2)]
-        return ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2).flatten(2)
+        values = [c.to(qr.dtype) for c in values] + [v]
+        o = ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2)
+        return blocks.exchange_tokens(shard, o).flatten(2)
 
     return fn
 
@@ -320,10 +343,22 @@ class KVSnapshot:
 
     def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
         cached = lambda layer: [[t] if t.shape[2] else [] for t in self.layers[layer]]  # noqa: E731
-        return _over_cache(cos, sin, runner.backend, cached)
+        shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
+        if shard is not None:
+            cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
+        return _over_cache(cos, sin, runner.backend, cached, shard)
 
     def cache_step(self, runner, k, latents, text) -> None:
         raise TypeError("a KVSnapshot is read-only: run the cache step on the FARKVCache it was taken from")
+
+
+def _no_context_parallel(runner) -> None:
+    if parallel.context_parallel_of(runner.model) is not None:
+        raise NotImplementedError(
+            "diffusers' dict KV cache holds every head on every rank, which anyflow's context parallelism does not "
+            "fill: enable the AnyFlowFARPipeline (anyflow.enable(pipe, context_parallel=...)), whose sampler keeps "
+            "heads / N per rank, or use anyflow.parallel.apply_context_parallel without enable"
+        )
 
 
 @dataclass
@@ -343,6 +378,7 @@ class DiffusersKVCache:
     r_timestep: Any = 0.0
 
     def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+        _no_context_parallel(runner)
         if k != self.num_cached_chunks:
             raise ValueError(f"chunk_partition has {k + 1} chunks but the cache holds {self.num_cached_chunks} "
                              "(expected one more chunk)")
@@ -360,6 +396,7 @@ class DiffusersKVCache:
         return _over_cache(cos, sin, backend, cached)
 
     def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
+        _no_context_parallel(runner)
         n = runner.context_tokens(k)[0]
 
         def on_kv(layer, attn, k_proj, k_rot, v):
@@ -425,7 +462,10 @@ class FARRunner:
         """A :class:`FARKVCache` of ``batch`` rows large enough for the whole video (:func:`kv_capacity`)."""
         cfg = self.model.config
         cap = kv_capacity(self.cp, self.limit, self.geo.full_tpf, self.geo.compressed_tpf)
-        return FARKVCache(cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim, cap, dtype, device)
+        heads = cfg.num_attention_heads  # under Ulysses a rank caches its heads / N of every token
+        ulysses = parallel.context_parallel_of(self.model)
+        heads = heads if ulysses is None else ulysses.local_heads(heads)
+        return FARKVCache(cfg.num_layers, batch, heads, cfg.attention_head_dim, cap, dtype, device)
 
     def step(self, k: int, z: torch.Tensor, t, r, text, state) -> torch.Tensor:
         """One NFE of chunk ``k``: ``z`` ``[B, F_k, C, H, W]`` (compute dtype) at per-frame ``t``, ``r`` ``[B, F_k]``
@@ -459,8 +499,13 @@ def _step(model, runner: FARRunner, k, z, t, r, text, state):
     e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype, runner.backend)
     segs = ((f, runner.geo.full_tpf),)
     attention = state.step_attention(runner, k, *runner.rope(f0, f1, z.device))
-    x = blocks.run_blocks(model, patchify(model.patch_embedding, z), text, m_rows, segs, attention, runner.backend)
-    return unpatchify(model, head(model, x, e_rows, segs, runner.backend), f, hh, ww)
+    shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens (the state sliced the RoPE tables)
+    x, (m_rows, e_rows), _, _ = blocks.shard_inputs(shard, patchify(model.patch_embedding, z), (m_rows, e_rows),
+                                                    None, None)
+    segs = segs if shard is None else shard.segments
+    x = blocks.run_blocks(model, x, text, m_rows, segs, attention, runner.backend)
+    out = head(model, x, e_rows, segs, runner.backend)
+    return unpatchify(model, out if shard is None else shard.gather(out), f, hh, ww)
 
 
 @onloaded
