@@ -147,6 +147,7 @@ def test_finite_difference_matches_jvp(kind, bidi, far_model):
         assert context.shape[1] == 2 and window.shape[1] == 6
         fwd = fm.FARWindowForward(far_model, cp, context, window, 3, "torch")
         z, v, t, r, text = _deriv_inputs((2, 6, 16, 8, 8))
+    # both sides share the tangent (v / 1000, 1); the analytic derivative check is in tests/test_training_toy.py
     exact = fm.jvp_derivative(fwd, z, v, t, r, fm._as_context(fwd, text))
     errs = {e: _rel(fm.finite_difference_derivative(fwd, z, v, t, r, text, e), exact) for e in (0.4, 0.1)}
     # the central difference is second order: agreement to FD accuracy and the error shrinking ~16x
