@@ -77,7 +77,7 @@ def _subclass(cls: type, namespace: dict) -> type:
 
 
 def _block_forward(self, *args):
-    """``forward(layer, x, text, m_rows, segments, self_attention, backend)`` of an enabled block."""
+    """``forward(layer, x, text, m_rows, segments, self_attention)`` of an enabled block."""
     return blocks.standalone_block_forward(self, *args)
 
 
@@ -135,13 +135,15 @@ def _swap(obj, namespace: dict, settings: dict, handle: EnableHandle) -> None:
 # ----------------------------------------------------------------------------------------------
 def _enabled_forward(fn):
     """``fn`` as an enabled ``forward``: the LoRA scale from ``attention_kwargs`` (diffusers' decorator),
-    the instance's SDPA policy (``enable(..., attention=...)``) and, under group / sequential offloading,
-    the offload hooks of the weights read outside module calls (:mod:`anyflow.models.offload`) around it."""
+    the instance's SDPA policy and op backend (``enable(..., attention=..., backend=...)``) and, under group /
+    sequential offloading, the offload hooks of the weights read outside module calls
+    (:mod:`anyflow.models.offload`) around it."""
     from diffusers.utils import apply_lora_scale
 
     @functools.wraps(fn)
     def forward(self, *args, **kwargs):
-        with ops.sdpa_policy(getattr(self, "_anyflow_attention", None)):
+        policy, backend = getattr(self, "_anyflow_attention", None), getattr(self, "_anyflow_backend", None)
+        with ops.sdpa_policy(policy), ops.backend(backend):
             if torch.compiler.is_compiling() or not offload.is_offloaded(self):
                 return fn(self, *args, **kwargs)
             # the offload hooks of the transformer itself have run: this forward is what they wrap
@@ -164,10 +166,8 @@ def _bidirectional_forward(
     """``AnyFlowTransformer3DModel.forward`` through anyflow's op layer (same arguments and outputs)."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    out = bidirectional_forward(
-        self, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image,
-        backend=self._anyflow_backend,
-    )
+    out = bidirectional_forward(self, hidden_states, timestep, r_timestep, encoder_hidden_states,
+                                encoder_hidden_states_image)
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -198,17 +198,15 @@ def _far_forward(
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     from diffusers.models.transformers.transformer_anyflow_far import AnyFlowFARTransformerOutput
 
-    backend = self._anyflow_backend
     if kv_cache is None:
         out = far.far_sequence_forward(
             self, hidden_states, chunk_partition, timestep, r_timestep, encoder_hidden_states,
             full_limit=self.config.full_chunk_limit, encoder_hidden_states_image=encoder_hidden_states_image,
-            clean_hidden_states=clean_hidden_states, clean_timestep=clean_timestep, backend=backend,
-        )
+            clean_hidden_states=clean_hidden_states, clean_timestep=clean_timestep)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
     if kv_cache_flag is None:
         raise ValueError("kv_cache_flag is required with kv_cache")
-    runner = far.FARRunner(self, chunk_partition, hidden_states.shape[-2:], backend)
+    runner = far.FARRunner(self, chunk_partition, hidden_states.shape[-2:])
     k = len(runner.cp) - 1
     text = blocks.prepare_text(self, encoder_hidden_states, encoder_hidden_states_image)
     if kv_cache_flag.get("is_cache_step"):
@@ -285,7 +283,6 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
 
     registry.warm_up()
     get_sdpa_policy()  # resolve ANYFLOW_SDPA now: a compiled forward must not see the policy change on first use
-    name = registry.prefer(backend) if backend != "auto" else "auto"
     wanted = registry.requested_backend(backend)
     if wanted not in ("auto", "torch") and registry.backend_reason(wanted):
         raise registry.BackendUnavailableError(f"backend {wanted!r} is unavailable: {registry.backend_reason(wanted)}")
@@ -305,7 +302,8 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
 
         ulysses = parallel.ulysses_group(transformer, context_parallel)
     handle = EnableHandle(backend)
-    settings = {"_anyflow_backend": name, "_anyflow_attention": attention, "_anyflow_context_parallel": ulysses}
+    preferred = None if backend == "auto" else registry.prefer(backend)  # the enabled forward's ops.backend
+    settings = {"_anyflow_backend": preferred, "_anyflow_attention": attention, "_anyflow_context_parallel": ulysses}
     if is_pipe:
         from .samplers import pipelines
 

@@ -429,7 +429,7 @@ def run_phase(config: dict, out_dir: Path, data: str, *, steps: Optional[int] = 
     model, real_score, ode_teacher = build_phase_models(cfg)
     it, negative = build_data(cfg, model, str(data))
     dump_config(cfg, out_dir / "config.yaml")
-    trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher, cfg), real_score=real_score,
+    trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher), real_score=real_score,
                       output_dir=out_dir, log_stream=log_stream)
     trainer.resume()
     end = cfg.total_iter if steps is None else min(cfg.total_iter, trainer.step + steps)
@@ -492,12 +492,11 @@ class EndpointVelocity:
     the coupling to the initial noise that fresh-noise sampling drops."""
 
     model: torch.nn.Module
-    backend: Optional[str] = None
 
     def __call__(self, z, t, r, text):
         from anyflow.models.bidirectional import bidirectional_forward
 
-        return bidirectional_forward(self.model, z, t, torch.zeros_like(t), text, backend=self.backend)
+        return bidirectional_forward(self.model, z, t, torch.zeros_like(t), text)
 
 
 def load_model(folder) -> torch.nn.Module:
@@ -524,14 +523,14 @@ def make_sampler(kind: str, model, shift: float = 5.0, seed: int = 0) -> Callabl
     if kind in ("euler", "flowmap"):
         def sample(noise, text, n):
             return bidirectional.sample(model, noise, pairs_of(time_grid(n, shift)), prepare_text(model, text),
-                                        use_mean_velocity=kind == "flowmap", backend="torch").latents
+                                        use_mean_velocity=kind == "flowmap").latents
 
         return sample
     if kind == "consistency_det":
-        fwd = EndpointVelocity(model, "torch")
+        fwd = EndpointVelocity(model)
         return lambda noise, text, n: fm.flow_map_sample(fwd, noise, text, n, shift)
     if kind == "consistency":
-        fwd = fm.BidirectionalForward(model, "torch")
+        fwd = fm.BidirectionalForward(model)
 
         def sample(noise, text, n):
             g = torch.Generator().manual_seed(seed * 1000 + n)
@@ -708,7 +707,7 @@ def velocity_losses(models: dict, x: torch.Tensor, text: torch.Tensor, ts, seed:
         t = torch.full(x.shape[:2], float(tv))
         z = noise_latents(x, eps, t)
         for k, m in models.items():
-            u = bidirectional_forward(m, z, t, t, text, backend="torch")
+            u = bidirectional_forward(m, z, t, t, text)
             out[k][str(tv)] = float((u.float() - (eps - x)).pow(2).mean())
     return out
 
@@ -873,7 +872,10 @@ def run_study(out: Path, size: Size, log: Callable = print, log_stream=sys.stdou
         res = run_phase(cfgs[name], runs / name, str(data["train"]), track_grads=track_grads, log_stream=log_stream)
         phases[name] = res
         log(f"phase {name}: done ({res.seconds:.1f} s in this call)")
-    results = evaluate(runs, data, size, log=log)
+    from anyflow import ops
+
+    with ops.backend("torch"):  # evaluated on the PyTorch path, as the phases train (config backend)
+        results = evaluate(runs, data, size, log=log)
     results["phases"] = {name: {"steps": cfgs[name]["total_iter"], "train_seconds": phase_seconds(runs / name),
                                 "config": cfgs[name]} for name in cfgs}
     results["data"] = {k: v for k, v in data["meta"].items() if k != "split"}

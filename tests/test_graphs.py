@@ -216,11 +216,11 @@ def test_step_forward_is_capture_safe(kind):
     x = torch.randn(2, 2, model.config.in_channels, 4, 4, device="meta")
     with torch.no_grad():
         if kind == "far":
-            session = FARSession(model, text, CP, (4, 4), backend="torch")
+            session = FARSession(model, text, CP, (4, 4))
             session.cache_step(0, torch.randn(2, 1, model.config.in_channels, 4, 4, device="meta"))
             step = lambda: session.velocity(1, x, t, r)  # noqa: E731
         else:
-            step = lambda: bidirectional_forward(model, x, t, r, text, backend="torch")  # noqa: E731
+            step = lambda: bidirectional_forward(model, x, t, r, text)  # noqa: E731
         step()  # the eager warm-up fills the RoPE table cache, as StepGraph's first call does
         with _HostToDevice() as mode:
             out = step()

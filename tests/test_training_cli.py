@@ -77,8 +77,8 @@ def test_cli_train_consistency_distillation_uses_the_config_teacher(tmp_path, mo
     calls = []
     real = cons.teacher_velocity
 
-    def counting(model, backend=None):
-        v = real(model, backend)
+    def counting(model):
+        v = real(model)
         return lambda z, t, text: calls.append(z.shape[0]) or v(z, t, text)
 
     monkeypatch.setattr("anyflow.training.run.teacher_velocity", counting)

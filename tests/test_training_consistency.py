@@ -24,7 +24,7 @@ class _Stub:
         self.fn, self.calls = fn, []
         self.model = torch.nn.Linear(1, 1)
 
-    def __call__(self, z, t, r, text, backend=None):
+    def __call__(self, z, t, r, text):
         self.calls.append((t.clone(), r.clone()))
         return self.fn(z, t, r)
 
@@ -65,7 +65,7 @@ def test_grid():
 
 def test_loss_against_an_independent_computation(model):
     x, noise, text = _data(2)
-    fwd = fm.BidirectionalForward(model, "torch")
+    fwd = fm.BidirectionalForward(model)
     # one interval: t = 1000, s = 0, so the target is x itself and lambda = 1000 / 1000
     out = cons.consistency_loss(fwd, x, noise, text, ConsistencyConfig(num_intervals=1), 5.0, _gen(0))
     b, f = SHAPE[:2]
@@ -82,14 +82,14 @@ def test_loss_against_an_independent_computation(model):
 
 def test_distillation_with_an_exact_teacher_equals_consistency_training(model):
     x, noise, text = _data(4)
-    fwd = fm.BidirectionalForward(model, "torch")
+    fwd = fm.BidirectionalForward(model)
     cfg = ConsistencyConfig(num_intervals=8, teacher_guidance_scale=1.0)
     teacher = lambda z, t, txt: noise - x  # noqa: E731 - the exact velocity of this sample's path
     a = cons.consistency_loss(fwd, x, noise, text, cfg, 5.0, _gen(5))
     b = cons.consistency_loss(fwd, x, noise, text, cfg, 5.0, _gen(5), teacher=teacher)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-6)
     # CFG with a prompt-dependent teacher: tests/test_training_toy.py
-    v = cons.teacher_velocity(model, "torch")(fm.noise_latents(x, noise, torch.full(SHAPE[:2], 500.0)),
+    v = cons.teacher_velocity(model)(fm.noise_latents(x, noise, torch.full(SHAPE[:2], 500.0)),
                                               torch.full(SHAPE[:2], 500.0), text)
     assert v.shape == SHAPE
 
@@ -108,7 +108,7 @@ def test_multistep_sampling():
 
 def test_sampling_with_the_model(model):
     _, noise, text = _data(8)
-    fwd = fm.BidirectionalForward(model, "torch")
+    fwd = fm.BidirectionalForward(model)
     one = cons.consistency_sample(fwd, noise, text, 1)
     with torch.no_grad():
         u = fwd(noise, torch.full(SHAPE[:2], 1000.0), torch.zeros(SHAPE[:2]), text)

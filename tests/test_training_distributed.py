@@ -112,7 +112,7 @@ def _rollout_grads(model, rows, mode):
     w = torch.randn(b, 8, 16, 8, 8, generator=g)
     params = [p for p in model.parameters()]
     model.zero_grad()
-    ro = op.FARRollout(model, text[rows], (1, 1, 2, 2, 2), (8, 8), "torch")
+    ro = op.FARRollout(model, text[rows], (1, 1, 2, 2, 2), (8, 8))
     x, nfe = ro.run(noise[rows], op.rollout_plan(4, 1, 5.0), grad=True, grad_segments=mode, params=params)
     ((x * w[rows]).sum() / x.shape[0]).backward()  # a local mean: FSDP averages over processes
     return x.detach(), nfe
@@ -341,11 +341,11 @@ def test_enable_swaps_and_restores_block_classes():
     x, m_rows = torch.randn(1, 8, 24), torch.randn(1, 2, 6, 24)
     text = prepare_text(model, torch.randn(1, 7, 32))
     cos, sin = rope_for(model, 0, 2, (2, 2), False, x.device)
-    attend, segs = dense_self_attention(cos, sin, "torch"), ((2, 4),)
+    attend, segs = dense_self_attention(cos, sin), ((2, 4),)
     y = x
     for i, block in enumerate(model.blocks):
-        y = block(i, y, text, m_rows, segs, attend, "torch")
-    torch.testing.assert_close(y, run_blocks(model, x, text, m_rows, segs, attend, "torch"), rtol=1e-5, atol=1e-5)
+        y = block(i, y, text, m_rows, segs, attend)
+    torch.testing.assert_close(y, run_blocks(model, x, text, m_rows, segs, attend), rtol=1e-5, atol=1e-5)
     handle.disable()
     assert [type(b) for b in model.blocks] == original
 

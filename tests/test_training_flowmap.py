@@ -139,13 +139,13 @@ def _deriv_inputs(shape, seed=5):
 @pytest.mark.parametrize("kind", ["bidirectional", "far"])
 def test_finite_difference_matches_jvp(kind, bidi, far_model):
     if kind == "bidirectional":
-        fwd = fm.BidirectionalForward(bidi, "torch")
+        fwd = fm.BidirectionalForward(bidi)
         z, v, t, r, text = _deriv_inputs((2, 3, 16, 8, 8))
     else:
         x, _, _, _ = _inputs((2, 8, 16, 8, 8), seed=6)
         cp, context, window = fm.far_window(x, (1, 1, 2, 2, 2), 5, 3)
         assert context.shape[1] == 2 and window.shape[1] == 6
-        fwd = fm.FARWindowForward(far_model, cp, context, window, 3, "torch")
+        fwd = fm.FARWindowForward(far_model, cp, context, window, 3)
         z, v, t, r, text = _deriv_inputs((2, 6, 16, 8, 8))
     # both sides share the tangent (v / 1000, 1); the analytic derivative check is in tests/test_training_toy.py
     exact = fm.jvp_derivative(fwd, z, v, t, r, fm._as_context(fwd, text))
@@ -157,7 +157,7 @@ def test_finite_difference_matches_jvp(kind, bidi, far_model):
 
 def test_jvp_matches_a_manual_dual_number_free_check(bidi):
     # independent of torch.func: the z and t parts of the JVP are linear in the tangent
-    fwd = fm.BidirectionalForward(bidi, "torch")
+    fwd = fm.BidirectionalForward(bidi)
     z, v, t, r, text = _deriv_inputs((1, 2, 16, 8, 8))
     ctx = fm._as_context(fwd, text)
     d_full = fm.jvp_derivative(fwd, z, v, t, r, ctx)
@@ -171,7 +171,7 @@ class _CountingForward:
         self.inner, self.batches = inner, []
         self.model = inner.model
 
-    def __call__(self, z, t, r, text, backend=None):
+    def __call__(self, z, t, r, text):
         self.batches.append(z.shape[0])
         return self.inner(z, t, r, text)
 
@@ -181,7 +181,7 @@ class _CountingForward:
 
 @pytest.mark.parametrize("g", [1.0, 3.0])
 def test_derivative_skip_where_t_equals_r_is_exact(bidi, g):
-    fwd = fm.BidirectionalForward(bidi, "torch")
+    fwd = fm.BidirectionalForward(bidi)
     z, v, t, r, text = _deriv_inputs(SHAPE)
     r[0] = t[0]
     r[2] = t[2]  # samples 0 and 2 are diffusion samples
@@ -198,7 +198,7 @@ def test_derivative_skip_where_t_equals_r_is_exact(bidi, g):
 
 
 def test_no_derivative_forward_for_an_all_diffusion_batch(bidi):
-    fwd = _CountingForward(fm.BidirectionalForward(bidi, "torch"))
+    fwd = _CountingForward(fm.BidirectionalForward(bidi))
     x, noise, text, neg = _inputs()
     t = torch.full(SHAPE[:2], 400.0)
     kind = torch.zeros(SHAPE[0], dtype=torch.long)
@@ -251,8 +251,7 @@ def _grad_report(model):
 def test_bidirectional_loss_finite_with_gradients(bidi, derivative):
     x, _, text, neg = _inputs()
     cfg = FlowMapConfig(derivative=derivative, i2v_prob=0.0)
-    si = fm.prepare_bidirectional(bidi, x, text, neg, cfg, shift=5.0, drop_text_ratio=0.25, generator=_gen(7),
-                                  backend="torch")
+    si = fm.prepare_bidirectional(bidi, x, text, neg, cfg, shift=5.0, drop_text_ratio=0.25, generator=_gen(7))
     assert si.kind.tolist() == [0, 0, 1, 2]
     bidi.zero_grad()
     out = fm.flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, fm.expand_negative(neg, text),
@@ -280,7 +279,7 @@ def test_far_loss_finite_with_gradients_and_context(far_model):
         if fm.sample_num_chunks(far, g) == 5:
             g.set_state(state)
             break
-    si = fm.prepare_far(far_model, x, text, neg, cfg, far, shift=5.0, drop_text_ratio=0.1, generator=g, backend="torch")
+    si = fm.prepare_far(far_model, x, text, neg, cfg, far, shift=5.0, drop_text_ratio=0.1, generator=g)
     assert si.num_chunks == 5 and si.x.shape[1] == 6 and si.forward.context.shape[1] == 2
     far_model.zero_grad()
     out = fm.flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, fm.expand_negative(neg, text),
@@ -289,8 +288,7 @@ def test_far_loss_finite_with_gradients_and_context(far_model):
     out.loss.backward()
     assert _grad_report(far_model) == []
     far_model.zero_grad()
-    extra = fm.bidirectional_modeling_loss(far_model, x, text, neg, shift=5.0, guidance_scale=3.0, generator=_gen(1),
-                                           backend="torch")
+    extra = fm.bidirectional_modeling_loss(far_model, x, text, neg, shift=5.0, guidance_scale=3.0, generator=_gen(1))
     assert torch.isfinite(extra.loss)
     extra.loss.backward()
     missing = _grad_report(far_model)
@@ -335,7 +333,7 @@ def test_i2v_first_frame(bidi):
 
 def test_flow_map_sample_shapes(bidi):
     x, noise, text, _ = _inputs((1, 2, 16, 8, 8))
-    fwd = fm.BidirectionalForward(bidi, "torch")
+    fwd = fm.BidirectionalForward(bidi)
     out = fm.flow_map_sample(fwd, noise, text, 4)
     assert out.shape == noise.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     grid = time_grid(4, 5.0).tolist()
@@ -349,7 +347,7 @@ def test_flow_map_sample_shapes(bidi):
 
 
 class _RecordingForward(_CountingForward):
-    def __call__(self, z, t, r, text, backend=None):
+    def __call__(self, z, t, r, text):
         self.batches.append(t.clone())
         return self.inner(z, t, r, text)
 
@@ -358,7 +356,7 @@ def test_bf16_timesteps_round_the_finite_difference_times(bidi):
     z, v, t, r, text = _deriv_inputs((2, 2, 16, 8, 8))
     t = t.bfloat16().float()
     for flag in (False, True):
-        rec = _RecordingForward(fm.BidirectionalForward(bidi, "torch"))
+        rec = _RecordingForward(fm.BidirectionalForward(bidi))
         fm.mean_velocity_target(rec, z, v, t, r, text, FlowMapConfig(bf16_timesteps=flag))
         (times,) = rec.batches
         expect = torch.cat([t + 5, t - 5])
@@ -378,14 +376,14 @@ def test_far_window_forward_matches_diffusers_training_forward(far_model):
     t = torch.full((2, 6), 700.0)
     r = torch.full((2, 6), 250.0)
     text = torch.randn(2, 7, 32, generator=g)
-    fwd = fm.FARWindowForward(far_model, cp, context, window, 3, "torch")
+    fwd = fm.FARWindowForward(far_model, cp, context, window, 3)
     zeros = torch.zeros(2, 2)
     with torch.no_grad():
         ours = fwd(z, t, r, text)
         ref = far_model(torch.cat([context, z], 1), torch.cat([zeros, t], 1), torch.cat([zeros, r], 1), text,
                         chunk_partition=cp, clean_hidden_states=window, clean_timestep=torch.zeros(2, 6)).sample
         # the FAR model used bidirectionally = one chunk holding every frame
-        bi = fm.BidirectionalForward(far_model, "torch")(z, t, r, text)
+        bi = fm.BidirectionalForward(far_model)(z, t, r, text)
         one_chunk = far_model(z, t, r, text, chunk_partition=[6]).sample
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
     assert ((bi - one_chunk).norm() / one_chunk.norm()).item() < 1e-5

@@ -166,7 +166,7 @@ def test_far_rollout_matches_sampler_and_trains(far_model):
     with torch.no_grad():
         ro = op.FARRollout(model, text, CP, (8, 8))
         x, nfe = ro.run(noise, plan, grad=False)
-        session = FARSession(model, prepare_text(model, text), CP, (8, 8), backend="torch")
+        session = FARSession(model, prepare_text(model, text), CP, (8, 8))
         pairs = [(a, b) for _, a, b in plan.segments]
         *_, (_, ref) = generate(session, noise, pairs)
     assert nfe == 3 * len(CP) and ro.cache_steps == len(CP) - 1
@@ -205,7 +205,7 @@ class _PerSegmentForward(fm.BidirectionalForward):
     def prepare_text(self, text):
         return TextContext(text, text.dtype)  # raw: every copy projects it itself
 
-    def __call__(self, z, t, r, text, backend=None):
+    def __call__(self, z, t, r, text):
         i = len(self.outputs) % len(self.copies)
         u = bidirectional_forward(self.copies[i], z, t, r, text.tokens)
         self.outputs.append((i, u))

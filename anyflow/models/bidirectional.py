@@ -12,15 +12,15 @@ from . import blocks
 from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
 
 
-def dense_self_attention(cos, sin, backend=None, *, shard=None) -> SelfAttention:
+def dense_self_attention(cos, sin, *, shard=None) -> SelfAttention:
     """Bidirectional self-attention over the whole sequence; ``cos``, ``sin`` are the fp32 ``[N, Dh/2]`` RoPE
     tables of its ``N`` tokens (:func:`anyflow.models.blocks.rope_for`). Under Ulysses (``shard``, an
     :class:`anyflow.parallel.SequenceShard`) the tokens and tables are this rank's and the attention runs on all
     tokens for this rank's heads."""
 
     def fn(layer, attn, q, k, v):
-        q = norm_rope(attn, q, "q", cos, sin, backend)
-        k = norm_rope(attn, k, "k", cos, sin, backend)
+        q = norm_rope(attn, q, "q", cos, sin)
+        k = norm_rope(attn, k, "k", cos, sin)
         q, k, v = blocks.exchange_heads(shard, q, k, v)
         o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
@@ -30,9 +30,9 @@ def dense_self_attention(cos, sin, backend=None, *, shard=None) -> SelfAttention
 
 @onloaded
 def bidirectional_forward(
-    model, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image=None, backend=None
+    model, hidden_states, timestep, r_timestep, encoder_hidden_states, encoder_hidden_states_image=None
 ):
-    """``AnyFlowTransformer3DModel.forward`` through the op layer.
+    """``AnyFlowTransformer3DModel.forward`` through the op layer, on the backend of :class:`anyflow.ops.backend`.
 
     Args:
         model: a diffusers ``AnyFlowTransformer3DModel`` (enabled or not; its parameters are read).
@@ -40,7 +40,6 @@ def bidirectional_forward(
         timestep, r_timestep: ``[B, F]`` (or scalar / ``[B]``) time pair (t, r) in [0, 1000].
         encoder_hidden_states: ``[B, L, text_dim]`` text, or a :class:`~anyflow.models.blocks.TextContext`.
         encoder_hidden_states_image: optional ``[B, L_img, image_dim]`` image embedding (I2V models).
-        backend: op backend (``None`` / ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
 
     Returns:
         ``[B, F, C, H, W]`` mean velocity u in the model dtype.
@@ -57,13 +56,13 @@ def bidirectional_forward(
     t = frame_times("timestep", timestep, b, f, hidden_states.device)
     r = frame_times("r_timestep", r_timestep, b, f, hidden_states.device)
     delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
-    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype, backend)
+    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype)
     segs = ((f, grid[0] * grid[1]),)
     cos, sin = blocks.rope_for(model, 0, f, grid, False, hidden_states.device)
     x = patchify(model.patch_embedding, hidden_states)
     shard = blocks.split_sequence(model, segs)  # Ulysses context parallelism: this rank's tokens
     x, (m_rows, e_rows), cos, sin = blocks.shard_inputs(shard, x, (m_rows, e_rows), cos, sin)
     segs = segs if shard is None else shard.segments
-    x = blocks.run_blocks(model, x, text, m_rows, segs, dense_self_attention(cos, sin, backend, shard=shard), backend)
-    out = head(model, x, e_rows, segs, backend)
+    x = blocks.run_blocks(model, x, text, m_rows, segs, dense_self_attention(cos, sin, shard=shard))
+    out = head(model, x, e_rows, segs)
     return unpatchify(model, out if shard is None else shard.gather(out), f, hh, ww)

@@ -89,7 +89,7 @@ def as_text(model, text, image=None) -> TextContext:
     return prepare_text(model, text, image)
 
 
-def time_rows(model, t: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype, backend=None):
+def time_rows(model, t: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype):
     """Per-frame time-pair embedding of ``model``: ``t``, ``delta`` ``[B, R]`` -> e ``[B, R, d]``, m ``[B, R, 6, d]``."""
     ce = model.condition_embedder
     b, r = t.shape
@@ -103,7 +103,6 @@ def time_rows(model, t: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtyp
         ce.delta_emb_gate,
         freq_dim=te.linear_1.in_features,
         out_dtype=out_dtype,
-        backend=backend,
     )
     return e.unflatten(0, (b, r)), m.unflatten(0, (b, r)).unflatten(2, (6, -1))
 
@@ -180,11 +179,11 @@ def unpatchify(model, tokens: torch.Tensor, num_frames: int, height: int, width:
     return x.reshape(b, num_frames, c, height, width)
 
 
-def norm_rope(attn, x_proj, which: str, cos, sin, backend=None):
+def norm_rope(attn, x_proj, which: str, cos, sin):
     """``norm_q`` / ``norm_k`` (RMSNorm across heads) + RoPE of a ``[B, L, H*Dh]`` projection -> ``[B, L, H, Dh]``."""
     norm = attn.norm_q if which == "q" else attn.norm_k
     weight = norm.weight if norm.weight is not None else torch.ones(x_proj.shape[-1], device=x_proj.device)
-    return ops.qk_norm_rope(x_proj, weight, cos, sin, attn.heads, norm.eps, backend=backend)
+    return ops.qk_norm_rope(x_proj, weight, cos, sin, attn.heads, norm.eps)
 
 
 def _cross_attention(attn, h, text: TextContext, layer: int):
@@ -199,7 +198,7 @@ def _cross_attention(attn, h, text: TextContext, layer: int):
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def block_forward(block, layer: int, x, h, text: TextContext, mod, next_mod, segments, self_attention, backend=None):
+def block_forward(block, layer: int, x, h, text: TextContext, mod, next_mod, segments, self_attention):
     """One ``AnyFlowTransformerBlock``; ``h`` is its norm1-modulated input, computed by the previous step.
 
     ``mod`` is this block's per-frame modulation ``[B, R, 6, d]`` (fp32, table included);
@@ -214,20 +213,20 @@ def block_forward(block, layer: int, x, h, text: TextContext, mod, next_mod, seg
     o = attn.to_out[1](attn.to_out[0](o))
     if isinstance(block.norm2, torch.nn.LayerNorm):
         x, h = ops.residual_norm(x, o, gate_a, segments, block.norm2.eps, weight=block.norm2.weight,
-                                 bias=block.norm2.bias, backend=backend)
+                                 bias=block.norm2.bias)
     else:  # cross_attn_norm=False: norm2 is the identity
-        x = ops.gated_residual(x, o, gate_a, segments, backend=backend)
+        x = ops.gated_residual(x, o, gate_a, segments)
         h = x
     c = _cross_attention(block.attn2, h, text, layer)
-    x, h = ops.residual_norm(x, c, None, segments, block.norm3.eps, shift=shift_f, scale=scale_f, backend=backend)
+    x, h = ops.residual_norm(x, c, None, segments, block.norm3.eps, shift=shift_f, scale=scale_f)
     y = block.ffn(h)
     if next_mod is None:
-        return ops.gated_residual(x, y, gate_f, segments, backend=backend), None
+        return ops.gated_residual(x, y, gate_f, segments), None
     shift, scale, eps = next_mod
-    return ops.residual_norm(x, y, gate_f, segments, eps, shift=shift, scale=scale, backend=backend)
+    return ops.residual_norm(x, y, gate_f, segments, eps, shift=shift, scale=scale)
 
 
-def standalone_block_forward(block, layer: int, x, text: TextContext, m_rows, segments, self_attention, backend=None):
+def standalone_block_forward(block, layer: int, x, text: TextContext, m_rows, segments, self_attention):
     """One block that reads only its own parameters: the ``forward`` of an enabled block.
 
     Used where a block's parameters are loaded only around that block (FSDP2 ``fully_shard`` gathers them
@@ -237,8 +236,8 @@ def standalone_block_forward(block, layer: int, x, text: TextContext, m_rows, se
     block.
     """
     mod = block.scale_shift_table + m_rows.float()
-    h = ops.adaln_modulate(x, mod[:, :, 0], mod[:, :, 1], segments, block.norm1.eps, backend=backend)
-    return block_forward(block, layer, x, h, text, mod, None, segments, self_attention, backend)[0]
+    h = ops.adaln_modulate(x, mod[:, :, 0], mod[:, :, 1], segments, block.norm1.eps)
+    return block_forward(block, layer, x, h, text, mod, None, segments, self_attention)[0]
 
 
 @dataclass
@@ -260,7 +259,7 @@ class BlockCalls:
 block_calls = BlockCalls()
 
 
-def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: SelfAttention, backend=None):
+def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: SelfAttention):
     """All blocks with per-frame modulation ``m_rows`` ``[B, R, 6, d]``; checkpointed per block when the
     model has gradient checkpointing on and grad is enabled.
 
@@ -271,11 +270,14 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
     """
     blocks = list(model.blocks)
     ckpt = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
+    if ckpt:  # a block recomputes in the backward, which may run outside this forward's ops.backend
+        pinned = ops.registry.requested_backend()
+        checkpoint = lambda fn, *args: block_calls.checkpoint(under_backend(pinned, fn), *args)  # noqa: E731
     text = as_text(model, text)
     if not torch.compiler.is_compiling() and offload.in_scope(model):
         for i, block in enumerate(blocks):
-            args = (block, i, x, text, m_rows, segments, self_attention, backend)
-            x = block_calls.checkpoint(_offloaded_block, block, *args) if ckpt else _offloaded_block(*args)
+            args = (block, i, x, text, m_rows, segments, self_attention)
+            x = checkpoint(_offloaded_block, block, *args) if ckpt else _offloaded_block(*args)
         return x
     if block_calls.as_module(blocks[0]):
         if not getattr(blocks[0], "_anyflow_block", False):
@@ -286,21 +288,31 @@ def run_blocks(model, x, text: TextContext, m_rows, segments, self_attention: Se
         # checkpoint's saved-tensor check. A contiguous input looks the same to both.
         x = x.contiguous()
         for i, block in enumerate(blocks):
-            args = (i, x, text, m_rows, segments, self_attention, backend)
-            x = block_calls.checkpoint(block, block, *args) if ckpt else block(*args)
+            args = (i, x, text, m_rows, segments, self_attention)
+            x = checkpoint(block, block, *args) if ckpt else block(*args)
         return x
     mods = [block.scale_shift_table + m_rows.float() for block in blocks]
-    h = ops.adaln_modulate(x, mods[0][:, :, 0], mods[0][:, :, 1], segments, blocks[0].norm1.eps, backend=backend)
+    h = ops.adaln_modulate(x, mods[0][:, :, 0], mods[0][:, :, 1], segments, blocks[0].norm1.eps)
     for i, block in enumerate(blocks):
         nxt = None
         if i + 1 < len(blocks):
             nxt = (mods[i + 1][:, :, 0], mods[i + 1][:, :, 1], blocks[i + 1].norm1.eps)
-        args = (block, i, x, h, text, mods[i], nxt, segments, self_attention, backend)
+        args = (block, i, x, h, text, mods[i], nxt, segments, self_attention)
         if ckpt:
-            x, h = block_calls.checkpoint(block_forward, block, *args)
+            x, h = checkpoint(block_forward, block, *args)
         else:
             x, h = block_forward(*args)
     return x
+
+
+def under_backend(backend, fn):
+    """``fn`` that runs under ``ops.backend(backend)`` whenever it is called."""
+
+    def run(*args):
+        with ops.backend(backend):
+            return fn(*args)
+
+    return run
 
 
 def _offloaded_block(block, *args):
@@ -308,11 +320,11 @@ def _offloaded_block(block, *args):
         return standalone_block_forward(block, *args)
 
 
-def head(model, x, e_rows, segments, backend=None):
+def head(model, x, e_rows, segments):
     """Output norm + per-frame modulation with ``e`` (not m) + ``proj_out``."""
     mod = model.scale_shift_table + e_rows[:, :, None, :]
     shift, scale = mod.unbind(2)
-    h = ops.adaln_modulate(x, shift, scale, segments, model.norm_out.eps, backend=backend)
+    h = ops.adaln_modulate(x, shift, scale, segments, model.norm_out.eps)
     return model.proj_out(h)
 
 

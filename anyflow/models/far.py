@@ -89,20 +89,18 @@ def kv_capacity(chunk_partition: Sequence[int], full_chunk_limit: int, full_tpf:
 # ----------------------------------------------------------------------------------------------
 # full-sequence forward (training, diffusers' cache step)
 # ----------------------------------------------------------------------------------------------
-def _masked_attention(cos, sin, layout, on_kv=None, backend=None, *, shard=None) -> SelfAttention:
+def _masked_attention(cos, sin, layout, on_kv=None, *, shard=None) -> SelfAttention:
     """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys. Under
     Ulysses (``shard``) the queries/keys are exchanged to all tokens of this rank's heads around the attention
     (``layout`` indexes the whole sequence); ``on_kv`` is not supported there."""
 
     def fn(layer, attn, q, k, v):
-        qr = norm_rope(attn, q, "q", cos, sin, backend)
-        kr = norm_rope(attn, k, "k", cos, sin, backend)
+        qr = norm_rope(attn, q, "q", cos, sin)
+        kr = norm_rope(attn, k, "k", cos, sin)
         if on_kv is not None:
             on_kv(layer, attn, k, kr, v)
         qr, kr, v = blocks.exchange_heads(shard, qr, kr, v)
-        o = ops.chunk_causal_attention(
-            qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout, backend=backend
-        )
+        o = ops.chunk_causal_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout)
         return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
 
     return fn
@@ -123,7 +121,6 @@ def far_sequence_forward(
     clean_timestep=None,
     on_kv=None,
     with_head: bool = True,
-    backend=None,
 ):
     """FAR forward over ``[compressed chunks | full chunks (| clean copies)]`` with the chunk-causal mask.
 
@@ -184,7 +181,7 @@ def far_sequence_forward(
         segs.append((nf_frames, geo.full_tpf))
         ropes.append(ropes[-1])
         x.append(patchify(model.patch_embedding, clean_hidden_states))
-    e_rows, m_rows = blocks.time_rows(model, torch.cat(t_rows, 1), torch.cat(d_rows, 1), text.raw_dtype, backend)
+    e_rows, m_rows = blocks.time_rows(model, torch.cat(t_rows, 1), torch.cat(d_rows, 1), text.raw_dtype)
     cos, sin = blocks.cat_rope(ropes)
     x = torch.cat(x, dim=1) if len(x) > 1 else x[0]
     layout = ops.far_attention_layout(
@@ -195,15 +192,15 @@ def far_sequence_forward(
     if shard is not None and on_kv is not None:
         raise NotImplementedError("on_kv (diffusers' dict KV cache) is not supported under context parallelism")
     x, (m_rows,), cos, sin = blocks.shard_inputs(shard, x, (m_rows,), cos, sin)
-    attend = _masked_attention(cos, sin, layout, on_kv, backend, shard=shard)
-    x = blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attend, backend)
+    attend = _masked_attention(cos, sin, layout, on_kv, shard=shard)
+    x = blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attend)
     if not with_head:
         return None
     if shard is not None:
         x = shard.gather(x)
     n_ctx = nc_frames * geo.compressed_tpf
     x = x[:, n_ctx : n_ctx + nf_frames * geo.full_tpf]
-    out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),), backend)
+    out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),))
     return unpatchify(model, out, nf_frames, hh, ww)
 
 
@@ -261,13 +258,13 @@ class FARKVCache:
         n = self.num_cached
         return KVSnapshot([(self.k[i, :, :, :n].clone(), self.v[i, :, :, :n].clone()) for i in range(self.k.shape[0])])
 
-    def _writing(self, cos, sin, start: int, backend, attend, shard=None) -> SelfAttention:
+    def _writing(self, cos, sin, start: int, attend, shard=None) -> SelfAttention:
         """Self-attention that writes the tokens' K/V at ``start``, then ``attend(layer, q [B, H, L, Dh], end)``;
         under Ulysses (``shard``) this rank's heads of all tokens are written and attended."""
 
         def fn(layer, attn, q, k, v):
-            kr = norm_rope(attn, k, "k", cos, sin, backend)
-            qr, kr, v = blocks.exchange_heads(shard, norm_rope(attn, q, "q", cos, sin, backend), kr, v)
+            kr = norm_rope(attn, k, "k", cos, sin)
+            qr, kr, v = blocks.exchange_heads(shard, norm_rope(attn, q, "q", cos, sin), kr, v)
             self.write(layer, start, kr, v)
             o = attend(layer, qr.transpose(1, 2), start + kr.shape[1]).transpose(1, 2)
             return blocks.exchange_tokens(shard, o).flatten(2)
@@ -276,12 +273,12 @@ class FARKVCache:
 
     def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
         def attend(layer, q, end):
-            return ops.segmented_attention(q, *self.segments(layer, end), backend=runner.backend)
+            return ops.segmented_attention(q, *self.segments(layer, end))
 
         shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
         if shard is not None:
             cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
-        return self._writing(cos, sin, self.num_cached, runner.backend, attend, shard)
+        return self._writing(cos, sin, self.num_cached, attend, shard)
 
     def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
         nc, _ = split_chunks(k + 1, runner.limit - 1)
@@ -294,40 +291,39 @@ class FARKVCache:
     def _encode(self, runner, c0: int, c1: int, compressed: bool, latents, text) -> int:
         """Encode chunks ``[c0, c1)`` at t = r = 0 right after the compressed prefix, chunk-causally over
         everything before them; returns their token count."""
-        model, backend, start = runner.model, runner.backend, self.num_compressed
+        model, start = runner.model, self.num_compressed
         f0, f1 = sum(runner.cp[:c0]), sum(runner.cp[:c1])
         x = patchify(model.far_patch_embedding if compressed else model.patch_embedding, latents[:, f0:f1])
         tpf = runner.geo.compressed_tpf if compressed else runner.geo.full_tpf
         layout = ops.chunk_causal_layout([c * tpf for c in runner.cp[c0:c1]], kv_offset=start)
         zeros = torch.zeros(x.shape[0], f1 - f0, dtype=torch.float64, device=x.device)
-        m_rows = blocks.time_rows(model, zeros, zeros, text.raw_dtype, backend)[1]
+        m_rows = blocks.time_rows(model, zeros, zeros, text.raw_dtype)[1]
         segs = ((f1 - f0, tpf),)
         shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens, all tokens of its heads cached
         cos, sin = runner.rope(f0, f1, x.device, compressed)
         x, (m_rows,), cos, sin = blocks.shard_inputs(shard, x, (m_rows,), cos, sin)
 
         def attend(layer, q, end):
-            return ops.chunk_causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], layout,
-                                              backend=backend)
+            return ops.chunk_causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], layout)
 
-        attention = self._writing(cos, sin, start, backend, attend, shard)
-        blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attention, backend)
+        attention = self._writing(cos, sin, start, attend, shard)
+        blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attention)
         return (f1 - f0) * tpf
 
 
-def _over_cache(cos, sin, backend, cached, shard=None) -> SelfAttention:
+def _over_cache(cos, sin, cached, shard=None) -> SelfAttention:
     """Self-attention of the current tokens over ``cached(layer) -> (keys, values)`` (lists of
     ``[B, H, L, Dh]``, rotated) and themselves, without mask; nothing is written. Under Ulysses (``shard``) the
     current tokens are this rank's and ``cached`` holds this rank's heads."""
 
     def fn(layer, attn, q, k, v):
-        qr = norm_rope(attn, q, "q", cos, sin, backend)
-        kr = norm_rope(attn, k, "k", cos, sin, backend)
+        qr = norm_rope(attn, q, "q", cos, sin)
+        kr = norm_rope(attn, k, "k", cos, sin)
         qr, kr, v = (t.transpose(1, 2) for t in blocks.exchange_heads(shard, qr, kr, v))
         keys, values = cached(layer)
         keys = [c.to(qr.dtype) for c in keys] + [kr]
         values = [c.to(qr.dtype) for c in values] + [v]
-        o = ops.segmented_attention(qr, keys, values, backend=backend).transpose(1, 2)
+        o = ops.segmented_attention(qr, keys, values).transpose(1, 2)
         return blocks.exchange_tokens(shard, o).flatten(2)
 
     return fn
@@ -346,7 +342,7 @@ class KVSnapshot:
         shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
         if shard is not None:
             cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
-        return _over_cache(cos, sin, runner.backend, cached, shard)
+        return _over_cache(cos, sin, cached, shard)
 
     def cache_step(self, runner, k, latents, text) -> None:
         raise TypeError("a KVSnapshot is read-only: run the cache step on the FARKVCache it was taken from")
@@ -382,18 +378,18 @@ class DiffusersKVCache:
         if k != self.num_cached_chunks:
             raise ValueError(f"chunk_partition has {k + 1} chunks but the cache holds {self.num_cached_chunks} "
                              "(expected one more chunk)")
-        backend, dev = runner.backend, cos.device
+        dev = cos.device
         n_cc, n_cf = runner.context_tokens(k - 1) if k else (0, 0)
         nc_frames = sum(runner.cp[: split_chunks(k + 1, runner.limit)[0]])
         rope_c, rope_f = runner.rope(0, nc_frames, dev, True), runner.rope(nc_frames, sum(runner.cp[:k]), dev)
 
         def cached(layer):
             comp, full = self.kv_cache[layer]["compressed_cache"], self.kv_cache[layer]["full_cache"]
-            rotated = [ops.apply_rope(key.transpose(1, 2), *rope, backend=backend).transpose(1, 2)
+            rotated = [ops.apply_rope(key.transpose(1, 2), *rope).transpose(1, 2)
                        for key, rope in ((comp[0, :, :, :n_cc], rope_c), (full[0, :, :, :n_cf], rope_f))]
             return rotated, [comp[1, :, :, :n_cc], full[1, :, :, :n_cf]]
 
-        return _over_cache(cos, sin, backend, cached)
+        return _over_cache(cos, sin, cached)
 
     def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
         _no_context_parallel(runner)
@@ -408,7 +404,7 @@ class DiffusersKVCache:
                 k_pre[:, :, :n], v[:, :, :n], k_pre[:, :, n:], v[:, :, n:])
 
         far_sequence_forward(runner.model, latents, runner.cp[: k + 1], self.timestep, self.r_timestep, text,
-                             full_limit=runner.limit - 1, on_kv=on_kv, with_head=False, backend=runner.backend)
+                             full_limit=runner.limit - 1, on_kv=on_kv, with_head=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,14 +423,13 @@ class FARRunner:
     Args:
         model: a diffusers ``AnyFlowFARTransformer3DModel`` (enabled or not; its parameters are read).
         chunk_partition: latent frames per chunk; latent_hw: latent (height, width).
-        backend: op backend (``None`` / ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
 
     Raises:
         TypeError / ValueError: a chunk partition that is not a non-empty sequence of positive ints.
     """
 
-    def __init__(self, model, chunk_partition: Sequence[int], latent_hw, backend=None):
-        self.model, self.backend = model, backend
+    def __init__(self, model, chunk_partition: Sequence[int], latent_hw):
+        self.model = model
         self.cp = check_chunk_partition(chunk_partition)
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.geo = far_geometry(model, *self.latent_hw)
@@ -496,15 +491,15 @@ def _step(model, runner: FARRunner, k, z, t, r, text, state):
     text = as_text(model, text)
     t, r = frame_times("timestep", t, b, f, z.device), frame_times("r_timestep", r, b, f, z.device)
     delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
-    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype, runner.backend)
+    e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype)
     segs = ((f, runner.geo.full_tpf),)
     attention = state.step_attention(runner, k, *runner.rope(f0, f1, z.device))
     shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens (the state sliced the RoPE tables)
     x, (m_rows, e_rows), _, _ = blocks.shard_inputs(shard, patchify(model.patch_embedding, z), (m_rows, e_rows),
                                                     None, None)
     segs = segs if shard is None else shard.segments
-    x = blocks.run_blocks(model, x, text, m_rows, segs, attention, runner.backend)
-    out = head(model, x, e_rows, segs, runner.backend)
+    x = blocks.run_blocks(model, x, text, m_rows, segs, attention)
+    out = head(model, x, e_rows, segs)
     return unpatchify(model, out if shard is None else shard.gather(out), f, hh, ww)
 
 

@@ -42,7 +42,6 @@ def sample(
     context: Optional[torch.Tensor] = None,
     guidance_scale: float = 1.0,
     use_mean_velocity: bool = True,
-    backend: Optional[str] = None,
     cuda_graphs: bool = False,
     attention: Optional[str] = None,
     on_step: Optional[Callable[[int, float, torch.Tensor], Optional[torch.Tensor]]] = None,
@@ -51,7 +50,8 @@ def sample(
     """Run the flow-map jumps ``pairs`` on the whole clip.
 
     Args:
-        model: a diffusers ``AnyFlowTransformer3DModel`` (enabled or not; its parameters are read).
+        model: a diffusers ``AnyFlowTransformer3DModel`` (enabled or not; its parameters are read); the ops run
+            on its :func:`anyflow.enable` backend, else on the one in effect (:class:`anyflow.ops.backend`).
         noise: ``[B, F, C, H, W]`` initial latents (any float dtype; copied to fp32).
         pairs: time pairs ``(t, r)`` in [0, 1000], t >= r (:func:`anyflow.samplers.schedule.time_pairs`);
             pairs with t == r are skipped.
@@ -59,7 +59,7 @@ def sample(
         context: optional ``[B, T, C, H, W]`` clean latents of the first T frames (I2V / V2V).
         guidance_scale: CFG scale (used when the text batch is 2B).
         use_mean_velocity: pass r to the model (flow map); ``False`` passes r = t (instantaneous velocity).
-        backend: op backend; attention: SDPA policy (:data:`anyflow.ops.SDPA_POLICIES`, ``None`` = as is).
+        attention: SDPA policy (:data:`anyflow.ops.SDPA_POLICIES`, ``None`` = as is).
         cuda_graphs: replay the per-step forward from a CUDA graph (CUDA + inference only, else eager).
         on_step: ``on_step(i, t, latents)`` after every jump; may return replacement latents.
         interrupted: checked before every jump; ``True`` skips the remaining jumps.
@@ -85,8 +85,7 @@ def sample(
         n_ctx = ctx.shape[1]
         z[:, :n_ctx] = ctx.float()
     cfg = text.tokens.shape[0] == 2 * b
-    step = graphs.StepGraph(lambda x, tt, rr: bidirectional_forward(model, x, tt, rr, text, backend=backend),
-                            z.device, enabled=cuda_graphs)
+    step = graphs.StepGraph(lambda x, tt, rr: bidirectional_forward(model, x, tt, rr, text), z.device, enabled=cuda_graphs)
 
     def velocity(i, z, t, r):
         x = z.to(dtype)
@@ -99,7 +98,7 @@ def sample(
         tt[:, :n_ctx] = 0  # context frames are clean: t = 0 (r untouched, as the official pipeline)
         return step(x, tt, rr)
 
-    with ops.sdpa_policy(attention):
+    with ops.sdpa_policy(attention), ops.backend(getattr(model, "_anyflow_backend", None)):
         run = flow_map_jumps(velocity, z, pairs, guidance_scale=guidance_scale, num_context_frames=n_ctx,
-                             on_step=on_step, interrupted=interrupted, backend=backend)
+                             on_step=on_step, interrupted=interrupted)
     return BidirectionalRun(run.latents, run.nfe, step.replays)

@@ -28,7 +28,6 @@ class FARSession:
         text: :class:`anyflow.models.blocks.TextContext` for the model batch (2B with CFG).
         chunk_partition: latent frames per chunk.
         latent_hw: latent (height, width).
-        backend: op backend.
         cuda_graphs: capture each chunk's per-step forward as a CUDA graph (:mod:`.graphs`; CUDA,
             inference only, otherwise eager).
         attention: SDPA policy (:data:`anyflow.ops.SDPA_POLICIES`) active during the session's forwards;
@@ -36,18 +35,19 @@ class FARSession:
 
     Attributes:
         runner: the :class:`~anyflow.models.far.FARRunner`; cache: its :class:`~anyflow.models.far.FARKVCache`
-            (model dtype, batch of ``text``); nfe, cache_steps, graph_replays: counters.
+            (model dtype, batch of ``text``); nfe, cache_steps, graph_replays: counters; backend: the model's
+            :func:`anyflow.enable` backend, entered around its steps (``None``: :class:`anyflow.ops.backend`'s).
 
     Raises:
         TypeError / ValueError: a bad chunk partition.
     """
 
-    def __init__(self, model, text: TextContext, chunk_partition: Sequence[int], latent_hw, backend=None,
+    def __init__(self, model, text: TextContext, chunk_partition: Sequence[int], latent_hw,
                  cuda_graphs: bool = False, attention: Optional[str] = None):
         self.model = model
         self.text = text
-        self.backend = backend
-        self.runner = FARRunner(model, chunk_partition, latent_hw, backend)
+        self.backend = getattr(model, "_anyflow_backend", None)
+        self.runner = FARRunner(model, chunk_partition, latent_hw)
         self.cp = self.runner.cp
         self.cache = self.runner.new_cache(text.tokens.shape[0], model.dtype, text.tokens.device)
         self.nfe = 0
@@ -69,13 +69,13 @@ class FARSession:
         step of the chunk) and reads nothing but its arguments, the cache and the prompt context, so
         it can be captured as a CUDA graph per chunk. The caller counts the NFE.
         """
-        with ops.sdpa_policy(self.attention):
+        with ops.sdpa_policy(self.attention), ops.backend(self.backend):
             return self.runner.step(k, z, t, r, self.text, self.cache)
 
     def cache_step(self, k: int, latents: torch.Tensor) -> None:
         """Make chunks ``0..k`` context; ``latents`` ``[B', >= f1, C, H, W]`` holds their final values."""
         self.cache_steps += 1
-        with ops.sdpa_policy(self.attention):
+        with ops.sdpa_policy(self.attention), ops.backend(self.backend):
             self.runner.cache_step(k, latents, self.text, self.cache)
 
 
@@ -111,8 +111,8 @@ def sample_chunk(
         tt = torch.full((x.shape[0], f), t, dtype=torch.float64, device=x.device)
         return step(x, tt, torch.full_like(tt, r) if use_mean_velocity else tt)
 
-    run = flow_map_jumps(velocity, noise, pairs, guidance_scale=guidance_scale, on_step=on_step,
-                         backend=session.backend)
+    with ops.backend(session.backend):
+        run = flow_map_jumps(velocity, noise, pairs, guidance_scale=guidance_scale, on_step=on_step)
     session.nfe += run.nfe
     session.graph_replays += step.replays
     return run.latents

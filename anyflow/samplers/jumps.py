@@ -42,7 +42,6 @@ def flow_map_jumps(
     renoise: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     on_step: Optional[Callable[[int, float, torch.Tensor], Optional[torch.Tensor]]] = None,
     interrupted: Optional[Callable[[], bool]] = None,
-    backend=None,
 ) -> Jumps:
     """Run the flow-map jumps ``time_pairs`` from ``z``.
 
@@ -57,7 +56,6 @@ def flow_map_jumps(
             estimate to the next time); ``None`` for flow-map sampling.
         on_step: ``on_step(i, t, z)`` after jump i; may return replacement latents (diffusers callback semantics).
         interrupted: checked before every jump; ``True`` skips the remaining jumps.
-        backend: op backend of the update (``"torch"`` where autograd must see it).
 
     Returns:
         :class:`Jumps`.
@@ -78,8 +76,7 @@ def flow_map_jumps(
             continue
         u = velocity(i, z, t, r)
         nfe += 1
-        z = ops.euler_shortcut(z, u, t, r, guidance_scale=guidance_scale, num_context_frames=num_context_frames,
-                               backend=backend)
+        z = ops.euler_shortcut(z, u, t, r, guidance_scale=guidance_scale, num_context_frames=num_context_frames)
         if renoise is not None:
             z = renoise(i, z)
         if on_step is not None:

@@ -273,9 +273,8 @@ def bidirectional_call(self, *args, **kwargs):
     with self.progress_bar(total=len(p.pairs)) as bar:
         run = bidirectional_sampler.sample(
             model, p.noise, p.pairs, p.text, context=p.context, guidance_scale=kw["guidance_scale"],
-            use_mean_velocity=kw["use_mean_velocity"], backend=getattr(model, "_anyflow_backend", None),
-            cuda_graphs=_cuda_graphs(self, model), attention=getattr(model, "_anyflow_attention", None),
-            on_step=on_step, interrupted=lambda: self.interrupt,
+            use_mean_velocity=kw["use_mean_velocity"], cuda_graphs=_cuda_graphs(self, model),
+            attention=getattr(model, "_anyflow_attention", None), on_step=on_step, interrupted=lambda: self.interrupt,
         )
     _sync(p.device)
     self.anyflow_stats = RunStats(run.nfe, 0, time.perf_counter() - start, run.graph_replays)
@@ -299,10 +298,8 @@ def _far_setup(pipe, args, kwargs):
     if cp is None:
         cp = list(model.config.chunk_partition)
     cp = check_chunk_partition(cp, p.noise.shape[1])
-    session = far_sampler.FARSession(
-        model, p.text, cp, p.noise.shape[3:], backend=getattr(model, "_anyflow_backend", None),
-        cuda_graphs=_cuda_graphs(pipe, model), attention=getattr(model, "_anyflow_attention", None),
-    )
+    session = far_sampler.FARSession(model, p.text, cp, p.noise.shape[3:], cuda_graphs=_cuda_graphs(pipe, model),
+                                     attention=getattr(model, "_anyflow_attention", None))
     return kw, p, session
 
 

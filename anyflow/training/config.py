@@ -238,7 +238,7 @@ class TrainConfig:
         trainable: parameter-name substrings to train without LoRA (empty: every parameter).
         log_every, save_every: logging and checkpoint periods in steps (0 disables saving).
         output_dir: checkpoints and ``log.jsonl``.
-        backend: op backend of the fused forwards.
+        backend: op backend of the fused forwards (entered as :class:`anyflow.ops.backend` around every step).
     """
 
     name: str = "run"

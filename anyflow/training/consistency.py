@@ -29,10 +29,10 @@ import torch
 
 from .. import ops
 from ..models.bidirectional import bidirectional_forward
-from ..samplers.jumps import flow_map_jumps
 from ..samplers.schedule import pairs_of, time_grid
 from .config import ConsistencyConfig
-from .flowmap import LossOutput, Phase, _as_context, expand_negative, model_velocity, noise_latents, window_forward
+from .flowmap import (LossOutput, Phase, _as_context, expand_negative, model_velocity, noise_latents, torch_jumps,
+                      window_forward)
 
 
 def consistency_grid(num_intervals: int, shift: float) -> torch.Tensor:
@@ -53,12 +53,12 @@ def endpoint(forward, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
     return ops.euler_shortcut(z.float(), u, t, 0.0, backend="torch")
 
 
-def teacher_velocity(model, backend=None) -> Callable:
+def teacher_velocity(model) -> Callable:
     """Flow-matching velocity ``v(z, t, text)`` of an AnyFlow (bidirectional) model used at r = t, the way
     the official trainer queries its teacher (NVlabs/AnyFlow trainer_wan_anyflow_onpolicy.py, ``real_score``)."""
 
     def v(z, t, text):
-        return bidirectional_forward(model, z, t, t, text, backend=backend)
+        return bidirectional_forward(model, z, t, t, text)
 
     return v
 
@@ -158,7 +158,7 @@ def consistency_sample(
         return noise_latents(x0, eps, torch.full((b, f), t_next, device=x0.device)).float()
 
     to_zero = [(t, 0.0) for t, _ in pairs]
-    return flow_map_jumps(model_velocity(forward, text), noise, to_zero, renoise=renoise, backend="torch").latents
+    return torch_jumps(model_velocity(forward, text), noise, to_zero, renoise=renoise).latents
 
 
 class ConsistencyPhase(Phase):

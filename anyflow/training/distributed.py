@@ -202,10 +202,6 @@ def _raw_text(text) -> torch.Tensor:
     return text.tokens if isinstance(text, TextContext) else text
 
 
-def _bidirectional(model, z, t, r, raw, backend):
-    return bidirectional_forward(model, z, t, r, raw, backend=backend)
-
-
 class _RawTextInside:
     """Shared by the sharded forwards: the same passes on every process, and a text context holding the raw
     prompt embeddings, projected inside each FSDP root call."""
@@ -230,17 +226,14 @@ class ShardedForward(_RawTextInside, BidirectionalForward):
     policy); timesteps stay fp32.
     """
 
-    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+    def __call__(self, z, t, r, text):
         dtype = compute_dtype(self.model)
-        return run_sharded(self.model, _bidirectional, z.to(dtype), t, r, _raw_text(text).to(dtype),
-                           backend or self.backend)
+        return run_sharded(self.model, bidirectional_forward, z.to(dtype), t, r, _raw_text(text).to(dtype))
 
 
-def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit, backend):
-    return far_sequence_forward(
-        model, hidden, cp, t, r, raw, full_limit=full_limit, clean_hidden_states=clean, clean_timestep=clean_t,
-        backend=backend,
-    )
+def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit):
+    return far_sequence_forward(model, hidden, cp, t, r, raw, full_limit=full_limit, clean_hidden_states=clean,
+                                clean_timestep=clean_t)
 
 
 @dataclass
@@ -252,11 +245,11 @@ class ShardedFARWindowForward(_RawTextInside, FARWindowForward):
     :class:`ShardedForward`), context, window and clean copy cast to the compute dtype.
     """
 
-    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+    def __call__(self, z, t, r, text):
         dtype = compute_dtype(self.model)
         hidden, tt, rr, clean, clean_t = self.sequence(z.to(dtype), t, r)
         return run_sharded(self.model, _far_window, hidden, self.chunk_partition, tt, rr, _raw_text(text).to(dtype),
-                           clean, clean_t, self.full_limit, backend or self.backend)
+                           clean, clean_t, self.full_limit)
 
 
 def sharded_forward(forward):
@@ -267,7 +260,7 @@ def sharded_forward(forward):
     if isinstance(forward, FARWindowForward):
         return ShardedFARWindowForward(**{f.name: getattr(forward, f.name) for f in dataclasses.fields(forward)})
     if isinstance(forward, BidirectionalForward):
-        return ShardedForward(forward.model, forward.backend)
+        return ShardedForward(forward.model)
     return forward
 
 

@@ -12,8 +12,9 @@ Units: timesteps in [0, 1000] (sigma = t / 1000); latents ``[B, F, C, H, W]``; p
 ``[B, F]``; text ``[B, L, D]`` or a :class:`anyflow.models.blocks.TextContext`.
 
 Every model call goes through :mod:`anyflow.models` (the op layer), so the backward kernels of
-the selected backend are exercised. The functions here are pure in the sense that all randomness
-comes from an explicit ``torch.Generator`` (CPU), which makes training reproducible and resumable.
+the backend in effect (:class:`anyflow.ops.backend`; the trainer enters ``config.backend``) are
+exercised. The functions here are pure in the sense that all randomness comes from an explicit
+``torch.Generator`` (CPU), which makes training reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import ops
 from ..models.bidirectional import bidirectional_forward
-from ..models.blocks import TextContext, prepare_text
+from ..models.blocks import TextContext, prepare_text, under_backend
 from ..models.far import check_chunk_partition, far_sequence_forward, split_chunks
 from ..samplers.jumps import flow_map_jumps
 from ..samplers.schedule import pairs_of, shift_sigma, time_grid
@@ -233,10 +235,9 @@ class BidirectionalForward:
     model (also a FAR model used bidirectionally: same submodules, full patches, dense attention)."""
 
     model: torch.nn.Module
-    backend: Optional[str] = None
 
-    def __call__(self, z, t, r, text, backend: Optional[str] = None):
-        return bidirectional_forward(self.model, z, t, r, text, backend=backend or self.backend)
+    def __call__(self, z, t, r, text):
+        return bidirectional_forward(self.model, z, t, r, text)
 
     def take(self, index: torch.Tensor) -> "BidirectionalForward":
         """The wrapper for batch rows ``index`` (nothing per-row to select here)."""
@@ -264,7 +265,6 @@ class FARWindowForward:
     context: torch.Tensor
     clean: torch.Tensor
     full_limit: int
-    backend: Optional[str] = None
 
     def sequence(self, z, t, r):
         """The model inputs of a call: ``(hidden [B, F_ctx + F_win, C, H, W], t, r [B, F_ctx + F_win],
@@ -275,12 +275,10 @@ class FARWindowForward:
         return (hidden, torch.cat([zeros, t], 1), torch.cat([zeros, r], 1), self.clean.to(z.dtype),
                 t.new_zeros(b, self.clean.shape[1]))
 
-    def __call__(self, z, t, r, text, backend: Optional[str] = None):
+    def __call__(self, z, t, r, text):
         hidden, tt, rr, clean, clean_t = self.sequence(z, t, r)
-        return far_sequence_forward(
-            self.model, hidden, self.chunk_partition, tt, rr, text, full_limit=self.full_limit,
-            clean_hidden_states=clean, clean_timestep=clean_t, backend=backend or self.backend,
-        )
+        return far_sequence_forward(self.model, hidden, self.chunk_partition, tt, rr, text, full_limit=self.full_limit,
+                                    clean_hidden_states=clean, clean_timestep=clean_t)
 
     def take(self, index: torch.Tensor) -> "FARWindowForward":
         """The wrapper for batch rows ``index`` (context and clean copy selected alike; repeats allowed;
@@ -384,18 +382,18 @@ def jvp_derivative(forward, z, v, t, r, text) -> torch.Tensor:
     """Exact total derivative ``dU/dt = d/dt u(z + (v / 1000) dt, t + dt, r)`` by forward-mode AD.
 
     Tangent ``(v / 1000, 1)`` w.r.t. ``(z, t)`` through :func:`torch.func.jvp`, with no gradient and
-    attention on the math SDPA path (forward AD has no formula for the fused kernels). The op layer is
-    called with the ``"torch"`` backend (the Triton/CUDA kernels have no forward-mode rule).
+    attention on the math SDPA path (forward AD has no formula for the fused kernels). The op layer runs
+    under ``ops.backend("torch")`` (the Triton/CUDA kernels have no forward-mode rule).
 
     Returns:
         ``[B, F, C, H, W]`` fp32, per 1000-unit of t.
     """
 
     def fn(z_, t_):
-        return forward(z_, t_, r, text, backend="torch")
+        return forward(z_, t_, r, text)
 
     tangent = ((v.float() / 1000).to(z.dtype), torch.ones_like(t))
-    with torch.no_grad(), _jvp_context():
+    with torch.no_grad(), _jvp_context(), ops.backend("torch"):
         _, du = torch.func.jvp(fn, (z, t), tangent)
     return du.float()
 
@@ -633,7 +631,7 @@ class StepInputs:
 
 def prepare_bidirectional(
     model, latents, text, negative, cfg: FlowMapConfig, *, shift: float, drop_text_ratio: float,
-    generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
+    generator: torch.Generator, rank: int = 0, world_size: int = 1,
 ) -> StepInputs:
     """Text dropout, (t, r) pairs, the I2V coin (``t[:, 0] = 0``, r kept, as the official trainer does) and noise
     for a bidirectional step. Draw order: text coins, pairs, I2V coin, noise."""
@@ -646,13 +644,13 @@ def prepare_bidirectional(
         t[:, 0] = 0
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     dev = latents.device
-    return StepInputs(BidirectionalForward(model, backend), latents, noise, t.to(dev), r.to(dev), pairs.kind,
+    return StepInputs(BidirectionalForward(model), latents, noise, t.to(dev), r.to(dev), pairs.kind,
                       text, dropped)
 
 
 def prepare_far(
     model, latents, text, negative, cfg: FlowMapConfig, far: FARConfig, *, shift: float, drop_text_ratio: float,
-    generator: torch.Generator, rank: int = 0, world_size: int = 1, backend=None,
+    generator: torch.Generator, rank: int = 0, world_size: int = 1,
 ) -> StepInputs:
     """A FAR step (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, chunk sampling): chunk count n, window = last
     ``full_chunk_limit`` chunks of
@@ -665,20 +663,20 @@ def prepare_far(
     pairs = sample_time_pairs(b, cfg, shift, generator, rank, world_size)
     t, r = pairs.per_frame(f)
     noise = torch.randn(window.shape, generator=generator).to(window.device, window.dtype)
-    fwd = FARWindowForward(model, cp, context, window, far.full_chunk_limit, backend)
+    fwd = FARWindowForward(model, cp, context, window, far.full_chunk_limit)
     dev = latents.device
     return StepInputs(fwd, window, noise, t.to(dev), r.to(dev), pairs.kind, text, dropped, n)
 
 
 def bidirectional_modeling_loss(
-    model, latents, text, negative, *, shift: float, guidance_scale: float, generator: torch.Generator, backend=None,
+    model, latents, text, negative, *, shift: float, guidance_scale: float, generator: torch.Generator,
     forward=None, rows: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """FAR's extra bidirectional flow-matching loss on the whole clip (NVlabs/AnyFlow
     trainer_far_wan_anyflow_pretrain.py, bidirectional co-training):
     t ~ logit-normal then shifted, r = t, guidance-fused, unweighted MSE to v.
 
-    ``forward`` replaces ``BidirectionalForward(model, backend)`` (e.g. the sharded forward of
+    ``forward`` replaces ``BidirectionalForward(model)`` (e.g. the sharded forward of
     :mod:`anyflow.training.distributed`); with ``rows`` the draws are made for the whole (global) batch
     and the loss is computed on those rows only (one process's slice).
     """
@@ -688,7 +686,7 @@ def bidirectional_modeling_loss(
     neg = expand_negative(negative, text)
     if rows is not None:
         latents, text, t, noise, neg = (a[rows.to(a.device)] for a in (latents, text, t, noise, neg))
-    forward = BidirectionalForward(model, backend) if forward is None else forward
+    forward = BidirectionalForward(model) if forward is None else forward
     return flow_matching_loss(forward, latents, noise, t, text, neg, guidance_scale)
 
 
@@ -717,7 +715,15 @@ def flow_map_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: f
         ValueError: ``num_steps`` < 1 (without ``timesteps``).
     """
     grid = time_grid(num_steps, shift) if timesteps is None else timesteps
-    return flow_map_jumps(model_velocity(forward, text), noise, pairs_of(grid), backend="torch").latents
+    return torch_jumps(model_velocity(forward, text), noise, pairs_of(grid)).latents
+
+
+def torch_jumps(velocity, z: torch.Tensor, time_pairs, **kwargs):
+    """:func:`anyflow.samplers.jumps.flow_map_jumps` (same arguments) whose updates run on the torch backend
+    (autograd sees them) and whose ``velocity`` calls on the op backend in effect (:class:`anyflow.ops.backend`)."""
+    velocity = under_backend(ops.registry.requested_backend(), velocity)
+    with ops.backend("torch"):
+        return flow_map_jumps(velocity, z, time_pairs, **kwargs)
 
 
 def model_velocity(forward, text):
@@ -775,10 +781,10 @@ def window_forward(trainer, latents: torch.Tensor, text: torch.Tensor):
     cfg, g = trainer.cfg, trainer.generator
     text, _ = drop_text(text, trainer.negative, cfg.drop_text_ratio, g)
     if not trainer.far:
-        return BidirectionalForward(trainer.model, trainer.backend), latents, text
+        return BidirectionalForward(trainer.model), latents, text
     n = sample_num_chunks(cfg.far, g)
     cp, context, window = far_window(latents, cfg.far.chunk_partition, n, cfg.far.full_chunk_limit)
-    return FARWindowForward(trainer.model, cp, context, window, cfg.far.full_chunk_limit, trainer.backend), window, text
+    return FARWindowForward(trainer.model, cp, context, window, cfg.far.full_chunk_limit), window, text
 
 
 class TeacherPhase(Phase):
@@ -816,7 +822,7 @@ class PretrainPhase(Phase):
         cfg, g = tr.cfg, tr.generator
         fmc = cfg.flowmap
         # drawn for the global batch (pair kinds by global index), then this process's rows
-        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g, backend=tr.backend)
+        kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g)
         if tr.far:
             si = prepare_far(tr.model, latents, text, tr.negative, fmc, cfg.far, **kw)
         else:
@@ -832,7 +838,7 @@ class PretrainPhase(Phase):
         if tr.far and torch.rand((), generator=g).item() < cfg.far.bidirectional_modeling_prob:
             extra = bidirectional_modeling_loss(
                 tr.model, latents, dropped_text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
-                generator=g, backend=tr.backend, forward=tr.sharded(BidirectionalForward(tr.model, tr.backend)),
+                generator=g, forward=tr.sharded(BidirectionalForward(tr.model)),
                 rows=tr.rows(latents.shape[0]))
             extra.stats = {"loss_bidirectional": extra.stats["loss"]}
             yield extra

@@ -38,7 +38,6 @@ import torch
 from .. import ops
 from ..models.blocks import TextContext, prepare_text
 from ..models.far import FARRunner
-from ..samplers.jumps import flow_map_jumps
 from ..samplers.schedule import shift_sigma, time_grid
 from .config import DMDConfig
 from .distributed import compute_dtype, frozen_parameters, full_tensor, is_sharded, run_sharded
@@ -52,6 +51,7 @@ from .flowmap import (
     is_far,
     noise_latents,
     sample_logit_normal,
+    torch_jumps,
 )
 
 SEGMENT_NAMES = ("S1", "S2", "S3")
@@ -136,8 +136,8 @@ def bidirectional_rollout(
     Returns:
         ``(x_hat [B, F, C, H, W] fp32, nfe)``.
 
-    Each jump is one NFE in the grad mode of its segment (module docstring) and the update
-    :func:`anyflow.samplers.jumps.flow_map_jumps` on the torch backend (autograd sees it; it reads no
+    Each jump is one NFE in the grad mode of its segment (module docstring) and the update of
+    :func:`anyflow.training.flowmap.torch_jumps` on the torch backend (autograd sees it; it reads no
     parameter, so running it outside the segment's grad mode leaves the parameter gradients alone).
     """
     text = _as_context(forward, text)
@@ -150,7 +150,7 @@ def bidirectional_rollout(
             return forward(z.to(dtype), torch.full((b, f), t, device=z.device), torch.full((b, f), r, device=z.device),
                            _segment_text(name, grad_segments, text))
 
-    run = flow_map_jumps(velocity, noise, [(a, b) for _, a, b in plan.segments], backend="torch")
+    run = torch_jumps(velocity, noise, [(a, b) for _, a, b in plan.segments])
     return run.latents, run.nfe
 
 
@@ -184,9 +184,8 @@ class FARRollout:
         TypeError: a TextContext for a sharded model.
     """
 
-    def __init__(self, model, text, chunk_partition, latent_hw, backend=None):
+    def __init__(self, model, text, chunk_partition, latent_hw):
         self.model = model
-        self.backend = backend
         self.dtype = compute_dtype(model)
         self.sharded = is_sharded(model)
         if self.sharded:
@@ -201,7 +200,7 @@ class FARRollout:
             self.text = _as_context(BidirectionalForward(model), text)
             with torch.no_grad():
                 self.cache_text = TextContext(self.text.tokens.detach(), self.text.raw_dtype)
-        self.runner = FARRunner(model, chunk_partition, latent_hw, backend)
+        self.runner = FARRunner(model, chunk_partition, latent_hw)
         self.cache = self.runner.new_cache(self.cache_text.tokens.shape[0], self.dtype, self.cache_text.tokens.device)
         self.nfe = 0
         self.cache_steps = 0
@@ -246,7 +245,7 @@ class FARRollout:
                     return self.velocity(k, z.to(self.dtype), tt, rr, _segment_text(name, grad_segments, self.text),
                                          state)
 
-            chunks.append(flow_map_jumps(velocity, noise[:, f0:f1], pairs, backend="torch").latents)
+            chunks.append(torch_jumps(velocity, noise[:, f0:f1], pairs).latents)
             if k < len(cp) - 1:
                 self.cache_step(k, torch.cat([c.detach() for c in chunks], dim=1).to(self.dtype))
         return torch.cat(chunks, dim=1), self.nfe
@@ -390,8 +389,8 @@ class OnPolicyPhase(Phase):
             trainer.shard(real_score)
         self.critic_optimizer, self.critic_lr_scheduler = trainer.add_optimizer(
             "critic", self.critic_params, self.dmd.critic_optimizer)
-        self.real_forward = trainer.sharded(BidirectionalForward(real_score, trainer.backend))
-        self.critic_forward = trainer.sharded(BidirectionalForward(critic, trainer.backend))
+        self.real_forward = trainer.sharded(BidirectionalForward(real_score))
+        self.critic_forward = trainer.sharded(BidirectionalForward(critic))
 
     def step(self, device, record):
         tr = self.trainer
@@ -407,9 +406,9 @@ class OnPolicyPhase(Phase):
         tr = self.trainer
         params = [p for _, p in tr.named_params]
         if tr.far:
-            ro = FARRollout(tr.model, text, tr.cfg.far.chunk_partition, noise.shape[-2:], tr.backend)
+            ro = FARRollout(tr.model, text, tr.cfg.far.chunk_partition, noise.shape[-2:])
             return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
-        return bidirectional_rollout(tr.sharded(BidirectionalForward(tr.model, tr.backend)), noise, text, plan,
+        return bidirectional_rollout(tr.sharded(BidirectionalForward(tr.model)), noise, text, plan,
                                      grad=grad, grad_segments=self.dmd.grad_segments, params=params)
 
     def _frames(self, latents) -> int:

@@ -86,9 +86,9 @@ def build_phase_models(cfg: TrainConfig):
     return model, real_score, ode_teacher
 
 
-def ode_velocity(ode_teacher, cfg: TrainConfig):
+def ode_velocity(ode_teacher):
     """The consistency phase's ``teacher`` argument: ``v(z, t, text)`` of ``ode_teacher`` (or ``None``)."""
-    return None if ode_teacher is None else teacher_velocity(ode_teacher, cfg.backend)
+    return None if ode_teacher is None else teacher_velocity(ode_teacher)
 
 
 def _transformer_folder(path) -> Path:
@@ -188,7 +188,7 @@ def train_from_config(
             model = model.to(ctx.device)
             teacher = None if teacher is None else teacher.to(ctx.device)
             ode_teacher = None if ode_teacher is None else ode_teacher.to(ctx.device)
-        trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher, cfg), real_score=teacher,
+        trainer = Trainer(model, cfg, it, negative, teacher=ode_velocity(ode_teacher), real_score=teacher,
                           output_dir=out, log_stream=log_stream, fsdp=ctx is not None)
         if resume:
             if main:  # a run killed mid-write left its temporary checkpoint file behind

@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .. import ops
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import resolve, to_dict
@@ -128,7 +129,6 @@ class Trainer:
         self.fsdp = fsdp
         self.output_dir = Path(output_dir or cfg.output_dir) if (output_dir or cfg.output_dir) else None
         self.log_stream = log_stream
-        self.backend = cfg.backend
 
         model.train()
         if cfg.gradient_checkpointing:
@@ -267,7 +267,8 @@ class Trainer:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        self.phase.step(device, record)
+        with ops.backend(self.cfg.backend):  # every forward and backward of the step
+            self.phase.step(device, record)
         self.step += 1
         record["time_s"] = time.perf_counter() - start
         self._log(record)
