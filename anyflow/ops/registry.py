@@ -359,9 +359,9 @@ def _env_backend() -> str:
 def prefer(backend: str) -> tuple:
     """An ordered preference: ``backend`` where it can run a call, else the PyTorch path.
 
-    :func:`anyflow.enable` passes this to every op, so ``enable(pipe, backend="triton")`` uses the
-    Triton kernels for the ops that have one (and can run the call) and PyTorch for the rest (e.g. the
-    tiny time-pair GEMMs). A plain name given to an op is strict instead.
+    :func:`anyflow.enable` enters this (:class:`backend`) around its forwards, so
+    ``enable(pipe, backend="triton")`` uses the Triton kernels for the ops that have one (and can run the call)
+    and PyTorch for the rest (e.g. the tiny time-pair GEMMs). A plain name given to an op is strict instead.
     """
     backend = requested_backend(backend)
     return backend if backend in ("auto", "torch") else (backend, "torch")
