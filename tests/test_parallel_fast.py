@@ -8,9 +8,6 @@ configurations raise on every rank before any collective."""
 
 import contextlib
 import inspect
-import json
-import os
-import socket
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import torch.distributed as dist
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is unavailable", allow_module_level=True)
 
-import torch.multiprocessing as mp
+from anyflow.testing.gloo import spawn_cases
 
 TOL = 1e-5
 HEADS = 4  # the tiny models have 2; 4 heads allow 2 and 4 ranks
@@ -169,32 +166,8 @@ CASES = {
 }
 
 
-def _worker(rank, world, port, cases, path):
-    import transformers  # noqa: F401  diffusers' logger.warning_once needs it imported (diffusers 0.42.1)
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for case in cases:
-            out.update(CASES[case](world))
-        with open(os.path.join(path, f"{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, cases, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), cases, str(tmp_path)), nprocs=world, join=True)
-    per_rank = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
-    print(world, "processes:", per_rank[0])
-    return per_rank
+    return spawn_cases(world, "test_parallel_fast", cases, tmp_path)
 
 
 def _check(per_rank, world, expected):

@@ -5,7 +5,6 @@ sharded checkpoints load exactly; ``anyflow train`` under ``torchrun`` writes a 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,8 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is unavailable", allow_module_level=True)
 
 import torch.multiprocessing as mp
+
+from anyflow.testing.gloo import free_port
 
 SHAPE = (4, 2, 16, 8, 8)  # global batch B, F, C, H, W
 PARAMS = ("blocks.0.attn1.to_q.weight", "blocks.1.scale_shift_table", "blocks.1.ffn.net.2.weight",
@@ -197,12 +198,6 @@ def _worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
@@ -210,7 +205,7 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("fsdp") / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
     return torch.load(path)
 
 
