@@ -233,6 +233,17 @@ def _context_frame_budget(args, num_frames: int, cp: list[int] | None, temporal:
 
 
 def _generate(args) -> int:
+    """The generate command; the CPU thread count it sets is restored on return (``main`` may run in a caller's process)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _generate_in(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate_in(args) -> int:
     import torch
 
     import anyflow

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ DRIVER = textwrap.dedent('''
     import contextlib, io, os, signal, sys, time
     point, sig = sys.argv[1], getattr(signal, sys.argv[2])
     argv = sys.argv[3:]
+    import torch
+    torch.set_num_threads(int(os.environ["PARENT_THREADS"]))  # bit-exact resume compares with the parent's run
 
     def die():
         os.kill(os.getpid(), sig)
@@ -82,8 +83,9 @@ CONFIG = "preset: tiny\nbatch_size: 1\ntotal_iter: 4\nsave_every: 1\nlog_every: 
 def _drive(tmp_path, point, sig, argv):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    env = {**os.environ, "PARENT_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, str(driver), point, sig, *argv], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path, env=env)
 
 
 def _assert_same(a, b, where="checkpoint"):
