@@ -171,7 +171,11 @@ class DMDConfig:
         dmd_weight, dmd_batch_size: generator loss weight and the samples it uses.
         real_guidance_scale: s of x0_real = x0_c + s (x0_c - x0_u) (CFG 1 + s).
         critic_update_ratio: generator step every this many iterations; critic every iteration.
-        cotrain_forward: add the forward flow-map loss to the generator loss.
+        cotrain_forward: add the student's own distillation loss to the generator loss (the forward
+            flow-map loss; with ``student="consistency"`` the consistency-distillation loss of ``consistency``).
+        student: ``"flowmap"`` (AnyFlow: shortcut rollouts of the flow map) or ``"consistency"`` (the rCM-like
+            baseline, consistency distillation + DMD: the student is an endpoint map u(z_t, t, 0), rolled out
+            by multistep consistency sampling cut at the gradient step; bidirectional, single process).
         min_timestep, max_timestep: clamp of the DMD noise level.
         critic_optimizer: AdamW of the critic (fake score).
         critic_trainable: critic parameter-name substrings to train without LoRA (empty: all).
@@ -189,6 +193,7 @@ class DMDConfig:
     real_guidance_scale: float = 3.0
     critic_update_ratio: int = 1
     cotrain_forward: bool = True
+    student: str = "flowmap"
     min_timestep: float = 0.0
     max_timestep: float = 1000.0
     critic_optimizer: OptimizerConfig = field(
@@ -315,6 +320,8 @@ def validate(cfg: TrainConfig) -> None:
         _check(0 <= cfg.far.long_context_ratio <= 1, "far.long_context_ratio", "in [0, 1]", cfg.far.long_context_ratio)
     if cfg.dmd is not None:
         _check(cfg.dmd.grad_segments in ("all", "mid"), "dmd.grad_segments", "'all' or 'mid'", cfg.dmd.grad_segments)
+        _check(cfg.dmd.student in ("flowmap", "consistency"), "dmd.student", "'flowmap' or 'consistency'",
+               cfg.dmd.student)
     if cfg.consistency is not None:
         _check(cfg.consistency.num_intervals >= 1, "consistency.num_intervals", ">= 1", cfg.consistency.num_intervals)
         _check(cfg.consistency.weighting in ("uniform", "inverse_delta"), "consistency.weighting",

@@ -40,6 +40,7 @@ from ..models.blocks import TextContext, prepare_text
 from ..models.far import FARRunner
 from ..samplers.schedule import shift_sigma, time_grid
 from .config import DMDConfig
+from .consistency import ConsistencyPhase, endpoint, teacher_velocity
 from .distributed import compute_dtype, frozen_parameters, full_tensor, is_sharded, run_sharded
 from .flowmap import (
     BidirectionalForward,
@@ -152,6 +153,43 @@ def bidirectional_rollout(
 
     run = torch_jumps(velocity, noise, [(a, b) for _, a, b in plan.segments])
     return run.latents, run.nfe
+
+
+def consistency_rollout(forward, noise: torch.Tensor, text, plan: RolloutPlan, shift: float,
+                        generator: torch.Generator, *, grad: bool = True):
+    """Multistep consistency sampling of an endpoint-map student cut at the plan's gradient step: the DMD
+    sample of the rCM-like baseline (DMD2's backward simulation, Yin et al. 2024, as rCM, Zheng et al. 2025,
+    uses it on its consistency model).
+
+    On the shifted ``plan.num_steps``-step grid, steps ``i < plan.grad_step`` run without gradient:
+    ``x0 = z - t_i u(z, t_i, 0) / 1000`` (:func:`anyflow.training.consistency.endpoint`), then ``x0`` is
+    re-noised to ``t_{i+1}`` with fresh noise from ``generator``; step ``plan.grad_step`` returns its endpoint
+    with gradient (when ``grad``).
+
+    Args:
+        forward: :class:`anyflow.training.flowmap.BidirectionalForward` of the student.
+        noise: ``[B, F, C, H, W]`` start noise (t = 1000).
+        text: prompt embeddings or TextContext.
+        plan: ``num_steps`` N and ``grad_step`` g* (:func:`sample_plan`); its segments are not used.
+        shift: flow shift of the grid.
+        generator: CPU generator of the re-noising draws.
+
+    Returns:
+        ``(x_hat [B, F, C, H, W] fp32, nfe = g* + 1)``.
+    """
+    text = _as_context(forward, text)
+    dtype = compute_dtype(forward.model)
+    grid = time_grid(plan.num_steps, shift).tolist()
+    b, f = noise.shape[:2]
+    z = noise
+    for i in range(plan.grad_step + 1):
+        t = torch.full((b, f), grid[i], device=noise.device)
+        with contextlib.nullcontext() if grad and i == plan.grad_step else torch.no_grad():
+            x0 = endpoint(forward, z.to(dtype), t, text)
+        if i < plan.grad_step:
+            eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+            z = noise_latents(x0, eps, torch.full((b, f), grid[i + 1], device=x0.device)).float()
+    return x0, plan.grad_step + 1
 
 
 class FARRollout:
@@ -371,7 +409,12 @@ class OnPolicyPhase(Phase):
         super().__init__(trainer)
         cfg = trainer.cfg
         self.dmd = cfg.dmd or DMDConfig()
-        self.forward_phase = PretrainPhase(trainer)  # the co-trained forward loss
+        if self.dmd.student == "consistency":  # the rCM-like baseline: consistency distillation + DMD
+            if trainer.far:
+                raise ValueError("dmd.student 'consistency' supports bidirectional students only")
+            self.forward_phase = ConsistencyPhase(trainer, teacher_velocity(real_score))
+        else:
+            self.forward_phase = PretrainPhase(trainer)  # the co-trained forward loss
         if critic is None:
             critic = copy.deepcopy(real_score)
         real_score.eval().requires_grad_(False)
@@ -405,6 +448,9 @@ class OnPolicyPhase(Phase):
         ``(x_hat [B, F, C, H, W] fp32, nfe)``."""
         tr = self.trainer
         params = [p for _, p in tr.named_params]
+        if self.dmd.student == "consistency":
+            return consistency_rollout(tr.sharded(BidirectionalForward(tr.model)), noise, text, plan, tr.cfg.shift,
+                                       tr.generator, grad=grad)
         if tr.far:
             ro = FARRollout(tr.model, text, tr.cfg.far.chunk_partition, noise.shape[-2:])
             return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
@@ -438,8 +484,9 @@ class OnPolicyPhase(Phase):
         out.stats.update(rollout_steps=plan.num_steps, rollout_grad_step=plan.grad_step, rollout_nfe=nfe)
         yield out
         if d.cotrain_forward:
+            name = "loss_consistency" if d.student == "consistency" else "loss_forward"
             for extra in self.forward_phase.losses(latents, text):
-                extra.stats = {("loss_forward" if k == "loss" else k): v for k, v in extra.stats.items()}
+                extra.stats = {(name if k == "loss" else k): v for k, v in extra.stats.items()}
                 yield extra
 
     def critic_step(self, device) -> dict:
