@@ -9,6 +9,11 @@ Examples::
         --image first_frame.jpg --out i2v.mp4
     anyflow env
 
+``generate --context-parallel N`` under ``torchrun --nproc_per_node N -m anyflow generate ...`` splits every
+transformer forward across the N processes (Ulysses sequence parallelism, :mod:`anyflow.parallel`) and gives
+the output of one process; every process runs the pipeline call (text encoding and VAE decode included), rank 0
+alone shows progress, prints and writes ``--out``.
+
 ``generate`` without ``--model`` uses the shipped default model (:mod:`anyflow.default_model`) with its size and
 sampling defaults; ``--grid 1,2,4,8,16`` samples each step count from the same noise into one video or PNG strip.
 
@@ -25,6 +30,8 @@ traceback); an interrupted run exits with 130 and leaves no partial output file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "'tuned' times the kernels once per shape and keeps the fastest")
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="replay the per-step forward from a CUDA graph (CUDA only; eager elsewhere)")
+    gen.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                     help="split each transformer forward across N processes (Ulysses; N must divide the attention "
+                     "heads); launch as torchrun --nproc_per_node N -m anyflow generate --context-parallel N ... "
+                     "(gloo on CPU, NCCL on CUDA with cuda:LOCAL_RANK); rank 0 writes --out (default 1)")
     gen.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, else 16)")
     gen.add_argument("--out", required=True, help="output video (.mp4, .mkv, .mov, .avi, .webm); with --grid also "
                      "an image (.png, .jpg)")
@@ -175,6 +186,8 @@ def _validate_generate(args) -> None:
         raise UsageError(f"--fps must be > 0, got {args.fps}")
     if args.guidance_scale < 0:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    if args.context_parallel < 1:
+        raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     for name in ("image", "video"):
         value = getattr(args, name)
         if value is not None and not Path(value).expanduser().is_file():
@@ -246,11 +259,6 @@ def _generate(args) -> int:
 def _generate_in(args) -> int:
     import torch
 
-    import anyflow
-
-    from .io import IMAGE_SUFFIXES, frame_strip, read_image, read_video, side_by_side, write_image_atomic, write_video_atomic
-    from .models.loading import load_pipeline
-
     _resolve_model(args)
     _validate_generate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,11 +271,96 @@ def _generate_in(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(args.threads))
+    with _process_group(args.context_parallel, device) as (rank, device, parallel):
+        return _sample(args, device, dtype, rank, parallel)
 
+
+#: Environment variables that torchrun sets in every process it starts (``--context-parallel`` needs them).
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+@contextlib.contextmanager
+def _process_group(n: int, device):
+    """The process group of ``--context-parallel n``: yields ``(rank, device, config)``.
+
+    ``n == 1``: ``(0, device, None)``, nothing initialised. ``n > 1``: checks that this process is one of ``n``
+    started by torchrun, then initialises the default process group from the environment (gloo for a CPU
+    ``device``; NCCL for CUDA, each process on ``cuda:LOCAL_RANK``) and yields ``(rank, device of this process,
+    diffusers.ContextParallelConfig(ulysses_degree=n))``; the group is destroyed on exit, also on error (one
+    initialised before the call is left alone).
+
+    Raises:
+        UsageError: not under torchrun, ``WORLD_SIZE != n`` (also ``n == 1`` under a multi-process launch, whose
+            processes would all write ``--out``), a CUDA index in ``--device``, fewer GPUs than processes on
+            this node; all raised before any collective, identically on every process of a launch.
+    """
+    from .training.distributed import destroy, init_from_env, world_size_from_env
+
+    launch = f"torchrun --nproc_per_node {n} -m anyflow generate --context-parallel {n} ..."
+    try:
+        world = world_size_from_env()
+    except ValueError as exc:
+        raise UsageError(f"--context-parallel {n}: {exc}") from exc
+    if n == 1:
+        if world > 1:
+            raise UsageError(f"this is one of WORLD_SIZE={world} processes but --context-parallel is 1: pass "
+                             f"--context-parallel {world} to split the model across them, or run one process")
+        yield 0, device, None
+        return
+    missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise UsageError(f"--context-parallel {n} needs {n} processes started by torchrun ({', '.join(missing)} "
+                         f"unset): launch {launch}")
+    if world != n:
+        raise UsageError(f"--context-parallel {n} must equal the number of processes, WORLD_SIZE={world}: launch "
+                         f"{launch} or pass --context-parallel {world}")
+    if device.type == "cuda":
+        import torch
+
+        if device.index is not None:
+            raise UsageError(f"--device {device}: with --context-parallel each process uses cuda:LOCAL_RANK; "
+                             "pass --device cuda")
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        if local.isdigit() and int(local) > torch.cuda.device_count():
+            raise UsageError(f"--context-parallel {n}: {local} processes on this node but "
+                             f"{torch.cuda.device_count()} CUDA devices; launch at most one process per GPU")
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        ctx = init_from_env("nccl" if device.type == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--context-parallel {n}: {exc}") from exc
+    try:
+        yield ctx.rank, ctx.device, ContextParallelConfig(ulysses_degree=n)
+    finally:
+        if owned:
+            destroy()
+
+
+def _sample(args, device, dtype, rank: int, parallel) -> int:
+    """Load, enable and run the pipeline; rank 0 alone shows progress, prints and writes ``--out``."""
+    import torch
+
+    import anyflow
+
+    from .io import IMAGE_SUFFIXES, frame_strip, read_image, read_video, side_by_side, write_image_atomic, write_video_atomic
+    from .models.loading import load_pipeline
+
+    if rank != 0:  # the other ranks of a launch stay silent: no loading bars, no library warnings
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for lib in (diffusers_logging, transformers_logging):
+            lib.disable_progress_bar()
+            lib.set_verbosity_error()
     try:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    if rank != 0:
+        pipe.set_progress_bar_config(disable=True)
     from diffusers import AnyFlowFARPipeline
 
     is_far = isinstance(pipe, AnyFlowFARPipeline)
@@ -283,13 +376,29 @@ def _generate_in(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
+    if parallel is not None:  # heads not divisible by N etc.: raised on every rank, before any collective
+        from .parallel import check_context_parallel
+
+        try:
+            check_context_parallel(pipe.transformer, parallel)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"--context-parallel {args.context_parallel}: {exc}") from exc
     try:
-        handle = anyflow.enable(pipe, backend=args.backend, attention=args.attention, cuda_graphs=args.cuda_graphs)
+        handle = anyflow.enable(pipe, backend=args.backend, attention=args.attention, cuda_graphs=args.cuda_graphs,
+                                context_parallel=parallel)
     except ImportError as exc:
         print(f"error: anyflow.enable is unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as exc:  # unknown backend name, or one that cannot run here
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
+    if parallel is not None and rank == 0:  # what the engine will run with, read back from the enabled model
+        import torch.distributed as dist
+
+        from .parallel import context_parallel_of
+
+        group, heads = context_parallel_of(pipe.transformer), pipe.transformer.config.num_attention_heads
+        print(f"context parallel: {group.world_size} processes ({dist.get_backend()}), "
+              f"{group.local_heads(heads)} of {heads} attention heads each")
 
     call = dict(
         prompt=args.prompt,
@@ -318,15 +427,16 @@ def _generate_in(args) -> int:
                 videos.append(pipe(**call).frames[0])
                 lines.append(_stats_line(pipe.anyflow_stats, time.perf_counter() - start, f"{n} steps"))
             labels = [f"{n} step" + ("s" if n > 1 else "") for n in args.grid]
-            if Path(args.out).suffix.lower() in IMAGE_SUFFIXES:
+            if rank == 0 and Path(args.out).suffix.lower() in IMAGE_SUFFIXES:  # all ranks hold the same frames
                 write_image_atomic(frame_strip(videos, labels), args.out)
-            else:
+            elif rank == 0:
                 write_video_atomic(side_by_side(videos, labels), args.out, fps=args.fps)
         else:
             start = time.perf_counter()
             frames = pipe(**call).frames[0]
             total = time.perf_counter() - start
-            write_video_atomic(frames, args.out, fps=args.fps)
+            if rank == 0:
+                write_video_atomic(frames, args.out, fps=args.fps)
     except BackendUnavailableError as exc:  # a forced backend that cannot run on this machine / input
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
     finally:
@@ -334,6 +444,8 @@ def _generate_in(args) -> int:
         if callable(disable):
             disable()
 
+    if rank != 0:
+        return 0
     if args.grid:
         for line in lines:
             print(line)
