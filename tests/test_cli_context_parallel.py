@@ -3,7 +3,8 @@
 Each launch runs ``python -m torch.distributed.run`` (= ``torchrun``) with per-rank log files (``--redirects 3``),
 so the test sees what each rank printed. The output is a ``--grid`` PNG frame strip (lossless) of the tiny
 checkpoints; the 2-rank strip must match the one-process strip to 1/255 per value (the fp32 outputs agree to
-~1e-7 relative, so a uint8 rounding may flip on a few values; measured: at most 1 level on under 1e-4 of the values).
+~1e-7 relative, so a uint8 rounding may flip on a few values; asserted: at most 1 level on under 0.1% of the
+values; measured in four runs: identical, once 2 of 153,660 FAR values 1 level apart).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ SKIP = {
     "CPU example beside it makes the same calls on the shipped model",
     "anyflow train configs/default-far/teacher.yaml": "minutes of training on a dataset built from the evaluation "
     "videos; tests/test_training_cli.py runs `anyflow train` on tiny configs",
-    "torchrun ": "multi-process FSDP2 training; tests/test_training_distributed.py runs it with 2 gloo processes",
+    "torchrun ": "multi-process launches; tests/test_training_distributed.py (FSDP2 training) and "
+    "tests/test_cli_context_parallel.py (generate --context-parallel) run them with 2 gloo processes",
 }
 
 #: substring -> (replacement, why): the tiny/offline form of a command.
