@@ -196,11 +196,13 @@ def far_sequence_forward(
     x = blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attend)
     if not with_head:
         return None
-    if shard is not None:
-        x = shard.gather(x)
     n_ctx = nc_frames * geo.compressed_tpf
-    x = x[:, n_ctx : n_ctx + nf_frames * geo.full_tpf]
-    out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),))
+    if shard is None:
+        x = x[:, n_ctx : n_ctx + nf_frames * geo.full_tpf]
+        out = head(model, x, e_rows[:, nc_frames : nc_frames + nf_frames], ((nf_frames, geo.full_tpf),))
+    else:  # the head on this rank's tokens, as every per-token op: a parameter's gradient is counted once over ranks
+        out = shard.gather(head(model, x, shard.take_rows(e_rows), shard.segments))
+        out = out[:, n_ctx : n_ctx + nf_frames * geo.full_tpf].contiguous()
     return unpatchify(model, out, nf_frames, hh, ww)
 
 
