@@ -29,6 +29,8 @@ STUDENT_LORA_TARGETS = TEACHER_LORA_TARGETS + (
 FAR_CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
 
 PHASES = ("teacher", "pretrain", "onpolicy", "consistency")
+#: phases that run with context_parallel > 1 (FSDP2 x Ulysses, anyflow.training.distributed)
+CONTEXT_PARALLEL_PHASES = ("teacher", "pretrain")
 #: Distributions of the teacher phase's t (:func:`anyflow.training.flowmap.sample_teacher_timesteps`).
 TEACHER_TIMESTEPS = ("logit_normal", "uniform")
 MODEL_KINDS = ("bidirectional", "far")
@@ -244,6 +246,10 @@ class TrainConfig:
         log_every, save_every: logging and checkpoint periods in steps (0 disables saving).
         output_dir: checkpoints and ``log.jsonl``.
         backend: op backend of the fused forwards (entered as :class:`anyflow.ops.backend` around every step).
+        context_parallel: processes that share each sequence under ``torchrun`` (Ulysses context parallelism
+            composed with FSDP2 on one ``(dp_shard, cp)`` mesh, :mod:`anyflow.training.distributed`); 1: none.
+            ``batch_size`` is then per ``dp_shard`` slice (the global batch is ``batch_size * WORLD_SIZE /
+            context_parallel``). Phases ``teacher`` and ``pretrain``, ``flowmap.derivative = "fd"``.
     """
 
     name: str = "run"
@@ -269,6 +275,7 @@ class TrainConfig:
     save_every: int = 50
     output_dir: Optional[str] = None
     backend: str = "auto"
+    context_parallel: int = 1
 
     def __post_init__(self):
         validate(self)
@@ -311,6 +318,13 @@ def validate(cfg: TrainConfig) -> None:
         _check(opt.warmup_steps >= 0, f"{name}.warmup_steps", ">= 0", opt.warmup_steps)
         _check(opt.max_grad_norm > 0, f"{name}.max_grad_norm", "> 0", opt.max_grad_norm)
     _check(0 <= cfg.ema.decay < 1, "ema.decay", "in [0, 1)", cfg.ema.decay)
+    cp = cfg.context_parallel
+    _check(isinstance(cp, int) and not isinstance(cp, bool) and cp >= 1, "context_parallel", "a positive int", cp)
+    if cp > 1:  # the on-policy rollouts and the consistency phase slice rows by global rank; JVP cannot cross ranks
+        _check(cfg.phase in CONTEXT_PARALLEL_PHASES, "phase", f"one of {CONTEXT_PARALLEL_PHASES} with "
+               f"context_parallel={cp}", cfg.phase)
+        _check(fm.derivative == "fd", "flowmap.derivative", f"'fd' with context_parallel={cp} (forward-mode AD "
+               "has no rule for the Ulysses collectives)", fm.derivative)
     if cfg.model.kind == "far":
         _check(cfg.far is not None, "far", "a FARConfig for model.kind 'far'", cfg.far)
     if cfg.far is not None:

@@ -16,6 +16,15 @@ global-batch mean, as one process on the whole batch. Every process must make th
 model calls (FSDP's collectives pair up by order); the trainer guarantees it by drawing all randomness
 for the global batch on every process (same generator) and by :attr:`ShardedForward.uniform_calls`.
 
+FSDP2 x context parallelism (:class:`TrainMesh`, :func:`train_mesh`): the processes form one
+``DeviceMesh`` ``(dp_shard, cp)`` of shape ``(world / N, N)``. Batch rows are split over ``dp_shard``
+only: the ``N`` processes of one ``cp`` group train on the same rows (and, like every process, draw the
+randomness of the global batch from the same generator, so their noise, timesteps and text dropout
+agree). The model's tokens are split over ``cp`` by the Ulysses machinery of :mod:`anyflow.parallel`
+(given the ``cp`` sub-group); every ``cp`` rank gets the whole output and computes the same loss.
+FSDP2 shards the parameters over the *flattened* ``(dp_shard, cp)`` mesh, i.e. over all processes
+(see :func:`shard_model` for the choice and for the gradient scaling it needs).
+
 Checkpoint helpers (:func:`full_tensor`, :func:`load_full_`, :func:`gather_optimizer_state`,
 :func:`shard_optimizer_state`) convert between sharded ``DTensor`` state and the plain full tensors of
 a one-process checkpoint, so checkpoints are the same format whatever the number of processes.
@@ -123,7 +132,7 @@ def mixed_precision_policy(enabled: bool):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mp_policy=None, mesh: Optional["TrainMesh"] = None) -> torch.nn.Module:
     """Apply FSDP2 ``fully_shard`` to every transformer block and to a root unit around the model (in place).
 
     Call it after LoRA injection and the choice of trainable parameters, before building the optimiser
@@ -131,11 +140,37 @@ def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
     parameter is full only inside a call, and ``requires_grad`` changes made between calls (the
     ``"mid"`` rollout freezes the student for one jump) reach the gathered parameters.
 
+    With a ``(dp_shard, cp)`` ``mesh`` (:func:`train_mesh`) the model also runs Ulysses context
+    parallelism over the ``cp`` sub-group (:class:`anyflow.parallel.UlyssesGroup`), and
+
+    * **where the parameters are sharded**: over the flattened ``(dp_shard, cp)`` mesh, i.e. all
+      ``dp * cp`` processes (row-major, so the flattened rank is the global rank and FSDP's default
+      mesh is that mesh). Parameters, gradients and AdamW states per process fall as ``1 / (dp * cp)``
+      instead of ``1 / dp``, and FSDP keeps one reduce-scatter per unit, as without ``cp``. Sharding over
+      ``dp_shard`` alone would keep ``cp`` copies of the optimiser state and need HSDP's extra
+      all-reduce over ``cp``; the all-gather volume per process is about the same either way
+      (``(1 - 1/n)`` of the unit's parameters), so the flattened mesh is both smaller and simpler.
+    * **gradient scaling**: the global loss is ``L = (1/dp) sum_d L_d``, ``L_d`` the loss of slice ``d``
+      (its rows' mean, as one process on the global batch computes it; every ``cp`` rank of slice ``d``
+      computes the same ``L_d`` on the gathered output). The backward of ``L_d`` on ``cp`` rank ``c``
+      yields ``g_dc``, the part of ``dL_d/dtheta`` that flows through rank ``c``'s tokens (the token
+      gather keeps the rank's slice of the output gradient; the all-to-alls send the attention gradients
+      to the ranks whose tokens made Q, K, V; the head and every other per-token op run on local
+      tokens). The token split is a partition of the sequence, even or not, so ``sum_c g_dc =
+      dL_d/dtheta``. FSDP sums ``g_dc`` over all ``dp * cp`` processes; dividing by ``dp`` (not by the
+      ``dp * cp`` it divides by by default, which would give ``1/cp`` of the gradient) gives
+      ``(1/dp) sum_d dL_d/dtheta = dL/dtheta``: every FSDP unit gets
+      ``set_gradient_divide_factor(dp)`` with sum reductions (``set_force_sum_reduction_for_comms``; gloo
+      has no pre-multiplied sum). Every trained parameter is inside an FSDP unit, so no gradient needs
+      an all-reduce of its own.
+
     Args:
         model: an ``AnyFlowTransformer3DModel`` / ``AnyFlowFARTransformer3DModel`` enabled with
-            :func:`anyflow.enable` (its blocks must run anyflow's forward when called as modules).
+            :func:`anyflow.enable` (its blocks must run anyflow's forward when called as modules), not
+            enabled with a ``context_parallel`` of its own.
         mp_policy: optional ``torch.distributed.fsdp.MixedPrecisionPolicy`` (see
             :func:`mixed_precision_policy`); ``None``: compute in the parameters' dtype.
+        mesh: optional :class:`TrainMesh`; ``None``: data parallelism over all processes.
 
     Returns:
         ``model``: its blocks are FSDP modules, its parameters sharded ``DTensor``s (same names); use it
@@ -143,10 +178,13 @@ def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
 
     Raises:
         TypeError: the model is not enabled with :func:`anyflow.enable`.
-        ValueError: the model is already sharded.
+        ValueError: the model is already sharded, or already runs context parallelism; with ``mesh``, its
+            attention heads are not divisible by ``mesh.cp_size``.
         RuntimeError: ``torch.distributed`` is not initialised.
     """
     from torch.distributed.fsdp import fully_shard
+
+    from .. import parallel
 
     if not all(getattr(b, "_anyflow_block", False) for b in model.blocks):
         raise TypeError("shard_model needs a transformer enabled with anyflow.enable(model)")
@@ -154,6 +192,12 @@ def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
         raise ValueError("model is already sharded")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised torch.distributed process group")
+    if mesh is not None and mesh.cp_size > 1:
+        if parallel.context_parallel_of(model) is not None:
+            raise ValueError("shard_model: the model already runs context parallelism (anyflow.enable(..., "
+                             "context_parallel=...)); pass the TrainMesh only")
+        check_context_parallel(mesh.cp_size, dist.get_world_size(), model.config.num_attention_heads)
+        setattr(model, parallel.ATTRIBUTE, mesh.ulysses())  # what anyflow.enable(context_parallel=) sets
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
         fully_shard(block, **kw)
@@ -162,6 +206,10 @@ def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
         dtype = mp_policy.param_dtype
     root = _Root(model, dtype)
     fully_shard(root, reshard_after_forward=True, **kw)
+    if mesh is not None:
+        for unit in (*model.blocks, root):
+            unit.set_force_sum_reduction_for_comms(True)
+            unit.set_gradient_divide_factor(float(mesh.dp_size))
     object.__setattr__(model, _ROOT_ATTR, root)  # not a submodule: the root owns the model, not vice versa
     return model
 
@@ -356,6 +404,95 @@ def shard_optimizer_state(state: dict, params) -> dict:
         out[i] = {k: shard_of(v, p) if (_is_dtensor(p) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape)
                                          and k != "step") else v for k, v in s.items()}
     return {**state, "state": out}
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 x context parallelism: one (dp_shard, cp) DeviceMesh
+# ----------------------------------------------------------------------------------------------
+#: dimension names of the training mesh: data-parallel sharding (batch rows), context parallelism (tokens)
+MESH_DIMS = ("dp_shard", "cp")
+
+
+def check_context_parallel(context_parallel, world_size: int, heads: Optional[int] = None) -> int:
+    """Validate a context-parallel degree ``N`` for a job of ``world_size`` processes; no collective is
+    issued, so every process raises the same error before any could wait in one.
+
+    Args:
+        context_parallel: ``N``, the processes that share one sequence (a positive int).
+        world_size: processes of the job.
+        heads: the model's attention heads (Ulysses gives each of the ``N`` ranks ``heads / N``);
+            ``None``: not checked.
+
+    Returns:
+        The data-parallel size ``world_size // N``.
+
+    Raises:
+        ValueError: ``N`` not a positive int, ``world_size`` not a multiple of ``N``, or ``heads`` not
+            divisible by ``N``.
+    """
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise ValueError(f"context_parallel must be a positive int, got {context_parallel!r}")
+    if world_size % context_parallel:
+        raise ValueError(f"context_parallel={context_parallel} must divide the number of processes {world_size}: "
+                         f"launch torchrun --nproc_per_node with a multiple of {context_parallel}")
+    if heads is not None and heads % context_parallel:
+        raise ValueError(f"the model has {heads} attention heads, not divisible by context_parallel="
+                         f"{context_parallel} (Ulysses gives each rank heads / context_parallel heads)")
+    return world_size // context_parallel
+
+
+@dataclass(frozen=True)
+class TrainMesh:
+    """This process's place in the ``(dp_shard, cp)`` mesh of a training job (:func:`train_mesh`).
+
+    Attributes:
+        mesh: the 2-D ``torch.distributed.device_mesh.DeviceMesh`` of shape ``(dp_size, cp_size)``, dims
+            :data:`MESH_DIMS`; the global rank is ``dp_rank * cp_size + cp_rank``.
+        dp_rank, dp_size: index of this process's slice of the batch rows, and the number of slices.
+        cp_rank, cp_size: index of this process's token shard, and the processes sharing one sequence.
+    """
+
+    mesh: object
+    dp_rank: int
+    dp_size: int
+    cp_rank: int
+    cp_size: int
+
+    @property
+    def dp_group(self):
+        """The process group of the ``dp_shard`` dimension (the processes holding the same token shard)."""
+        return self.mesh.get_group("dp_shard")
+
+    def ulysses(self):
+        """The :class:`anyflow.parallel.UlyssesGroup` of the ``cp`` sub-group."""
+        from ..parallel import UlyssesGroup
+
+        return UlyssesGroup(self.mesh.get_group("cp"), self.cp_rank, self.cp_size)
+
+
+def train_mesh(context_parallel: int, device) -> TrainMesh:
+    """Build the ``(dp_shard, cp)`` mesh ``(world / N, N)`` of a job (every process must call it: it
+    creates the sub-groups).
+
+    Args:
+        context_parallel: ``N`` (:func:`check_context_parallel`, checked before any collective).
+        device: the training device (its type is the mesh's).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        ValueError: see :func:`check_context_parallel`.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("train_mesh needs an initialised torch.distributed process group")
+    world = dist.get_world_size()
+    dp = check_context_parallel(context_parallel, world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(torch.device(device).type, (dp, context_parallel), mesh_dim_names=MESH_DIMS)
+    out = TrainMesh(mesh, mesh.get_local_rank("dp_shard"), dp, mesh.get_local_rank("cp"), context_parallel)
+    if out.dp_rank * context_parallel + out.cp_rank != dist.get_rank():  # shard_model relies on the row-major layout
+        raise RuntimeError(f"rank {dist.get_rank()} is at (dp_shard, cp) = ({out.dp_rank}, {out.cp_rank})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

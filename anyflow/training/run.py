@@ -164,6 +164,10 @@ def train_from_config(
     ``config.batch_size`` is per process (the global batch is ``batch_size * WORLD_SIZE``, every
     process reading it and training on its slice), and rank 0 alone logs and writes the config, the
     checkpoints (whole tensors, loadable by any number of processes) and the exported transformer.
+    With ``config.context_parallel = N`` the processes form a ``(WORLD_SIZE / N, N)`` mesh
+    (:class:`anyflow.training.trainer.Trainer`): ``batch_size`` is per data-parallel slice (global batch
+    ``batch_size * WORLD_SIZE / N``) and each slice's tokens are split over its ``N`` processes; a
+    ``WORLD_SIZE`` that ``N`` does not divide raises ``ValueError`` before any collective.
     The process group is destroyed before returning.
     """
     from . import distributed as D
@@ -176,11 +180,12 @@ def train_from_config(
         if not main:
             log_stream = None
         cfg = resolve(config)
+        world = 1 if ctx is None else ctx.world_size
+        slices = D.check_context_parallel(cfg.context_parallel, world)  # data-parallel slices of the batch
         out = Path(output_dir or cfg.output_dir or f"runs/{cfg.name}")
         out.mkdir(parents=True, exist_ok=True)
         model, teacher, ode_teacher = build_phase_models(cfg)
-        world = 1 if ctx is None else ctx.world_size
-        data_cfg = cfg if world == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * world)
+        data_cfg = cfg if slices == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * slices)
         it, negative = build_data(data_cfg, model, data, frames, latent_hw)
         if main:
             dump_config(cfg, out / "config.yaml")

@@ -23,12 +23,23 @@ across processes, and a run on P processes takes the steps of one process on the
 (bf16 gathered parameters, fp32 reduction, fp32 master shards) instead of autocast. Checkpoints hold
 whole tensors (gathered; written by rank 0), the same format as a one-process run, and load into any
 number of processes. The consistency phase is single-process only.
+
+FSDP2 x context parallelism (``context_parallel=N`` or the config key ``context_parallel``, with
+``fsdp``): the ``P`` processes form the ``(dp_shard, cp)`` mesh ``(P / N, N)``
+(:func:`.distributed.train_mesh`). The global batch is split over ``dp_shard`` only: the ``N``
+processes of a ``cp`` group train on the same rows ``[d * B, (d + 1) * B)`` (d the ``dp_shard`` index,
+B = global / (P / N)) with the same draws, and the student's tokens are split over them by Ulysses.
+FSDP2 shards over all ``P`` processes and divides the summed gradients by ``P / N``
+(:func:`.distributed.shard_model` works out why this is the gradient of the global-batch mean, uneven
+token splits included); logged losses are averaged over ``dp_shard``. Phases ``teacher`` and
+``pretrain`` (bidirectional and FAR), finite-difference derivative only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -71,19 +82,29 @@ class Trainer:
         log_stream: where log lines are printed (``None``: silent).
         rank, world_size, all_reduce: the process's place in a data-parallel group (pair kinds by global
             index; the re-scaling mean summed by ``all_reduce``). Defaults: one process, or the initialised
-            process group with ``fsdp``.
+            process group with ``fsdp`` (with context parallelism, ``all_reduce`` sums over ``dp_shard``).
         fsdp: shard student, critic and teacher with FSDP2 (:func:`.distributed.shard_model`; the models
             are :func:`anyflow.enable`-d with ``config.backend``); needs an initialised process group and
             the models on the training device.
+        context_parallel: ``N`` processes share each sequence (Ulysses over the ``cp`` dimension of the
+            ``(dp_shard, cp)`` mesh, see the module doc); default ``config.context_parallel`` (1: none).
+            ``N > 1`` needs ``fsdp``.
 
     Attributes:
         phase: the phase's step (:class:`anyflow.training.flowmap.Phase`); ``critic``, ``critic_params``,
             ``critic_optimizer`` and ``real_score`` are the on-policy phase's (``None`` in other phases).
+        rank, world_size: global rank and number of processes (rank 0 logs and writes).
+        dp_rank, dp_size: this process's slice of the global batch and the number of slices
+            (``world_size / N``); equal to ``rank``, ``world_size`` without context parallelism.
+        mesh: the :class:`.distributed.TrainMesh` with context parallelism, else ``None``.
 
     Raises:
         ValueError: ``phase="onpolicy"`` without ``real_score``.
         ValueError: the model kind does not match ``config.model.kind``; nothing to train.
         ValueError: ``fsdp`` with the consistency phase.
+        ValueError: ``context_parallel`` not a positive int, ``> 1`` without ``fsdp``, with a phase other
+            than ``teacher`` / ``pretrain`` or the ``"jvp"`` derivative, not dividing the number of
+            processes or the model's attention heads; raised before any collective.
         RuntimeError: ``fsdp`` without an initialised process group.
     """
 
@@ -103,8 +124,14 @@ class Trainer:
         world_size: int = 1,
         all_reduce: Optional[Callable] = None,
         fsdp: bool = False,
+        context_parallel: Optional[int] = None,
     ):
         cfg = resolve(config)
+        if context_parallel is not None and context_parallel != cfg.context_parallel:
+            cfg = dataclasses.replace(cfg, context_parallel=context_parallel)  # validated (phase, derivative)
+        cp = cfg.context_parallel
+        if cp > 1 and not fsdp:
+            raise ValueError(f"context_parallel={cp} needs fsdp=True (a torchrun job; the trainer shards with FSDP2)")
         far = is_far(model)
         if far != (cfg.model.kind == "far"):
             raise ValueError(f"config.model.kind is {cfg.model.kind!r} but the model is "
@@ -122,10 +149,15 @@ class Trainer:
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
             rank, world_size = dist.get_rank(), dist.get_world_size()
-            all_reduce = all_reduce or D.all_reduce_sum
+            D.check_context_parallel(cp, world_size, model.config.num_attention_heads)  # before any collective
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.mesh = D.train_mesh(cp, next(model.parameters()).device) if cp > 1 else None
+        if fsdp and all_reduce is None:
+            all_reduce = D.all_reduce_sum if self.mesh is None else functools.partial(D.all_reduce_sum,
+                                                                                   group=self.mesh.dp_group)
         self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.dp_rank, self.dp_size = (rank, world_size) if self.mesh is None else (self.mesh.dp_rank, self.mesh.dp_size)
         self.fsdp = fsdp
         self.output_dir = Path(output_dir or cfg.output_dir) if (output_dir or cfg.output_dir) else None
         self.log_stream = log_stream
@@ -172,7 +204,7 @@ class Trainer:
         import anyflow
 
         anyflow.enable(model, backend=self.cfg.backend)
-        D.shard_model(model, D.mixed_precision_policy(self.cfg.mixed_precision))
+        D.shard_model(model, D.mixed_precision_policy(self.cfg.mixed_precision), self.mesh)
         own = dict(model.named_parameters())
         return [(n, own[n]) for n, _ in named]
 
@@ -195,18 +227,19 @@ class Trainer:
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def rows(self, global_batch: int) -> Optional[torch.Tensor]:
-        """This process's rows of a global batch (``None`` for one process).
+        """This process's rows of a global batch: slice ``dp_rank`` of ``dp_size`` (``None`` for one slice;
+        the processes of one context-parallel group get the same rows).
 
         Raises:
-            ValueError: the global batch is not a multiple of ``world_size``.
+            ValueError: the global batch is not a multiple of ``dp_size``.
         """
-        if self.world_size == 1:
+        if self.dp_size == 1:
             return None
-        if global_batch % self.world_size:
-            raise ValueError(f"the data iterator's batch ({global_batch}) must be a multiple of world_size "
-                             f"({self.world_size}): it is the global batch")
-        n = global_batch // self.world_size
-        return torch.arange(self.rank * n, (self.rank + 1) * n)
+        if global_batch % self.dp_size:
+            raise ValueError(f"the data iterator's batch ({global_batch}) must be a multiple of the data-parallel "
+                             f"size ({self.dp_size}): it is the global batch")
+        n = global_batch // self.dp_size
+        return torch.arange(self.dp_rank * n, (self.dp_rank + 1) * n)
 
     @staticmethod
     def take(rows, *tensors):
@@ -221,9 +254,10 @@ class Trainer:
         return latents.to(device), text.to(device)
 
     def average_losses(self, record: dict) -> None:
-        """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over processes and the
-        per-kind pieces by the per-kind means over the global batch; other statistics stay this process's."""
-        distributed = self.world_size > 1 and self.all_reduce is not None
+        """Replace the losses of :data:`GLOBAL_LOSSES` in ``record`` by their mean over the batch slices
+        (``dp_shard``: the processes of a context-parallel group hold the same values) and the per-kind
+        pieces by the per-kind means over the global batch; other statistics stay this process's."""
+        distributed = self.dp_size > 1 and self.all_reduce is not None
         kind_losses(record, self._all_reduce_on_device if distributed else None)
         if not distributed:
             return
@@ -231,7 +265,7 @@ class Trainer:
         if not keys:
             return
         values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-        for k, v in zip(keys, (self._all_reduce_on_device(values) / self.world_size).tolist()):
+        for k, v in zip(keys, (self._all_reduce_on_device(values) / self.dp_size).tolist()):
             record[k] = v
 
     def _all_reduce_on_device(self, values: torch.Tensor) -> torch.Tensor:
