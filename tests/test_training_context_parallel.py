@@ -3,7 +3,14 @@
 the gradient norm, the gradients (whole tensors) and the updated parameters of one process on the same global
 batch (relative error <= 1e-5), for the bidirectional flow-map loss (27 tokens per sample: uneven shards) and
 the FAR window (compressed context, clean copies, per-block checkpointing, plus the bidirectional-modeling
-loss), and the teacher phase's flow matching. Bad combinations raise on every rank before any collective."""
+loss), and the teacher phase's flow matching. ``anyflow train`` under ``torchrun`` with the config key
+``context_parallel`` logs the loss of one process on the same global batch. Bad combinations raise on every rank
+before any collective."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +156,30 @@ def test_bad_configurations_raise_without_processes():
     assert check_context_parallel(2, 6, heads=4) == 3
     with pytest.raises(ValueError, match="must divide the number of processes 1"):
         train_from_config({"preset": "tiny", "context_parallel": 2}, output_dir=None, steps=0, log_stream=None)
+
+
+def test_torchrun_anyflow_train_with_context_parallel(tmp_path):
+    """``context_parallel: 2`` on 2 processes: one batch slice of ``batch_size`` rows (not 2 slices), the step's
+    logged loss that of one process, rank 0 alone reports; the checkpoint holds whole tensors."""
+    from anyflow.training import checkpoint as ckpt
+    from anyflow.training.run import train_from_config
+
+    text = "preset: tiny\nbatch_size: 2\ntotal_iter: 1\ncontext_parallel: 2\n"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "anyflow", "train", str(cfg), "--output-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 1: checkpoint in") == 1  # rank 0 alone reports
+    state = ckpt.load(ckpt.latest_checkpoint(out))
+    assert state["step"] == 1 and state["config"]["context_parallel"] == 2
+    assert all(not hasattr(v, "device_mesh") for v in state["model"].values())
+    got = json.loads((out / "log.jsonl").read_text())["loss"]
+
+    cfg.write_text(text.replace("context_parallel: 2", "context_parallel: 1"))
+    train_from_config(str(cfg), output_dir=tmp_path / "one", log_stream=None)
+    want = json.loads((tmp_path / "one" / "log.jsonl").read_text())["loss"]
+    assert abs(got - want) <= TOL * abs(want), (got, want)
