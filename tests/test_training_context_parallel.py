@@ -8,9 +8,6 @@ loss), and the teacher phase's flow matching. ``anyflow train`` under ``torchrun
 before any collective."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -163,17 +160,13 @@ def test_torchrun_anyflow_train_with_context_parallel(tmp_path):
     logged loss that of one process, rank 0 alone reports; the checkpoint holds whole tensors."""
     from anyflow.training import checkpoint as ckpt
     from anyflow.training.run import train_from_config
+    from test_training_distributed import torchrun_train
 
     text = "preset: tiny\nbatch_size: 2\ntotal_iter: 1\ncontext_parallel: 2\n"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(text)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "anyflow", "train", str(cfg), "--output-dir", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("step 1: checkpoint in") == 1  # rank 0 alone reports
+    assert torchrun_train(cfg, out).count("step 1: checkpoint in") == 1  # rank 0 alone reports
     state = ckpt.load(ckpt.latest_checkpoint(out))
     assert state["step"] == 1 and state["config"]["context_parallel"] == 2
     assert all(not hasattr(v, "device_mesh") for v in state["model"].values())

@@ -289,6 +289,17 @@ def test_fsdp2_far_onpolicy_trainer_matches_one_process(two_process_results):
         assert abs(bf16[key] - fp32[key]) <= 2e-2 * abs(fp32[key]) and bf16[key] != fp32[key], key
 
 
+def torchrun_train(config, out, nproc: int = 2) -> str:
+    """Run ``torchrun --nproc_per_node nproc -m anyflow train config --output-dir out`` on the CPU (one thread
+    per process); returns its stdout after checking that it exited 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "anyflow", "train", str(config), "--output-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_torchrun_anyflow_train_checkpoint_resumes_in_one_process(tmp_path):
     from anyflow.training import checkpoint as ckpt
     from anyflow.training.run import train_from_config
@@ -296,12 +307,7 @@ def test_torchrun_anyflow_train_checkpoint_resumes_in_one_process(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("preset: tiny-far\nbatch_size: 1\ntotal_iter: 2\nfar: {bidirectional_modeling_prob: 0.5}\n")
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "anyflow", "train", str(cfg), "--output-dir", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("step 2: checkpoint in") == 1  # rank 0 alone reports
+    assert torchrun_train(cfg, out).count("step 2: checkpoint in") == 1  # rank 0 alone reports
     state = ckpt.load(ckpt.latest_checkpoint(out))
     assert state["step"] == 2 and state["data"] == {"index": 2}
     assert all(not hasattr(v, "device_mesh") for v in state["model"].values())  # whole tensors
