@@ -9,23 +9,14 @@ from __future__ import annotations
 
 from .. import ops
 from . import blocks
-from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
+from .blocks import SelfAttention, as_text, check_latents, frame_times, head, onloaded, patchify, unpatchify
 
 
 def dense_self_attention(cos, sin, *, shard=None) -> SelfAttention:
-    """Bidirectional self-attention over the whole sequence; ``cos``, ``sin`` are the fp32 ``[N, Dh/2]`` RoPE
-    tables of its ``N`` tokens (:func:`anyflow.models.blocks.rope_for`). Under Ulysses (``shard``, an
-    :class:`anyflow.parallel.SequenceShard`) the tokens and tables are this rank's and the attention runs on all
-    tokens for this rank's heads."""
-
-    def fn(layer, attn, q, k, v):
-        q = norm_rope(attn, q, "q", cos, sin)
-        k = norm_rope(attn, k, "k", cos, sin)
-        q, k, v = blocks.exchange_heads(shard, q, k, v)
-        o = ops.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
-
-    return fn
+    """Bidirectional self-attention over the whole sequence (:func:`anyflow.models.blocks.rotary_attention` with
+    :func:`anyflow.ops.sdpa`); ``cos``, ``sin`` are the fp32 ``[N, Dh/2]`` RoPE tables of its ``N`` tokens
+    (:func:`anyflow.models.blocks.rope_for`), this rank's under Ulysses (``shard``)."""
+    return blocks.rotary_attention(cos, sin, lambda layer, q, k, v: ops.sdpa(q, k, v), shard=shard)
 
 
 @onloaded

@@ -186,6 +186,24 @@ def norm_rope(attn, x_proj, which: str, cos, sin):
     return ops.qk_norm_rope(x_proj, weight, cos, sin, attn.heads, norm.eps)
 
 
+def rotary_attention(cos, sin, attend, *, shard=None, on_kv=None) -> SelfAttention:
+    """The self-attention of every AnyFlow forward: ``norm_q`` / ``norm_k`` + RoPE with the fp32 ``[N, Dh/2]``
+    tables ``cos``, ``sin`` (:func:`norm_rope`), then ``attend(layer, q, k, v)`` on ``[B, H, N, Dh]`` tensors
+    (returns ``[B, H, N, Dh]``). ``on_kv(layer, attn, k_proj [B, N, H*Dh], k_rope [B, N, H, Dh], v [B, N, H, Dh])``
+    sees every layer's keys. Under Ulysses (``shard``, an :class:`anyflow.parallel.SequenceShard`) the tokens and
+    tables are this rank's and ``attend`` sees all tokens of this rank's heads."""
+
+    def fn(layer, attn, q, k, v):
+        qr, kr = norm_rope(attn, q, "q", cos, sin), norm_rope(attn, k, "k", cos, sin)
+        if on_kv is not None:
+            on_kv(layer, attn, k, kr, v)
+        qr, kr, v = exchange_heads(shard, qr, kr, v)
+        o = attend(layer, qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2))
+        return exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
+
+    return fn
+
+
 def _cross_attention(attn, h, text: TextContext, layer: int):
     q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
     if text.kv is not None:

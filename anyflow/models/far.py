@@ -19,7 +19,7 @@ import torch
 
 from .. import ops, parallel
 from . import blocks
-from .blocks import SelfAttention, as_text, check_latents, frame_times, head, norm_rope, onloaded, patchify, unpatchify
+from .blocks import SelfAttention, as_text, check_latents, frame_times, head, onloaded, patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,23 +89,6 @@ def kv_capacity(chunk_partition: Sequence[int], full_chunk_limit: int, full_tpf:
 # ----------------------------------------------------------------------------------------------
 # full-sequence forward (training, diffusers' cache step)
 # ----------------------------------------------------------------------------------------------
-def _masked_attention(cos, sin, layout, on_kv=None, *, shard=None) -> SelfAttention:
-    """Chunk-causal self-attention; ``on_kv(layer, attn, k_proj, k_rope, v)`` sees every layer's keys. Under
-    Ulysses (``shard``) the queries/keys are exchanged to all tokens of this rank's heads around the attention
-    (``layout`` indexes the whole sequence); ``on_kv`` is not supported there."""
-
-    def fn(layer, attn, q, k, v):
-        qr = norm_rope(attn, q, "q", cos, sin)
-        kr = norm_rope(attn, k, "k", cos, sin)
-        if on_kv is not None:
-            on_kv(layer, attn, k, kr, v)
-        qr, kr, v = blocks.exchange_heads(shard, qr, kr, v)
-        o = ops.chunk_causal_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), layout)
-        return blocks.exchange_tokens(shard, o.transpose(1, 2)).flatten(2)
-
-    return fn
-
-
 @onloaded
 def far_sequence_forward(
     model,
@@ -192,7 +175,9 @@ def far_sequence_forward(
     if shard is not None and on_kv is not None:
         raise NotImplementedError("on_kv (diffusers' dict KV cache) is not supported under context parallelism")
     x, (m_rows,), cos, sin = blocks.shard_inputs(shard, x, (m_rows,), cos, sin)
-    attend = _masked_attention(cos, sin, layout, on_kv, shard=shard)
+    # chunk-causal; under Ulysses the attention sees all tokens of this rank's heads (``layout`` indexes them all)
+    attend = blocks.rotary_attention(cos, sin, lambda layer, q, k, v: ops.chunk_causal_attention(q, k, v, layout),
+                                     shard=shard, on_kv=on_kv)
     x = blocks.run_blocks(model, x, text, m_rows, segs if shard is None else shard.segments, attend)
     if not with_head:
         return None
@@ -207,7 +192,7 @@ def far_sequence_forward(
 
 
 # ----------------------------------------------------------------------------------------------
-# attention states of the runner: step_attention(runner, k, cos, sin) and cache_step(runner, k, latents, text)
+# attention states of the runner: step_attention(runner, k, cos, sin, shard), cache_step(runner, k, latents, text)
 # ----------------------------------------------------------------------------------------------
 class FARKVCache:
     """The live KV cache: preallocated, post-RoPE keys, one ``[compressed | full | current]`` buffer per layer.
@@ -264,22 +249,16 @@ class FARKVCache:
         """Self-attention that writes the tokens' K/V at ``start``, then ``attend(layer, q [B, H, L, Dh], end)``;
         under Ulysses (``shard``) this rank's heads of all tokens are written and attended."""
 
-        def fn(layer, attn, q, k, v):
-            kr = norm_rope(attn, k, "k", cos, sin)
-            qr, kr, v = blocks.exchange_heads(shard, norm_rope(attn, q, "q", cos, sin), kr, v)
-            self.write(layer, start, kr, v)
-            o = attend(layer, qr.transpose(1, 2), start + kr.shape[1]).transpose(1, 2)
-            return blocks.exchange_tokens(shard, o).flatten(2)
+        def write_attend(layer, q, k, v):
+            self.write(layer, start, k.transpose(1, 2), v.transpose(1, 2))
+            return attend(layer, q, start + k.shape[2])
 
-        return fn
+        return blocks.rotary_attention(cos, sin, write_attend, shard=shard)
 
-    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin, shard) -> SelfAttention:
         def attend(layer, q, end):
             return ops.segmented_attention(q, *self.segments(layer, end))
 
-        shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
-        if shard is not None:
-            cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
         return self._writing(cos, sin, self.num_cached, attend, shard)
 
     def cache_step(self, runner: "FARRunner", k: int, latents: torch.Tensor, text: blocks.TextContext) -> None:
@@ -318,17 +297,11 @@ def _over_cache(cos, sin, cached, shard=None) -> SelfAttention:
     ``[B, H, L, Dh]``, rotated) and themselves, without mask; nothing is written. Under Ulysses (``shard``) the
     current tokens are this rank's and ``cached`` holds this rank's heads."""
 
-    def fn(layer, attn, q, k, v):
-        qr = norm_rope(attn, q, "q", cos, sin)
-        kr = norm_rope(attn, k, "k", cos, sin)
-        qr, kr, v = (t.transpose(1, 2) for t in blocks.exchange_heads(shard, qr, kr, v))
+    def attend(layer, q, k, v):
         keys, values = cached(layer)
-        keys = [c.to(qr.dtype) for c in keys] + [kr]
-        values = [c.to(qr.dtype) for c in values] + [v]
-        o = ops.segmented_attention(qr, keys, values).transpose(1, 2)
-        return blocks.exchange_tokens(shard, o).flatten(2)
+        return ops.segmented_attention(q, [c.to(q.dtype) for c in keys] + [k], [c.to(q.dtype) for c in values] + [v])
 
-    return fn
+    return blocks.rotary_attention(cos, sin, attend, shard=shard)
 
 
 @dataclass
@@ -339,11 +312,8 @@ class KVSnapshot:
 
     layers: list
 
-    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin, shard) -> SelfAttention:
         cached = lambda layer: [[t] if t.shape[2] else [] for t in self.layers[layer]]  # noqa: E731
-        shard = blocks.split_sequence(runner.model, ((runner.cp[k], runner.geo.full_tpf),))
-        if shard is not None:
-            cos, sin = shard.tokens(cos, 0), shard.tokens(sin, 0)
         return _over_cache(cos, sin, cached, shard)
 
     def cache_step(self, runner, k, latents, text) -> None:
@@ -375,7 +345,7 @@ class DiffusersKVCache:
     timestep: Any = 0.0
     r_timestep: Any = 0.0
 
-    def step_attention(self, runner: "FARRunner", k: int, cos, sin) -> SelfAttention:
+    def step_attention(self, runner: "FARRunner", k: int, cos, sin, shard) -> SelfAttention:
         _no_context_parallel(runner)
         if k != self.num_cached_chunks:
             raise ValueError(f"chunk_partition has {k + 1} chunks but the cache holds {self.num_cached_chunks} "
@@ -495,10 +465,10 @@ def _step(model, runner: FARRunner, k, z, t, r, text, state):
     delta = ops.delta_time(t, r, model.condition_embedder.deltatime_type)
     e_rows, m_rows = blocks.time_rows(model, t, delta, text.raw_dtype)
     segs = ((f, runner.geo.full_tpf),)
-    attention = state.step_attention(runner, k, *runner.rope(f0, f1, z.device))
-    shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens (the state sliced the RoPE tables)
-    x, (m_rows, e_rows), _, _ = blocks.shard_inputs(shard, patchify(model.patch_embedding, z), (m_rows, e_rows),
-                                                    None, None)
+    shard = blocks.split_sequence(model, segs)  # Ulysses: this rank's tokens
+    x, (m_rows, e_rows), cos, sin = blocks.shard_inputs(shard, patchify(model.patch_embedding, z), (m_rows, e_rows),
+                                                        *runner.rope(f0, f1, z.device))
+    attention = state.step_attention(runner, k, cos, sin, shard)
     segs = segs if shard is None else shard.segments
     x = blocks.run_blocks(model, x, text, m_rows, segs, attention)
     out = head(model, x, e_rows, segs)

@@ -324,13 +324,6 @@ def _bf16_round(t: torch.Tensor) -> torch.Tensor:
     return t.bfloat16().float()
 
 
-def _jvp_context():
-    """Forward-mode AD has no formula for the fused SDPA kernels: use the math path inside the JVP."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfig):
     """The passes of one step that take no gradient, batched into one forward where possible.
 
@@ -338,41 +331,30 @@ def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfi
     of t and divided by the guidance scale g (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, guidance fusion).
     """
     g = cfg.fuse_guidance_scale
-    b = z.shape[0]
-    n_sel = int(rows.numel())
-    parts_idx, parts_z, parts_t, parts_r, parts_text = [], [], [], [], []
+    b, n_sel = z.shape[0], int(rows.numel())
+    parts = []  # (rows, z, t, r, text) of each slice of the batched forward
     if g != 1.0:
         if negative is None:
             raise ValueError("guidance fusion (fuse_guidance_scale != 1) needs the negative text")
-        parts_idx.append(torch.arange(b))
-        parts_z.append(z)
-        parts_t.append(t)
-        parts_r.append(r)
-        parts_text.append(negative)
-    derivative = None
-    if n_sel and cfg.derivative == "fd":
+        parts.append((torch.arange(b), z, t, r, negative))
+    fd = n_sel > 0 and cfg.derivative == "fd"
+    if fd:
         eps = float(cfg.epsilon)
-        zs, ts, rs = z[rows], t[rows], r[rows]
+        zs, ts, rs, text_sel = z[rows], t[rows], r[rows], _take_text(text, rows)
         dz = (v[rows].float() * (eps / 1000)).to(z.dtype)
         t_plus, t_minus = ts + eps, ts - eps
         if cfg.bf16_timesteps:  # the official trainer adds epsilon to bf16 timesteps
             t_plus, t_minus = _bf16_round(t_plus), _bf16_round(t_minus)
-        text_sel = _take_text(text, rows)
-        parts_idx += [rows, rows]
-        parts_z += [zs + dz, zs - dz]
-        parts_t += [t_plus, t_minus]
-        parts_r += [rs, rs]
-        parts_text += [text_sel, text_sel]
-    u_uncond = None
+        parts += [(rows, zs + dz, t_plus, rs, text_sel), (rows, zs - dz, t_minus, rs, text_sel)]
+    u_uncond = derivative = None
     with torch.no_grad():
-        if parts_idx:
-            index = torch.cat(parts_idx)
-            out = forward.take(index)(torch.cat(parts_z), torch.cat(parts_t), torch.cat(parts_r), cat_text(parts_text))
+        if parts:
+            index, zz, tt, rr, texts = zip(*parts)
+            out = forward.take(torch.cat(index))(torch.cat(zz), torch.cat(tt), torch.cat(rr), cat_text(texts))
             if g != 1.0:
                 u_uncond, out = out[:b], out[b:]
-            if n_sel and cfg.derivative == "fd":
-                u_plus, u_minus = out[:n_sel], out[n_sel:]
-                derivative = (u_plus.float() - u_minus.float()) / (2 * float(cfg.epsilon) * g)
+            if fd:
+                derivative = (out[:n_sel].float() - out[n_sel:].float()) / (2 * eps * g)
         if n_sel and cfg.derivative == "jvp":
             derivative = jvp_derivative(forward.take(rows), z[rows], v[rows], t[rows], r[rows], _take_text(text, rows)) / g
     return u_uncond, derivative
@@ -393,7 +375,9 @@ def jvp_derivative(forward, z, v, t, r, text) -> torch.Tensor:
         return forward(z_, t_, r, text)
 
     tangent = ((v.float() / 1000).to(z.dtype), torch.ones_like(t))
-    with torch.no_grad(), _jvp_context(), ops.backend("torch"):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ops.backend("torch"):
         _, du = torch.func.jvp(fn, (z, t), tangent)
     return du.float()
 
@@ -439,12 +423,15 @@ def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch
     text = _as_context(forward, text)
     rows = _sample_rows(t, r, forward)
     _, du = _no_grad_passes(forward, z, v, t, r, text, None, rows, FlowMapConfig(**{**cfg.__dict__, "fuse_guidance_scale": 1.0}))
+    return _target(v, t, r, rows, None if du is None else du / cfg.fuse_guidance_scale)
+
+
+def _target(v, t, r, rows, du) -> torch.Tensor:
+    """fp32 ``v - (t - r) du`` on the samples ``rows`` (``du`` ``[len(rows), ...]``), ``v`` on the others."""
     target = v.float().clone()
     if rows.numel():
-        g = cfg.fuse_guidance_scale
-        dev_rows = rows.to(z.device)
-        gap = (t[dev_rows] - r[dev_rows]).float()[:, :, None, None, None]
-        target[dev_rows] = target[dev_rows] - gap * (du / g)
+        dev_rows = rows.to(v.device)
+        target[dev_rows] = target[dev_rows] - (t[dev_rows] - r[dev_rows]).float()[:, :, None, None, None] * du
     return target
 
 
@@ -546,13 +533,7 @@ def flow_map_loss(
     rows = _sample_rows(t, r, forward)
     u_uncond, du = _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg)
     u_hat = guidance_fuse(u_cond, u_uncond, cfg.fuse_guidance_scale)
-    target = v
-    if rows.numel():
-        target = v.clone()
-        dev_rows = rows.to(z.device)
-        gap = (t[dev_rows] - r[dev_rows]).float()[:, :, None, None, None]
-        target[dev_rows] = v[dev_rows] - gap * du
-    per_frame = (u_hat.float() - target).pow(2).mean(dim=(2, 3, 4))
+    per_frame = (u_hat.float() - _target(v, t, r, rows, du)).pow(2).mean(dim=(2, 3, 4))
     per_sample = (per_frame * weighting(t)).mean(dim=1)
     losses = per_sample
     if cfg.rescale:

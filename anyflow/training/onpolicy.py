@@ -457,28 +457,37 @@ class OnPolicyPhase(Phase):
         return bidirectional_rollout(tr.sharded(BidirectionalForward(tr.model)), noise, text, plan,
                                      grad=grad, grad_segments=self.dmd.grad_segments, params=params)
 
-    def _frames(self, latents) -> int:
-        return sum(self.trainer.cfg.far.chunk_partition) if self.trainer.far else latents.shape[1]
+    def _dmd_batch(self, latents, text, device):
+        """The DMD batch of a step: the first ``dmd_batch_size`` samples of this process's slice, the rollout
+        plan and noise drawn for the global DMD batch. Returns ``(text [nb, L, D], rows, shape, plan, noise)``
+        with ``shape = (nb * world_size, F, C, H, W)`` and ``rows`` this process's rows of it (``None``: one
+        process)."""
+        tr, d = self.trainer, self.dmd
+        rows = tr.rows(latents.shape[0])
+        local_text = text if rows is None else tr.take(rows, text)[0]
+        nb = min(d.dmd_batch_size, local_text.shape[0])
+        rows = None if rows is None else torch.arange(tr.rank * nb, (tr.rank + 1) * nb)
+        frames = sum(tr.cfg.far.chunk_partition) if tr.far else latents.shape[1]
+        shape = (nb * tr.world_size, frames) + tuple(latents.shape[2:])
+        plan = sample_plan(d.rollout_steps, tr.cfg.shift, tr.generator)
+        noise, = tr.take(rows, torch.randn(shape, generator=tr.generator).to(device))
+        return local_text[:nb], rows, shape, plan, noise
+
+    def _noise_levels(self, sample_timesteps, shape, rows, device):
+        """``(t [b, F], noise)`` of a DMD or critic loss: ``sample_timesteps`` within ``[min_timestep,
+        max_timestep]`` and fresh noise, drawn for the global DMD batch, this process's ``rows``."""
+        d, g = self.dmd, self.trainer.generator
+        t = sample_timesteps(shape[0], self.trainer.cfg.shift, g, d.min_timestep, d.max_timestep)
+        return self.trainer.take(rows, t[:, None].expand(shape[:2]).to(device), torch.randn(shape, generator=g).to(device))
 
     def losses(self, latents, text):
         """DMD on the first ``dmd_batch_size`` samples (of each process's slice), then (co-training) the
         forward loss on all; draws are made for the global DMD batch (``dmd_batch_size * world_size``)."""
-        tr, d = self.trainer, self.dmd
-        cfg, g = tr.cfg, tr.generator
-        rows = tr.rows(latents.shape[0])
-        local_text = text if rows is None else tr.take(rows, text)[0]
-        nb = min(d.dmd_batch_size, local_text.shape[0])
-        dmd_rows = None if rows is None else torch.arange(tr.rank * nb, (tr.rank + 1) * nb)
-        dev = latents.device
-        shape = (nb * tr.world_size, self._frames(latents)) + tuple(latents.shape[2:])
-        plan = sample_plan(d.rollout_steps, cfg.shift, g)
-        noise, = tr.take(dmd_rows, torch.randn(shape, generator=g).to(dev))
-        x_hat, nfe = self.rollout(noise, local_text[:nb], plan, grad=True)
-        t = sample_dmd_timesteps(shape[0], cfg.shift, g, d.min_timestep, d.max_timestep)
-        t = t[:, None].expand(shape[0], shape[1]).to(dev)
-        dmd_noise = torch.randn(shape, generator=g).to(dev)
-        t, dmd_noise = tr.take(dmd_rows, t, dmd_noise)
-        out = dmd_generator_loss(x_hat, dmd_noise, t, local_text[:nb], tr.negative, self.real_forward,
+        d = self.dmd
+        text_nb, rows, shape, plan, noise = self._dmd_batch(latents, text, latents.device)
+        x_hat, nfe = self.rollout(noise, text_nb, plan, grad=True)
+        t, dmd_noise = self._noise_levels(sample_dmd_timesteps, shape, rows, latents.device)
+        out = dmd_generator_loss(x_hat, dmd_noise, t, text_nb, self.trainer.negative, self.real_forward,
                                  self.critic_forward, real_guidance_scale=d.real_guidance_scale,
                                  dmd_weight=d.dmd_weight)
         out.stats.update(rollout_steps=plan.num_steps, rollout_grad_step=plan.grad_step, rollout_nfe=nfe)
@@ -495,17 +504,7 @@ class OnPolicyPhase(Phase):
         statistics. Like the generator's DMD loss it uses the first ``dmd_batch_size`` samples of each
         process's slice (draws for the global DMD batch ``dmd_batch_size * world_size``)."""
         tr, d = self.trainer, self.dmd
-        cfg, g = tr.cfg, tr.generator
-        latents, text = tr.next_batch(device)
-        rows = tr.rows(latents.shape[0])
-        local_text = text if rows is None else tr.take(rows, text)[0]
-        nb = min(d.dmd_batch_size, local_text.shape[0])
-        b = nb * tr.world_size
-        rows = None if rows is None else torch.arange(tr.rank * nb, (tr.rank + 1) * nb)
-        text = local_text[:nb]
-        shape = (b, self._frames(latents)) + tuple(latents.shape[2:])
-        plan = sample_plan(d.rollout_steps, cfg.shift, g)
-        noise, = tr.take(rows, torch.randn(shape, generator=g).to(device))
+        text, rows, shape, plan, noise = self._dmd_batch(*tr.next_batch(device), device)
         self.critic_optimizer.zero_grad(set_to_none=True)
         with tr.autocast(device):
             tr.model.eval()
@@ -514,10 +513,7 @@ class OnPolicyPhase(Phase):
                     x, _ = self.rollout(noise, text, plan, grad=False)
             finally:
                 tr.model.train()
-            t = sample_critic_timesteps(b, cfg.shift, g, d.min_timestep, d.max_timestep)
-            t = t[:, None].expand(b, shape[1]).to(device)
-            eps = torch.randn(shape, generator=g).to(device)
-            t, eps = tr.take(rows, t, eps)
+            t, eps = self._noise_levels(sample_critic_timesteps, shape, rows, device)
             out = critic_loss(self.critic_forward, x, eps, t, text)
         out.loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.critic_params], d.critic_optimizer.max_grad_norm)
