@@ -2,8 +2,8 @@
 
 The values restate the official YAML files (NVlabs/AnyFlow options/train/anyflow YAMLs; NVlabs/AnyFlow
 trainer_wan_anyflow_pretrain.py for the forward objective, NVlabs/AnyFlow trainer_wan_anyflow_onpolicy.py for
-the on-policy phase, NVlabs/AnyFlow trainer_wan_teacher.py for the teacher). A config is a :class:`TrainConfig`; :func:`preset` returns
-the official ones by name (``"teacher-1.3b"``, ``"bidirectional-pretrain-14b"``,
+the on-policy phase, NVlabs/AnyFlow trainer_wan_teacher.py for the teacher). A config is a :class:`TrainConfig`;
+:func:`preset` returns the official ones by name (``"teacher-1.3b"``, ``"bidirectional-pretrain-14b"``,
 ``"far-onpolicy-1.3b"``, ...) plus ``"tiny"`` / ``"tiny-far"`` for CPU tests, and :func:`load_config`
 reads YAML (``preset: NAME`` selects a base, every other key overrides it, nested by section).
 
@@ -312,9 +312,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(fm.fuse_guidance_scale > 0, "flowmap.fuse_guidance_scale", "> 0", fm.fuse_guidance_scale)
     _check(fm.weight_type in WEIGHT_TYPES, "flowmap.weight_type", f"one of {WEIGHT_TYPES}", fm.weight_type)
     _check(0.0 <= fm.i2v_prob <= 1.0, "flowmap.i2v_prob", "in [0, 1]", fm.i2v_prob)
-    for name, opt in (("optimizer", cfg.optimizer),) + ((("dmd.critic_optimizer", cfg.dmd.critic_optimizer),) if cfg.dmd else ()):
+    critic_opt = [("dmd.critic_optimizer", cfg.dmd.critic_optimizer)] if cfg.dmd else []
+    for name, opt in [("optimizer", cfg.optimizer)] + critic_opt:
         _check(opt.lr >= 0, f"{name}.lr", ">= 0", opt.lr)
-        _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"{name}.betas", "two values in [0, 1)", opt.betas)
+        _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"{name}.betas", "two values in [0, 1)",
+               opt.betas)
         _check(opt.warmup_steps >= 0, f"{name}.warmup_steps", ">= 0", opt.warmup_steps)
         _check(opt.max_grad_norm > 0, f"{name}.max_grad_norm", "> 0", opt.max_grad_norm)
     _check(0 <= cfg.ema.decay < 1, "ema.decay", "in [0, 1)", cfg.ema.decay)
@@ -345,7 +347,8 @@ def validate(cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 # official presets (NVlabs/AnyFlow options/train/anyflow YAMLs)
 # ----------------------------------------------------------------------------------------------
-_SIZES = {"1.3b": dict(batch_size=2, total_iter=6000, dmd_batch_size=2), "14b": dict(batch_size=1, total_iter=4000, dmd_batch_size=1)}
+_SIZES = {"1.3b": dict(batch_size=2, total_iter=6000, dmd_batch_size=2),
+          "14b": dict(batch_size=1, total_iter=4000, dmd_batch_size=1)}
 
 
 def _official(kind: str, phase: str, size: str) -> TrainConfig:
@@ -364,51 +367,25 @@ def _official(kind: str, phase: str, size: str) -> TrainConfig:
     else:
         lora = LoRAConfig(extra_trainable=("far_patch_embedding",) if far else ())
         flowmap = FlowMapConfig()
-    far_cfg = None
-    if far:
-        far_cfg = FARConfig(bidirectional_modeling_prob=0.1 if phase == "pretrain" else 0.0)
-    return TrainConfig(
-        name=f"{kind if phase != 'teacher' else 'wan'}-{phase}-{size}",
-        phase=phase,
-        model=ModelConfig(kind=kind),
-        batch_size=s["batch_size"],
-        total_iter=total,
-        optimizer=optimizer,
-        ema=ema,
-        lora=lora,
-        flowmap=flowmap,
-        far=far_cfg,
-        dmd=dmd,
-    )
+    far_cfg = FARConfig(bidirectional_modeling_prob=0.1 if phase == "pretrain" else 0.0) if far else None
+    return TrainConfig(name=f"{kind if phase != 'teacher' else 'wan'}-{phase}-{size}", phase=phase,
+                       model=ModelConfig(kind=kind), batch_size=s["batch_size"], total_iter=total, optimizer=optimizer,
+                       ema=ema, lora=lora, flowmap=flowmap, far=far_cfg, dmd=dmd)
 
 
 def _tiny(kind: str) -> TrainConfig:
-    far = kind == "far"
     return TrainConfig(
-        name=f"tiny-{kind}",
-        phase="pretrain",
-        model=ModelConfig(kind=kind, tiny=True),
-        batch_size=4,
-        total_iter=20,
-        mixed_precision=False,
-        gradient_checkpointing=False,
-        optimizer=OptimizerConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=2),
-        ema=EMAConfig(decay=0.9, warmup_steps=2),
-        far=FARConfig(chunk_partition=(1, 1, 2, 2, 2), full_chunk_limit=3) if far else None,
-        save_every=0,
-        backend="torch",
+        name=f"tiny-{kind}", phase="pretrain", model=ModelConfig(kind=kind, tiny=True), batch_size=4, total_iter=20,
+        mixed_precision=False, gradient_checkpointing=False, save_every=0, backend="torch",
+        optimizer=OptimizerConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=2), ema=EMAConfig(decay=0.9, warmup_steps=2),
+        far=FARConfig(chunk_partition=(1, 1, 2, 2, 2), full_chunk_limit=3) if kind == "far" else None,
     )
 
 
 def preset_names() -> list[str]:
     """Names accepted by :func:`preset`."""
-    names = []
-    for size in _SIZES:
-        names.append(f"teacher-{size}")
-        for kind in MODEL_KINDS:
-            for phase in ("pretrain", "onpolicy"):
-                names.append(f"{kind}-{phase}-{size}")
-    return names + ["tiny", "tiny-far"]
+    phases = [f"{kind}-{phase}" for kind in MODEL_KINDS for phase in ("pretrain", "onpolicy")]
+    return [f"{p}-{size}" for size in _SIZES for p in ["teacher", *phases]] + ["tiny", "tiny-far"]
 
 
 def preset(name: str) -> TrainConfig:
@@ -434,10 +411,8 @@ def preset(name: str) -> TrainConfig:
         ValueError: unknown name.
     """
     key = name.lower()
-    if key == "tiny":
-        return _tiny("bidirectional")
-    if key == "tiny-far":
-        return _tiny("far")
+    if key in ("tiny", "tiny-far"):
+        return _tiny("far" if key == "tiny-far" else "bidirectional")
     parts = key.split("-")
     if len(parts) == 2 and parts[0] == "teacher" and parts[1] in _SIZES:
         return _official("bidirectional", "teacher", parts[1])
@@ -462,39 +437,27 @@ def to_dict(cfg) -> dict:
     return conv(cfg)
 
 
+#: scalar field type -> (what the error names, accepted Python types); bools are not numbers here
+_SCALARS = {float: ("a number", (int, float)), int: ("an int", int), bool: ("a bool", bool), str: ("a string", str)}
+
+
 def _coerce(tp, value, where: str):
-    origin = get_origin(tp)
-    if origin is Union:  # Optional[X]
+    if get_origin(tp) is Union:  # Optional[X]
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
+        return None if value is None else _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):  # a mapping went to _from_dict
+        if not isinstance(value, tp):
             raise TypeError(f"{where} must be a mapping, got {type(value).__name__}")
-        return _from_dict(tp, value, where, base=tp() if tp is not TrainConfig else None)
+        return value
     if tp is tuple:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{where} must be a list, got {value!r}")
         return tuple(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be a bool, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        what, accepted = _SCALARS[tp]
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise TypeError(f"{where} must be {what}, got {value!r}")
+        return float(value) if tp is float else value
     return value
 
 
