@@ -83,16 +83,6 @@ def context_parallel_of(model) -> "UlyssesGroup | None":
     return getattr(model, ATTRIBUTE, None)
 
 
-def _merge_segments(segs: list, rows: list) -> tuple:
-    merged = []
-    for nf, tpf in segs:
-        if merged and merged[-1][1] == tpf:  # rows are listed per frame, so equal widths simply continue
-            merged[-1] = (merged[-1][0] + nf, tpf)
-        else:
-            merged.append((nf, tpf))
-    return tuple(merged), tuple(rows)
-
-
 def local_segments(segments, start: int, end: int) -> tuple[tuple, tuple]:
     """The frame-segment table of tokens ``[start, end)`` of a sequence described by ``segments``.
 
@@ -136,7 +126,13 @@ def local_segments(segments, start: int, end: int) -> tuple[tuple, tuple]:
         if pos < b:  # the range ends inside a frame
             segs.append((1, b - pos))
             rows.append(row0 + frame)
-    return _merge_segments(segs, rows)
+    merged = []
+    for nf, tpf in segs:
+        if merged and merged[-1][1] == tpf:  # rows are listed per frame, so equal widths simply continue
+            merged[-1] = (merged[-1][0] + nf, tpf)
+        else:
+            merged.append((nf, tpf))
+    return tuple(merged), tuple(rows)
 
 
 class UlyssesGroup:
@@ -318,131 +314,38 @@ def ulysses_group(transformer, config=None) -> UlyssesGroup:
     return group
 
 
-# --------------------------------------------------------------------------------------------------
-# Ulysses all-to-all with uneven sequence shards
-# --------------------------------------------------------------------------------------------------
-
-
-def _seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """``[B, s_rank, H, D]`` (this rank's tokens, all heads) -> ``[B, S, H/N, D]`` (all tokens, this rank's heads).
-
-    Each shard is zero-padded to ``max(sizes)`` for an equal-split all-to-all; the padding rows are dropped
-    before the result is assembled, so they never reach an attention.
-    """
-    n = len(sizes)
-    b, s, h, d = x.shape
-    m = max(sizes)
-    if s < m:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, m - s))
-    send = x.reshape(b, m, n, h // n, d).permute(2, 1, 0, 3, 4).contiguous()  # [N(dst), m, B, h, D]
-    recv = torch.empty_like(send)  # [N(src), m, B, h, D]
-    dist.all_to_all_single(recv, send, group=group)
-    parts = [recv[j, : sizes[j]] for j in range(n)]
-    return torch.cat(parts, dim=0).permute(1, 0, 2, 3).contiguous()
-
-
-def _heads_to_seq(y: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
-    """Inverse of :func:`_seq_to_heads`: ``[B, S, H/N, D]`` -> ``[B, s_rank, H, D]``."""
-    n = len(sizes)
-    b, _, h, d = y.shape
-    m = max(sizes)
-    pieces = []
-    for part in y.split(sizes, dim=1):
-        if part.shape[1] < m:
-            part = torch.nn.functional.pad(part, (0, 0, 0, 0, 0, m - part.shape[1]))
-        pieces.append(part.transpose(0, 1))
-    send = torch.stack(pieces).contiguous()  # [N(dst), m, B, h, D]
-    recv = torch.empty_like(send)  # [N(src heads), m, B, h, D]
-    dist.all_to_all_single(recv, send, group=group)
-    return recv[:, : sizes[rank]].permute(2, 1, 0, 3, 4).reshape(b, sizes[rank], n * h, d)
-
-
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sizes, rank, group):
-        ctx.args = (sizes, rank, group)
-        return _seq_to_heads(x, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, rank, group = ctx.args
-        return _heads_to_seq(grad.contiguous(), sizes, rank, group), None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, sizes, rank, group):
-        ctx.args = (sizes, rank, group)
-        return _heads_to_seq(y, sizes, rank, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, rank, group = ctx.args
-        return _seq_to_heads(grad.contiguous(), sizes, group), None, None, None
-
-
-def _gather_tokens(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """All-gather ``[B, s_rank, ...]`` shards of unequal length into ``[B, S, ...]`` (padded to ``max(sizes)`` for
-    the collective: gloo's all-gather needs equal shapes, which diffusers' ``_all_gather_anything`` assumes away)."""
-    m = max(sizes)
-    x = x.contiguous()
-    if x.shape[1] < m:
-        x = torch.cat([x, x.new_zeros(x.shape[0], m - x.shape[1], *x.shape[2:])], dim=1)
-    out = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(out, x, group=group)
-    return torch.cat([o[:, :s] for o, s in zip(out, sizes)], dim=1)
-
-
-class _GatherTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sizes, rank, group):
-        ctx.args = (sizes, rank)
-        return _gather_tokens(x, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, rank = ctx.args
-        return grad.split(sizes, dim=1)[rank], None, None, None
-
-
 class _SequenceLayout:
-    """Global token count of the current forward, shared by the processors of one transformer.
+    """The :class:`SequenceShard` of the current forward, shared by the processors of one transformer.
 
     Set by a forward pre-hook on ``blocks[0]``, which runs before diffusers' split hook and so sees the whole
     sequence; the processors only see their shard and need every rank's shard size for the all-to-all.
     """
 
-    def __init__(self, group, rank: int, world_size: int):
-        self.group, self.rank, self.world_size = group, rank, world_size
-        self.num_tokens = None
+    def __init__(self, group: UlyssesGroup):
+        self.group = group
+        self._shard = None
 
-    def sizes(self, local_tokens: int) -> list[int]:
-        if self.num_tokens is None:
+    def shard(self) -> SequenceShard:
+        if self._shard is None:
             raise RuntimeError("anyflow.parallel: the sequence layout is unset; call the transformer, not a block")
-        sizes = split_sizes(self.num_tokens, self.world_size)
-        if sizes[self.rank] != local_tokens:
-            raise RuntimeError(
-                f"anyflow.parallel: rank {self.rank} holds {local_tokens} tokens, expected {sizes[self.rank]} "
-                f"of {self.num_tokens}"
-            )
-        return sizes
+        return self._shard
 
     def pre_hook(self, module, args, kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.num_tokens = hidden_states.shape[1]
+        self._shard = self.group.shard(((1, hidden_states.shape[1]),))
 
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return _SeqToHeads.apply(x, self.sizes(x.shape[1]), self.rank, self.group)
+        return self.shard().to_heads(x)[0]
 
     def to_seq(self, y: torch.Tensor) -> torch.Tensor:
-        return _HeadsToSeq.apply(y, split_sizes(self.num_tokens, self.world_size), self.rank, self.group)
+        return self.shard().to_seq(y)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        return _GatherTokens.apply(x, self.sizes(x.shape[1]), self.rank, self.group)
+        return self.shard().gather(x)
 
     def local_heads(self, heads: int) -> slice:
-        h = heads // self.world_size
-        return slice(self.rank * h, (self.rank + 1) * h)
+        h = heads // self.group.world_size
+        return slice(self.group.rank * h, (self.group.rank + 1) * h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -728,7 +631,8 @@ def apply_context_parallel(transformer, config) -> None:
     parallel = ParallelConfig(context_parallel_config=config)
     parallel.setup(rank, world, device, mesh=mesh)
 
-    layout = _SequenceLayout(config._ulysses_mesh.get_group(), config._ulysses_local_rank, config.ulysses_degree)
+    layout = _SequenceLayout(UlyssesGroup(config._ulysses_mesh.get_group(), config._ulysses_local_rank,
+                                          config.ulysses_degree))
     cls = UlyssesAnyFlowCausalAttnProcessor if kind == "far" else UlyssesAnyFlowAttnProcessor
     for block in transformer.blocks:
         block.attn1.set_processor(cls(layout, block.attn1.processor._attention_backend))
