@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,6 +58,7 @@ SUPPORTED_TRANSFORMER_CLASSES = (
 DEFAULT_CHUNK_PARTITION = [1, 3, 3, 3, 3, 3, 3, 2]
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
+_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _TEXT_WEIGHTS_INDEX = "model.safetensors.index.json"
 
 #: Bytes per element of every dtype the safetensors format defines (sub-byte float4 types excluded).
@@ -133,9 +135,7 @@ def check_safetensors(file) -> dict:
                       "data_offsets [begin, end]") from None
         if dtype not in _SAFETENSORS_ITEMSIZE:
             raise bad(f"corrupt header: tensor {name!r} has unknown dtype {dtype!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if end - begin != numel * _SAFETENSORS_ITEMSIZE[dtype] or begin < 0:
             raise bad(f"corrupt header: tensor {name!r} ({dtype} {shape}) needs {numel * _SAFETENSORS_ITEMSIZE[dtype]} "
                       f"bytes, data_offsets give [{begin}, {end}]")
@@ -157,10 +157,7 @@ def check_safetensors(file) -> dict:
 
 def _check_weight_files(files: list[Path], component: str) -> None:
     """Check every safetensors file (and the tensors an index maps to each shard) before loading any."""
-    headers = {}
-    for file in files:
-        if file.name.endswith(".safetensors"):
-            headers[file.name] = check_safetensors(file)
+    headers = {f.name: check_safetensors(f) for f in files if f.name.endswith(".safetensors")}
     for index in (f for f in files if f.name.endswith(".index.json")):
         weight_map = _read_json(index, f"component '{component}' weight index").get("weight_map", {})
         for key, shard in weight_map.items():
@@ -190,7 +187,17 @@ def _load_error(folder: Path, component: str, exc: Exception) -> CheckpointFileE
     if len(text) > 300:
         text = text[:297] + "..."
     return CheckpointFileError(f"{folder}: component '{component}' cannot be loaded: {type(exc).__name__}: {text}")
-_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _from_pretrained(cls, folder: Path, component: str, source=None, **kwargs):
+    """``cls.from_pretrained(source or folder, ...)`` in eval mode; a failure inside it, or a partial load, is one
+    line naming the user's ``folder`` (also when ``source`` is a temporary view of it)."""
+    try:
+        model, info = cls.from_pretrained(source or folder, output_loading_info=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line naming the folder instead of a library traceback
+        err = str(_load_error(folder, component, exc))
+        raise CheckpointFileError(err.replace(str(source), str(folder)) if source else err) from exc
+    return _check_loading_info(model, info, folder, component).eval()
 
 
 def _read_json(file: Path, what: str) -> dict:
@@ -259,12 +266,6 @@ def resolve_transformer_kind(config: dict, where: str = "transformer config") ->
     )
 
 
-def _transformer_class(kind: str):
-    from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
-
-    return AnyFlowFARTransformer3DModel if kind == "far" else AnyFlowTransformer3DModel
-
-
 def _upstream_config(config: dict, cls, kind: str) -> dict:
     """Keep only the keys ``cls.__init__`` accepts; fill the FAR chunk partition when absent."""
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
@@ -326,13 +327,15 @@ def load_transformer(folder, dtype=None):
         CheckpointFileError: (a ``ValueError``) a truncated or corrupt weight file, or weights that do
             not fit the config; one line naming the file or folder (see :func:`check_safetensors`).
     """
+    from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"component 'transformer' missing: expected the folder {folder}")
     config_file = folder / "config.json"
     config = _read_json(config_file, "component 'transformer' config")
     kind = resolve_transformer_kind(config, where=str(config_file))
-    cls = _transformer_class(kind)
+    cls = AnyFlowFARTransformer3DModel if kind == "far" else AnyFlowTransformer3DModel
     weights = _weight_files(folder, "transformer")
     _check_weight_files(weights, "transformer")
     torch_dtype = _resolve_dtype(dtype)
@@ -341,13 +344,7 @@ def load_transformer(folder, dtype=None):
         (view / "config.json").write_text(json.dumps(_upstream_config(config, cls, kind), indent=2))
         for file in weights:
             _link_or_copy(file, view / file.name)
-        try:
-            model, info = cls.from_pretrained(view, torch_dtype=torch_dtype, low_cpu_mem_usage=True,
-                                              output_loading_info=True)
-        except Exception as exc:  # noqa: BLE001 - reported against the user's folder, not the temporary view
-            err = _load_error(folder, "transformer", exc)
-            raise CheckpointFileError(str(err).replace(str(view), str(folder))) from exc
-    return _check_loading_info(model, info, folder, "transformer").eval()
+        return _from_pretrained(cls, folder, "transformer", view, torch_dtype=torch_dtype, low_cpu_mem_usage=True)
 
 
 def _text_encoder_weights(folder: Path) -> list[Path]:
@@ -367,13 +364,8 @@ def _load_text_encoder(folder: Path, entry, dtype):
     _read_json(folder / "config.json", "component 'text_encoder' config")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise FileNotFoundError(f"component 'text_encoder' has no weights (*.safetensors or *.bin) in {folder}")
-    _check_weight_files(_text_encoder_weights(folder), "text_encoder")
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        model, info = getattr(transformers, name).from_pretrained(folder, output_loading_info=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - one line naming the folder instead of a library traceback
-        raise _load_error(folder, "text_encoder", exc) from exc
-    return _check_loading_info(model, info, folder, "text_encoder").eval()
+    kwargs = {} if dtype is None else {"dtype": dtype}  # the weight files are checked by load_pipeline
+    return _from_pretrained(getattr(transformers, name), folder, "text_encoder", **kwargs)
 
 
 def _load_tokenizer(folder: Path):
@@ -394,13 +386,8 @@ def _load_vae(folder: Path, dtype):
     from diffusers import AutoencoderKLWan
 
     _read_json(folder / "config.json", "component 'vae' config")
-    _check_weight_files(_weight_files(folder, "vae"), "vae")
-    kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    try:
-        model, info = AutoencoderKLWan.from_pretrained(folder, output_loading_info=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - one line naming the folder instead of a library traceback
-        raise _load_error(folder, "vae", exc) from exc
-    return _check_loading_info(model, info, folder, "vae").eval()
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}  # the weight files are checked by load_pipeline
+    return _from_pretrained(AutoencoderKLWan, folder, "vae", **kwargs)
 
 
 def _load_scheduler(folder: Path):
@@ -442,15 +429,13 @@ def load_pipeline(path, dtype=None, device=None, transformer_only: bool = False)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint folder {root} does not exist (expected an AnyFlow diffusers folder)")
-    if transformer_only and not (root / "model_index.json").is_file() and (root / "config.json").is_file():
-        model = load_transformer(root, dtype=dtype)
-        return model.to(device) if device is not None else model
-
-    index = _read_json(root / "model_index.json", f"checkpoint {root} is not a diffusers pipeline folder")
-    dtype = _resolve_dtype(dtype)
+    bare = transformer_only and not (root / "model_index.json").is_file() and (root / "config.json").is_file()
+    if not bare:
+        index = _read_json(root / "model_index.json", f"checkpoint {root} is not a diffusers pipeline folder")
+        dtype = _resolve_dtype(dtype)
     if transformer_only:
-        transformer = load_transformer(_component_dir(root, "transformer"), dtype=dtype)
-        return transformer.to(device) if device is not None else transformer
+        model = load_transformer(root if bare else _component_dir(root, "transformer"), dtype=dtype)
+        return model.to(device) if device is not None else model
 
     # every folder is checked before any weights are read, so a broken checkpoint fails fast
     names = ("transformer", "scheduler", "text_encoder", "tokenizer", "vae")
