@@ -57,19 +57,17 @@ def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int 
     """
     grid = time_grid(num_train_timesteps, shift, num_train_timesteps)
     n = float(num_train_timesteps)
+    if weight_type == "uniform":
+        return grid, torch.ones_like(grid)
     if weight_type == "gaussian":
         y = torch.exp(-2 * ((grid - n / 2) / n) ** 2)
         y = y - y.min()
-        w = y * (n / y.sum())
     elif weight_type == "beta08":
         tau = grid / n
         y = tau * torch.sqrt(1 - tau)
-        w = y * (n / y.sum())
-    elif weight_type == "uniform":
-        w = torch.ones_like(grid)
     else:
         raise ValueError(f"weight_type must be 'beta08', 'gaussian' or 'uniform', got {weight_type!r}")
-    return grid, w
+    return grid, y * (n / y.sum())
 
 
 class TrainWeighting:
@@ -136,17 +134,11 @@ def pair_kinds(batch: int, diffusion_ratio: float, consistency_ratio: float, ran
     return torch.where(j < n_d, KIND_DIFFUSION, torch.where(j < n_d + n_c, KIND_CONSISTENCY, KIND_FREE))
 
 
-def sample_time_pairs(
-    batch: int,
-    cfg: FlowMapConfig,
-    shift: float,
-    generator: torch.Generator,
-    rank: int = 0,
-    world_size: int = 1,
-) -> TimePairs:
-    """Draw (t, r) (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, pair sampling): u1, u2 ~ U[0, 1), t = max, r =
-    min; r = t for diffusion samples,
-    r = 0 for consistency samples; then ``t <- 1000 shift(t)``, ``r <- 1000 shift(r)``.
+def sample_time_pairs(batch: int, cfg: FlowMapConfig, shift: float, generator: torch.Generator, rank: int = 0,
+                      world_size: int = 1) -> TimePairs:
+    """Draw (t, r) (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, pair sampling): u1, u2 ~ U[0, 1), t = max,
+    r = min; r = t for diffusion samples, r = 0 for consistency samples; then ``t <- 1000 shift(t)``, ``r <- 1000
+    shift(r)``.
 
     With ``cfg.bf16_timesteps`` the draws and the shift are computed in bf16 (the official trainer's
     dtype; see :attr:`FlowMapConfig.bf16_timesteps`); the result is fp32 either way.
@@ -169,9 +161,8 @@ def sample_logit_normal(batch: int, shift: float, generator: torch.Generator) ->
 def sample_teacher_timesteps(batch: int, shift: float, generator: torch.Generator,
                              distribution: str = "logit_normal") -> torch.Tensor:
     """``[B]`` fp32 teacher timesteps: ``"logit_normal"`` (the official draw, NVlabs/AnyFlow trainer_wan_teacher.py)
-    or ``"uniform"``
-    (t = 1000 shift(u), u ~ U(0, 1): every noise level gets samples; at shift 1 the logit-normal draw
-    leaves t > 950 almost untrained, see docs/anystep).
+    or ``"uniform"`` (t = 1000 shift(u), u ~ U(0, 1): every noise level gets samples; at shift 1 the logit-normal
+    draw leaves t > 950 almost untrained, see docs/anystep).
 
     Raises:
         ValueError: unknown ``distribution``.
@@ -201,13 +192,12 @@ def drop_text(text: torch.Tensor, negative: torch.Tensor, ratio: float, generato
 
 
 def expand_negative(negative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``negative`` as ``[B, L, D]`` like ``like`` (explicit expand: the official code broadcasts a batch-1 negative)."""
+    """``negative`` as ``[B, L, D]`` like ``like`` (an explicit expand; the official code broadcasts batch 1)."""
     if negative.ndim == 2:
         negative = negative[None]
     if negative.ndim != 3 or negative.shape[1:] != like.shape[1:] or negative.shape[0] not in (1, like.shape[0]):
-        raise ValueError(
-            f"negative must be [L, D], [1, L, D] or [B, L, D] matching text {tuple(like.shape)}, got {tuple(negative.shape)}"
-        )
+        raise ValueError(f"negative must be [L, D], [1, L, D] or [B, L, D] matching text {tuple(like.shape)}, "
+                         f"got {tuple(negative.shape)}")
     return negative.to(like.device, like.dtype).expand(like.shape[0], -1, -1)
 
 
@@ -289,8 +279,7 @@ class FARWindowForward:
 
 def sample_num_chunks(far: FARConfig, generator: torch.Generator) -> int:
     """Chunks n of one FAR training step (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, chunk sampling): with
-    probability
-    ``long_context_ratio`` n ~ U{limit, ..., len(cp)}, else n = limit (limit = ``full_chunk_limit``,
+    probability ``long_context_ratio`` n ~ U{limit, ..., len(cp)}, else n = limit (limit = ``full_chunk_limit``,
     capped at the number of chunks). Both draws are always made, so the generator advances alike."""
     total = len(far.chunk_partition)
     lim = min(far.full_chunk_limit, total)
@@ -320,10 +309,6 @@ def far_window(latents: torch.Tensor, chunk_partition: Sequence[int], num_chunks
 # ----------------------------------------------------------------------------------------------
 # the mean-velocity target
 # ----------------------------------------------------------------------------------------------
-def _bf16_round(t: torch.Tensor) -> torch.Tensor:
-    return t.bfloat16().float()
-
-
 def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfig):
     """The passes of one step that take no gradient, batched into one forward where possible.
 
@@ -338,13 +323,14 @@ def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfi
             raise ValueError("guidance fusion (fuse_guidance_scale != 1) needs the negative text")
         parts.append((torch.arange(b), z, t, r, negative))
     fd = n_sel > 0 and cfg.derivative == "fd"
+    sel = (z[rows], v[rows], t[rows], r[rows], _take_text(text, rows))  # the rows whose dU/dt is needed
     if fd:
         eps = float(cfg.epsilon)
-        zs, ts, rs, text_sel = z[rows], t[rows], r[rows], _take_text(text, rows)
-        dz = (v[rows].float() * (eps / 1000)).to(z.dtype)
+        zs, vs, ts, rs, text_sel = sel
+        dz = (vs.float() * (eps / 1000)).to(z.dtype)
         t_plus, t_minus = ts + eps, ts - eps
         if cfg.bf16_timesteps:  # the official trainer adds epsilon to bf16 timesteps
-            t_plus, t_minus = _bf16_round(t_plus), _bf16_round(t_minus)
+            t_plus, t_minus = t_plus.bfloat16().float(), t_minus.bfloat16().float()
         parts += [(rows, zs + dz, t_plus, rs, text_sel), (rows, zs - dz, t_minus, rs, text_sel)]
     u_uncond = derivative = None
     with torch.no_grad():
@@ -356,7 +342,7 @@ def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfi
             if fd:
                 derivative = (out[:n_sel].float() - out[n_sel:].float()) / (2 * eps * g)
         if n_sel and cfg.derivative == "jvp":
-            derivative = jvp_derivative(forward.take(rows), z[rows], v[rows], t[rows], r[rows], _take_text(text, rows)) / g
+            derivative = jvp_derivative(forward.take(rows), *sel) / g
     return u_uncond, derivative
 
 
@@ -383,9 +369,8 @@ def jvp_derivative(forward, z, v, t, r, text) -> torch.Tensor:
 
 
 def finite_difference_derivative(forward, z, v, t, r, text, epsilon: float = 5.0) -> torch.Tensor:
-    """Central difference ``(u(z + v e / 1000, t + e, r) - u(z - v e / 1000, t - e, r)) / (2 e)``
-    (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, guidance fusion) without gradient; ``[B, F, C, H, W]`` fp32 per
-    1000-unit of t."""
+    """Central difference ``(u(z + v e / 1000, t + e, r) - u(z - v e / 1000, t - e, r)) / (2 e)`` (NVlabs/AnyFlow
+    trainer_wan_anyflow_pretrain.py, guidance fusion) without gradient; ``[B, F, C, H, W]`` fp32 per 1000-unit of t."""
     cfg = FlowMapConfig(epsilon=epsilon, derivative="fd", fuse_guidance_scale=1.0)
     return _no_grad_passes(forward, z, v, t, r, _as_context(forward, text), None, torch.arange(z.shape[0]), cfg)[1]
 
@@ -394,9 +379,7 @@ def _as_context(forward, text):
     if isinstance(text, TextContext):
         return text
     prepare = getattr(forward, "prepare_text", None)  # e.g. a sharded model (anyflow.training.distributed)
-    if prepare is not None:
-        return prepare(text)
-    return prepare_text(forward.model, text)
+    return prepare(text) if prepare is not None else prepare_text(forward.model, text)
 
 
 def _sample_rows(t: torch.Tensor, r: torch.Tensor, forward=None) -> torch.Tensor:
@@ -413,8 +396,8 @@ def _sample_rows(t: torch.Tensor, r: torch.Tensor, forward=None) -> torch.Tensor
 
 
 def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch.Tensor:
-    """``v - (t - r) dU/dt`` per frame (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, mean-velocity target), fp32,
-    no gradient.
+    """``v - (t - r) dU/dt`` per frame (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, mean-velocity target),
+    fp32, no gradient.
 
     dU/dt is computed only for samples with some frame where t != r; the others get ``v`` exactly
     (their derivative term is multiplied by zero). dU/dt is divided by the guidance scale g, as the
@@ -422,7 +405,7 @@ def mean_velocity_target(forward, z, v, t, r, text, cfg: FlowMapConfig) -> torch
     """
     text = _as_context(forward, text)
     rows = _sample_rows(t, r, forward)
-    _, du = _no_grad_passes(forward, z, v, t, r, text, None, rows, FlowMapConfig(**{**cfg.__dict__, "fuse_guidance_scale": 1.0}))
+    _, du = _no_grad_passes(forward, z, v, t, r, text, None, rows, dataclasses.replace(cfg, fuse_guidance_scale=1.0))
     return _target(v, t, r, rows, None if du is None else du / cfg.fuse_guidance_scale)
 
 
@@ -438,19 +421,15 @@ def _target(v, t, r, rows, du) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # losses
 # ----------------------------------------------------------------------------------------------
-def rescale_losses(
-    losses: torch.Tensor,
-    is_diffusion: torch.Tensor,
-    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    eps: float = RESCALE_EPS,
-) -> torch.Tensor:
+def rescale_losses(losses: torch.Tensor, is_diffusion: torch.Tensor,
+                   all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, eps: float = RESCALE_EPS):
     """Adaptive normalisation of the non-diffusion losses (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, loss
     re-scaling).
 
     Every non-diffusion ``l_b`` becomes ``l_b * sg(m / (l_b + eps))`` with m the mean diffusion loss
     over the global batch: its value is ~m and its gradient ``(m / (l_b + eps)) grad l_b``. Without any
     diffusion sample in the global batch the losses are returned unchanged (the official code divides
-    by zero there in the official code).
+    by zero there).
 
     Args:
         losses: ``[B]`` per-sample losses (with graph).
@@ -490,19 +469,9 @@ def guidance_fuse(u_cond: torch.Tensor, u_uncond: Optional[torch.Tensor], g: flo
     return (u_cond - (1 - g) * u_uncond.to(u_cond.dtype)) / g
 
 
-def flow_map_loss(
-    forward,
-    x: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    r: torch.Tensor,
-    kind: torch.Tensor,
-    text,
-    negative,
-    cfg: FlowMapConfig,
-    weighting: TrainWeighting,
-    all_reduce: Optional[Callable] = None,
-) -> LossOutput:
+def flow_map_loss(forward, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor, kind: torch.Tensor,
+                  text, negative, cfg: FlowMapConfig, weighting: TrainWeighting,
+                  all_reduce: Optional[Callable] = None) -> LossOutput:
     """The forward flow-map loss of one batch (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py).
 
     Args:
@@ -571,8 +540,8 @@ def flow_matching_loss(forward, x, noise, t, text, negative=None, guidance_scale
     """Plain flow-matching loss at r = t: ``mean (U_hat(z_t, t, t) - (eps - x))^2`` unweighted, fp32.
 
     The teacher objective (NVlabs/AnyFlow trainer_wan_teacher.py, g = 1) and the FAR bidirectional-modeling loss
-    (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py,
-    FAR variant, guidance-fused with the student's own unconditional prediction when g != 1).
+    (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, FAR variant, guidance-fused with the student's own
+    unconditional prediction when g != 1).
 
     Args:
         t: ``[B, F]`` per-frame timesteps in [0, 1000].
@@ -634,9 +603,8 @@ def prepare_far(
     generator: torch.Generator, rank: int = 0, world_size: int = 1,
 ) -> StepInputs:
     """A FAR step (NVlabs/AnyFlow trainer_far_wan_anyflow_pretrain.py, chunk sampling): chunk count n, window = last
-    ``full_chunk_limit`` chunks of
-    ``cp[:n]`` with one (t, r) per sample, compressed clean context before it, clean copy of the window.
-    Draw order: chunk count, text coins, pairs, noise (of the window)."""
+    ``full_chunk_limit`` chunks of ``cp[:n]`` with one (t, r) per sample, compressed clean context before it, clean
+    copy of the window. Draw order: chunk count, text coins, pairs, noise (of the window)."""
     n = sample_num_chunks(far, generator)
     cp, context, window = far_window(latents, far.chunk_partition, n, far.full_chunk_limit)
     b, f = window.shape[:2]
@@ -754,6 +722,15 @@ class Phase:
         tr.update_student(self.losses(*tr.next_batch(device)), record, device)
         tr.average_losses(record)
 
+    def local(self, forward, *tensors) -> tuple:
+        """``(forward, *tensors)`` on this process's rows of a step drawn for the global batch (``tensors``
+        batch-first), the forward sharded where its model is."""
+        tr = self.trainer
+        rows = tr.rows(tensors[0].shape[0])
+        if rows is not None:
+            forward = forward.take(rows)
+        return (tr.sharded(forward), *tr.take(rows, *tensors))
+
 
 def window_forward(trainer, latents: torch.Tensor, text: torch.Tensor):
     """Text dropout, then for a FAR student a chunk count and its window (context + noisy chunks): the draws
@@ -780,11 +757,7 @@ class TeacherPhase(Phase):
         t = sample_teacher_timesteps(b, cfg.shift, tr.generator, cfg.teacher_timesteps)[:, None].expand(b, f)
         t = t.to(x.device)
         noise = torch.randn(x.shape, generator=tr.generator).to(x.device, x.dtype)
-        rows = tr.rows(b)
-        if rows is not None:
-            fwd = fwd.take(rows)
-            x, noise, t, text = tr.take(rows, x, noise, t, text)
-        yield flow_matching_loss(tr.sharded(fwd), x, noise, t, text)
+        yield flow_matching_loss(*self.local(fwd, x, noise, t, text))
 
 
 class PretrainPhase(Phase):
@@ -808,28 +781,16 @@ class PretrainPhase(Phase):
             si = prepare_far(tr.model, latents, text, tr.negative, fmc, cfg.far, **kw)
         else:
             si = prepare_bidirectional(tr.model, latents, text, tr.negative, fmc, **kw)
-        dropped_text = si.text  # the global batch's prompts after dropout, also for the bidirectional loss
-        si = self._local(si)
-        neg = expand_negative(tr.negative, si.text) if fmc.fuse_guidance_scale != 1.0 else None
-        out = flow_map_loss(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text, neg, fmc, self.weighting,
-                            tr.all_reduce)
+        fwd, x, noise, t, r, kind, text = self.local(si.forward, si.x, si.noise, si.t, si.r, si.kind, si.text)
+        neg = expand_negative(tr.negative, text) if fmc.fuse_guidance_scale != 1.0 else None
+        out = flow_map_loss(fwd, x, noise, t, r, kind, text, neg, fmc, self.weighting, tr.all_reduce)
         if si.num_chunks is not None:
             out.stats["num_chunks"] = si.num_chunks
         yield out
         if tr.far and torch.rand((), generator=g).item() < cfg.far.bidirectional_modeling_prob:
-            extra = bidirectional_modeling_loss(
-                tr.model, latents, dropped_text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
+            extra = bidirectional_modeling_loss(  # on the global batch's prompts after dropout
+                tr.model, latents, si.text, tr.negative, shift=cfg.shift, guidance_scale=fmc.fuse_guidance_scale,
                 generator=g, forward=tr.sharded(BidirectionalForward(tr.model)),
                 rows=tr.rows(latents.shape[0]))
             extra.stats = {"loss_bidirectional": extra.stats["loss"]}
             yield extra
-
-    def _local(self, si: StepInputs) -> StepInputs:
-        """This process's rows of a step drawn for the global batch, with the sharded forward if sharded."""
-        tr = self.trainer
-        rows = tr.rows(si.x.shape[0])
-        if rows is None:
-            return dataclasses.replace(si, forward=tr.sharded(si.forward))
-        x, noise, t, r, text = tr.take(rows, si.x, si.noise, si.t, si.r, si.text)
-        return dataclasses.replace(si, forward=tr.sharded(si.forward.take(rows)), x=x, noise=noise, t=t, r=r,
-                                   kind=si.kind[rows], text=text, dropped=si.dropped[rows])

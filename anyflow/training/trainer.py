@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from .. import ops
 from . import checkpoint as ckpt
@@ -144,8 +145,6 @@ class Trainer:
         self.data = data
         self.negative = negative_embedding
         if fsdp:
-            import torch.distributed as dist
-
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
             rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -396,14 +395,11 @@ class Trainer:
         saved = {n: p.detach().clone() for n, p in self.named_params}
         try:
             if ema:
-                own = dict(self.named_params)
-                for n, s in self.ema.shadow.items():
-                    own[n].copy_(s.to(own[n].device, own[n].dtype))
+                self.ema.copy_to(self.model)
             return merged_state_dict(self.model, dtype)
         finally:
-            own = dict(self.named_params)
-            for n, v in saved.items():
-                own[n].copy_(v)
+            for n, p in self.named_params:
+                p.copy_(saved[n])
 
     def _export_sharded(self, ema: bool, dtype) -> dict:
         """Gather every weight (EMA swapped in), then merge on rank 0 in an unsharded twin of the student."""
@@ -411,9 +407,7 @@ class Trainer:
 
         full = {n: D.full_tensor(v.detach()).cpu() for n, v in self.model.state_dict().items()}
         if ema:
-            own = dict(self.named_params)
-            for n, s in self.ema.shadow.items():
-                full[n] = D.gather_shard(s, own[n]).cpu()
+            full.update(self._ema_state()["shadow"])
         if self.rank != 0:
             return {}
         cls = getattr(type(self.model), "_anyflow_original_class", type(self.model))
@@ -438,8 +432,6 @@ class Trainer:
         if self.rank == 0:
             ckpt.atomic_save(state, path)
         if self.fsdp:
-            import torch.distributed as dist
-
             dist.barrier()
         return Path(path)
 
@@ -449,8 +441,6 @@ class Trainer:
         if path is None:
             path = ckpt.latest_checkpoint(self.output_dir) if self.output_dir is not None else None
             if self.fsdp:  # every process must load the same file
-                import torch.distributed as dist
-
                 box = [None if path is None else str(path)]
                 dist.broadcast_object_list(box, src=0)
                 path = box[0]
