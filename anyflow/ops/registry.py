@@ -222,22 +222,6 @@ def triton_installed() -> bool:
         return False
 
 
-def _triton_reason() -> Optional[str]:
-    if not triton_installed():
-        return "triton is not installed"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
-    return None
-
-
-def _cuda_reason() -> Optional[str]:
-    from .. import _ext
-
-    return _ext.extension_status()[1]
-
-
 _REASONS: dict[str, Optional[str]] = {}
 
 
@@ -271,9 +255,15 @@ def _backend_reason(backend: str) -> Optional[str]:
     if backend == "torch":
         return None
     if backend == "triton":
-        return _triton_reason()
+        if not triton_installed():
+            return "triton is not installed"
+        if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+            return None
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
     if backend == "cuda":
-        return _cuda_reason()
+        from .. import _ext
+
+        return _ext.extension_status()[1]
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
@@ -302,13 +292,10 @@ _selected: Optional[Backend] = None
 
 
 def _check_backend(name) -> Backend:
-    if isinstance(name, tuple):
-        for n in name:
-            if n not in BACKENDS:
-                raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {n!r}")
-        return name
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    names, allowed = (name, BACKENDS) if isinstance(name, tuple) else ((name,), BACKENDS + ("auto",))
+    for n in names:
+        if n not in allowed:
+            raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {n!r}")
     return name
 
 
@@ -449,11 +436,11 @@ def _first_runnable(op, impls, names, args, kwargs, fallback: bool = False):
             if (name,) + key in _FAILED:
                 why = ["failed at run time on these shapes earlier in this process"]
         if not why:
-            if not fallback or name == "torch":
-                return _run(impl, args, kwargs)
             try:
                 return _run(impl, args, kwargs)
             except KernelRuntimeError as exc:
+                if not fallback or name == "torch":
+                    raise
                 _FAILED.add((name,) + key)
                 warnings.warn(f"{exc}; falling back to the next backend for these shapes", RuntimeWarning, stacklevel=3)
                 why = ["failed at run time"]
