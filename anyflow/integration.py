@@ -301,28 +301,22 @@ def enable(pipe_or_transformer, backend: str = "auto", *, attention: Optional[st
         from . import parallel
 
         ulysses = parallel.ulysses_group(transformer, context_parallel)
-    handle = EnableHandle(backend)
-    preferred = None if backend == "auto" else registry.prefer(backend)  # the enabled forward's ops.backend
-    settings = {"_anyflow_backend": preferred, "_anyflow_attention": attention, "_anyflow_context_parallel": ulysses}
-    if is_pipe:
-        from .samplers import pipelines
-
-        pipe_settings = dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs))
-        original_call = getattr(type(obj), "_anyflow_original_class", type(obj)).__call__
-    if isinstance(obj, AnyFlowFARPipeline):
-        _swap_model(obj.transformer, {"forward": _enabled_forward(_far_forward)}, settings, handle)
-        call = _method_like(pipelines.far_call, original_call)
-        _swap(obj, {"__call__": call, "stream": pipelines.far_stream}, pipe_settings, handle)
-    elif isinstance(obj, AnyFlowPipeline):
-        _swap_model(obj.transformer, {"forward": _enabled_forward(_bidirectional_forward)}, settings, handle)
-        _swap(obj, {"__call__": _method_like(pipelines.bidirectional_call, original_call)}, pipe_settings, handle)
-    elif isinstance(obj, AnyFlowFARTransformer3DModel):
-        _swap_model(obj, {"forward": _enabled_forward(_far_forward)}, settings, handle)
-    elif isinstance(obj, AnyFlowTransformer3DModel):
-        _swap_model(obj, {"forward": _enabled_forward(_bidirectional_forward)}, settings, handle)
-    else:
+    if not is_pipe and not isinstance(obj, (AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel)):
         raise TypeError(
             "anyflow.enable expects a diffusers AnyFlowPipeline, AnyFlowFARPipeline, AnyFlowTransformer3DModel or "
             f"AnyFlowFARTransformer3DModel, got {type(obj).__name__}"
         )
+    handle = EnableHandle(backend)
+    preferred = None if backend == "auto" else registry.prefer(backend)  # the enabled forward's ops.backend
+    settings = {"_anyflow_backend": preferred, "_anyflow_attention": attention, "_anyflow_context_parallel": ulysses}
+    is_far = isinstance(obj, (AnyFlowFARPipeline, AnyFlowFARTransformer3DModel))
+    _swap_model(transformer, {"forward": _enabled_forward(_far_forward if is_far else _bidirectional_forward)},
+                settings, handle)
+    if is_pipe:
+        from .samplers import pipelines
+
+        original_call = getattr(type(obj), "_anyflow_original_class", type(obj)).__call__
+        call = _method_like(pipelines.far_call if is_far else pipelines.bidirectional_call, original_call)
+        namespace = {"__call__": call, "stream": pipelines.far_stream} if is_far else {"__call__": call}
+        _swap(obj, namespace, dict(settings, _anyflow_cuda_graphs=bool(cuda_graphs)), handle)
     return handle
