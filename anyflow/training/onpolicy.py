@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -111,11 +112,23 @@ def _segment_context(name: str, grad: bool, grad_segments: str, params):
     return contextlib.nullcontext()
 
 
-def _segment_text(name: str, grad_segments: str, text: TextContext) -> TextContext:
-    """S3 under ``"mid"`` sees the projected prompt detached (no parameter gradient through the text)."""
-    if grad_segments == "mid" and name == "S3":
-        return TextContext(text.tokens.detach(), text.raw_dtype)
-    return text
+def _segment_velocity(call, plan: RolloutPlan, text: TextContext, dtype, grad: bool, grad_segments: str, params,
+                      time_dtype=None):
+    """``velocity(i, z, t, r)`` of :func:`~anyflow.training.flowmap.torch_jumps`: jump ``i`` of ``plan`` as one
+    ``call(z in dtype, t [B, F], r [B, F], text)`` in the grad mode of its segment (module docstring); S3 under
+    ``"mid"`` sees the projected prompt detached (no parameter gradient through the text)."""
+
+    def velocity(i, z, t, r):
+        name = plan.segments[i][0]
+        if grad_segments == "mid" and name == "S3":
+            text_i = TextContext(text.tokens.detach(), text.raw_dtype)
+        else:
+            text_i = text
+        with _segment_context(name, grad, grad_segments, params):
+            tt, rr = (torch.full(z.shape[:2], x, dtype=time_dtype, device=z.device) for x in (t, r))
+            return call(z.to(dtype), tt, rr, text_i)
+
+    return velocity
 
 
 def bidirectional_rollout(
@@ -142,15 +155,7 @@ def bidirectional_rollout(
     parameter, so running it outside the segment's grad mode leaves the parameter gradients alone).
     """
     text = _as_context(forward, text)
-    dtype = compute_dtype(forward.model)
-
-    def velocity(i, z, t, r):
-        name = plan.segments[i][0]
-        b, f = z.shape[:2]
-        with _segment_context(name, grad, grad_segments, params):
-            return forward(z.to(dtype), torch.full((b, f), t, device=z.device), torch.full((b, f), r, device=z.device),
-                           _segment_text(name, grad_segments, text))
-
+    velocity = _segment_velocity(forward, plan, text, compute_dtype(forward.model), grad, grad_segments, params)
     run = torch_jumps(velocity, noise, [(a, b) for _, a, b in plan.segments])
     return run.latents, run.nfe
 
@@ -273,16 +278,8 @@ class FARRollout:
         chunks = []
         for k in range(len(cp)):
             f0, f1 = self.runner.chunk_frames(k)
-            state = self.cache.snapshot() if grad else self.cache
-
-            def velocity(i, z, t, r, k=k, state=state):
-                name = plan.segments[i][0]
-                with _segment_context(name, grad, grad_segments, params):
-                    tt = torch.full(z.shape[:2], t, dtype=torch.float64, device=z.device)
-                    rr = torch.full(z.shape[:2], r, dtype=torch.float64, device=z.device)
-                    return self.velocity(k, z.to(self.dtype), tt, rr, _segment_text(name, grad_segments, self.text),
-                                         state)
-
+            nfe = functools.partial(self.velocity, k, state=self.cache.snapshot() if grad else self.cache)
+            velocity = _segment_velocity(nfe, plan, self.text, self.dtype, grad, grad_segments, params, torch.float64)
             chunks.append(torch_jumps(velocity, noise[:, f0:f1], pairs).latents)
             if k < len(cp) - 1:
                 self.cache_step(k, torch.cat([c.detach() for c in chunks], dim=1).to(self.dtype))
@@ -312,18 +309,8 @@ def sample_dmd_timesteps(batch: int, shift: float, generator: torch.Generator, l
     return (shift_sigma(tau, shift) * 1000).clamp(lo, hi)
 
 
-def dmd_generator_loss(
-    x_hat: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    text,
-    negative,
-    real,
-    fake,
-    *,
-    real_guidance_scale: float = 3.0,
-    dmd_weight: float = 1.0,
-) -> LossOutput:
+def dmd_generator_loss(x_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text, negative, real, fake, *,
+                       real_guidance_scale: float = 3.0, dmd_weight: float = 1.0) -> LossOutput:
     """DMD generator loss (official ``generator_loss``, ``trainer_wan_anyflow_onpolicy.py``).
 
     Args:
@@ -358,8 +345,8 @@ def dmd_generator_loss(
         target = (xd.double() - grad.double())
     loss = dmd_weight * (x_hat.double() - target).pow(2).mean()
     per_sample = (xd.double() - target).pow(2).mean(dim=(1, 2, 3, 4)).float()
-    stats = {"loss_dmd": float(loss.detach()), "dmd_grad_norm": float(grad.norm()), "dmd_t_mean": float(t.float().mean())}
-    return LossOutput(loss, per_sample, stats)
+    return LossOutput(loss, per_sample, {"loss_dmd": float(loss.detach()), "dmd_grad_norm": float(grad.norm()),
+                                         "dmd_t_mean": float(t.float().mean())})
 
 
 def critic_loss(critic, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text) -> LossOutput:
@@ -448,14 +435,14 @@ class OnPolicyPhase(Phase):
         ``(x_hat [B, F, C, H, W] fp32, nfe)``."""
         tr = self.trainer
         params = [p for _, p in tr.named_params]
-        if self.dmd.student == "consistency":
-            return consistency_rollout(tr.sharded(BidirectionalForward(tr.model)), noise, text, plan, tr.cfg.shift,
-                                       tr.generator, grad=grad)
-        if tr.far:
+        if tr.far:  # (a consistency student is bidirectional)
             ro = FARRollout(tr.model, text, tr.cfg.far.chunk_partition, noise.shape[-2:])
             return ro.run(noise, plan, grad=grad, grad_segments=self.dmd.grad_segments, params=params)
-        return bidirectional_rollout(tr.sharded(BidirectionalForward(tr.model)), noise, text, plan,
-                                     grad=grad, grad_segments=self.dmd.grad_segments, params=params)
+        fwd = tr.sharded(BidirectionalForward(tr.model))
+        if self.dmd.student == "consistency":
+            return consistency_rollout(fwd, noise, text, plan, tr.cfg.shift, tr.generator, grad=grad)
+        return bidirectional_rollout(fwd, noise, text, plan, grad=grad, grad_segments=self.dmd.grad_segments,
+                                     params=params)
 
     def _dmd_batch(self, latents, text, device):
         """The DMD batch of a step: the first ``dmd_batch_size`` samples of this process's slice, the rollout
@@ -476,9 +463,10 @@ class OnPolicyPhase(Phase):
     def _noise_levels(self, sample_timesteps, shape, rows, device):
         """``(t [b, F], noise)`` of a DMD or critic loss: ``sample_timesteps`` within ``[min_timestep,
         max_timestep]`` and fresh noise, drawn for the global DMD batch, this process's ``rows``."""
-        d, g = self.dmd, self.trainer.generator
-        t = sample_timesteps(shape[0], self.trainer.cfg.shift, g, d.min_timestep, d.max_timestep)
-        return self.trainer.take(rows, t[:, None].expand(shape[:2]).to(device), torch.randn(shape, generator=g).to(device))
+        d, tr = self.dmd, self.trainer
+        t = sample_timesteps(shape[0], tr.cfg.shift, tr.generator, d.min_timestep, d.max_timestep)
+        noise = torch.randn(shape, generator=tr.generator).to(device)
+        return tr.take(rows, t[:, None].expand(shape[:2]).to(device), noise)
 
     def losses(self, latents, text):
         """DMD on the first ``dmd_batch_size`` samples (of each process's slice), then (co-training) the
