@@ -33,13 +33,6 @@ from . import far as far_sampler
 from .schedule import time_pairs
 
 
-def _validate_prompt(prompt, prompt_embeds):
-    if isinstance(prompt, list) and len(prompt) == 0:
-        raise ValueError("prompt must not be an empty list")
-    if isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-        raise TypeError("prompt must be a str or a list of str")
-
-
 def _validate_tensor_arg(name, x, device, ndim=None):
     if x is None:
         return
@@ -114,23 +107,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
+def _prepare(pipe, kw: dict) -> _Prepared:
     """Everything before the denoising loop, through the pipeline's own helpers."""
     if pipe.transformer is None:
         raise ValueError("the pipeline's transformer is None: it can encode prompts (pipe.encode_prompt) but not "
                          "generate; build it with a transformer")
     prompt, negative_prompt = kw["prompt"], kw["negative_prompt"]
-    _validate_prompt(prompt, kw["prompt_embeds"])
+    if isinstance(prompt, list) and len(prompt) == 0:
+        raise ValueError("prompt must not be an empty list")
+    if isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
+        raise TypeError("prompt must be a str or a list of str")
     pipe.check_inputs(
         prompt, negative_prompt, kw["height"], kw["width"], kw["prompt_embeds"], kw["negative_prompt_embeds"],
         video=kw["video"], video_latents=kw["video_latents"],
         callback_on_step_end_tensor_inputs=kw["callback_on_step_end_tensor_inputs"],
     )
     device = pipe._execution_device
-    for name in ("prompt_embeds", "negative_prompt_embeds"):
-        _validate_tensor_arg(name, kw[name], device, ndim=3)
-    _validate_tensor_arg("latents", kw["latents"], device, ndim=5)
-    _validate_tensor_arg("video_latents", kw["video_latents"], device, ndim=5)
+    for name, ndim in (("prompt_embeds", 3), ("negative_prompt_embeds", 3), ("latents", 5), ("video_latents", 5)):
+        _validate_tensor_arg(name, kw[name], device, ndim=ndim)
     if isinstance(kw["video"], torch.Tensor):
         _validate_tensor_arg("video", kw["video"], kw["video"].device, ndim=5)
 
@@ -146,10 +140,7 @@ def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
     pipe._interrupt = False
     pipe._num_timesteps = len(p.pairs)
 
-    if prompt is not None:
-        batch = 1 if isinstance(prompt, str) else len(prompt)
-    else:
-        batch = kw["prompt_embeds"].shape[0]
+    batch = kw["prompt_embeds"].shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
         prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=pipe.do_classifier_free_guidance,
         num_videos_per_prompt=kw["num_videos_per_prompt"], prompt_embeds=kw["prompt_embeds"],
@@ -184,7 +175,6 @@ def _prepare(pipe, kw: dict, far: bool) -> _Prepared:
             f"video_latents must be [B, T, C, h, w] with (C, h, w) = {tuple(p.noise.shape[2:])}, got {tuple(video_latents.shape)}"
         )
     p.context = video_latents
-    p.batch = b
     p.device = device
     return p
 
@@ -262,7 +252,7 @@ def bidirectional_call(self, *args, **kwargs):
             divisible by 16, tensors on the wrong device, and every check of the diffusers pipeline.
     """
     kw = _collect(args, kwargs)
-    p = _prepare(self, kw, far=False)
+    p = _prepare(self, kw)
     model = self.transformer
 
     def on_step(i, t, z):
@@ -278,8 +268,7 @@ def bidirectional_call(self, *args, **kwargs):
         )
     _sync(p.device)
     self.anyflow_stats = RunStats(run.nfe, 0, time.perf_counter() - start, run.graph_replays)
-    z = run.latents
-    return _finish(self, z, kw["output_type"], kw["return_dict"])
+    return _finish(self, run.latents, kw["output_type"], kw["return_dict"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,12 +281,10 @@ def _far_setup(pipe, args, kwargs):
     kw = _collect(args, kwargs, _FAR_EXTRA)
     if not kw["use_kv_cache"]:
         raise ValueError("use_kv_cache=False is not supported by anyflow's FAR sampler (it always uses the KV cache)")
-    p = _prepare(pipe, kw, far=True)
+    p = _prepare(pipe, kw)
     model = pipe.transformer
     cp = kw["chunk_partition"]
-    if cp is None:
-        cp = list(model.config.chunk_partition)
-    cp = check_chunk_partition(cp, p.noise.shape[1])
+    cp = check_chunk_partition(list(model.config.chunk_partition) if cp is None else cp, p.noise.shape[1])
     session = far_sampler.FARSession(model, p.text, cp, p.noise.shape[3:], cuda_graphs=_cuda_graphs(pipe, model),
                                      attention=getattr(model, "_anyflow_attention", None))
     return kw, p, session
