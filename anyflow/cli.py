@@ -251,28 +251,23 @@ def _generate(args) -> int:
 
     threads = torch.get_num_threads()
     try:
-        return _generate_in(args)
+        _resolve_model(args)
+        _validate_generate(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {args.device}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+        default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+        if device.type == "cpu":
+            torch.set_num_threads(_cpu_threads(args.threads))
+        with _process_group(args.context_parallel, device) as (rank, device, parallel):
+            return _sample(args, device, dtype, rank, parallel)
     finally:
         torch.set_num_threads(threads)
-
-
-def _generate_in(args) -> int:
-    import torch
-
-    _resolve_model(args)
-    _validate_generate(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {args.device}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(args.threads))
-    with _process_group(args.context_parallel, device) as (rank, device, parallel):
-        return _sample(args, device, dtype, rank, parallel)
 
 
 #: Environment variables that torchrun sets in every process it starts (``--context-parallel`` needs them).
@@ -458,8 +453,6 @@ def _sample(args, device, dtype, rank: int, parallel) -> int:
 
 def _cpu_threads(requested) -> int:
     """``--threads``, else the cores not busy with other work (1-minute load average), at least 1."""
-    import os
-
     import torch
 
     if requested is not None:
