@@ -191,22 +191,11 @@ def tiny_pipeline(kind: str = "bidirectional", seed: int = 0, dtype=torch.float3
     """
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
-    from diffusers.utils import logging as diffusers_logging
-
-    # tiny_transformer casts with .to(dtype); for fp32 that is a no-op, so silence diffusers'
-    # keep-in-fp32 warning about it
-    verbosity = diffusers_logging.get_verbosity()
-    if dtype == torch.float32:
-        diffusers_logging.set_verbosity_error()
-    try:
-        transformer = tiny_transformer(kind, seed=seed, dtype=dtype, **transformer_overrides)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     cls = AnyFlowFARPipeline if kind == "far" else AnyFlowPipeline
     return cls(
+        transformer=tiny_transformer(kind, seed=seed, dtype=dtype, **transformer_overrides),
         tokenizer=tiny_tokenizer(),
         text_encoder=tiny_text_encoder(seed + 10, dtype=dtype),
-        transformer=transformer,
         vae=tiny_vae(seed + 20, dtype=dtype),
         scheduler=FlowMapEulerDiscreteScheduler(shift=5.0),
     )
@@ -215,34 +204,23 @@ def tiny_pipeline(kind: str = "bidirectional", seed: int = 0, dtype=torch.float3
 def _legacy_transformer_config(cfg: dict, kind: str) -> dict:
     """Rewrite an upstream transformer config the way the official converter writes it (NVlabs/AnyFlow
     convert_anyflow_to_diffusers.py)."""
-    out = {
-        "_class_name": "FAR_Wan_Transformer3DModel",
-        "_diffusers_version": "0.35.1",
-        "added_kv_proj_dim": None,
-        "attention_head_dim": cfg["attention_head_dim"],
-        "chunk_partition": list(cfg["chunk_partition"]) if kind == "far" else None,
-        "compressed_patch_size": list(cfg.get("compressed_patch_size", (1, 4, 4))),
-        "cross_attn_norm": cfg["cross_attn_norm"],
-        "deltatime_type": cfg["deltatime_type"],
-        "eps": cfg["eps"],
-        "ffn_dim": cfg["ffn_dim"],
-        "freq_dim": cfg["freq_dim"],
-        "full_chunk_limit": cfg.get("full_chunk_limit", 3),
-        "gate_value": cfg["gate_value"],
-        "image_dim": None,
-        "in_channels": cfg["in_channels"],
-        "init_far_model": kind == "far",
-        "init_flowmap_model": True,
-        "num_attention_heads": cfg["num_attention_heads"],
-        "num_layers": cfg["num_layers"],
-        "out_channels": cfg["out_channels"],
-        "patch_size": list(cfg["patch_size"]),
-        "pos_embed_seq_len": None,
-        "qk_norm": "rms_norm_across_heads",
-        "rope_max_seq_len": cfg["rope_max_seq_len"],
-        "text_dim": cfg["text_dim"],
-    }
-    return out
+    copied = ("attention_head_dim", "cross_attn_norm", "deltatime_type", "eps", "ffn_dim", "freq_dim", "gate_value",
+              "in_channels", "num_attention_heads", "num_layers", "out_channels", "rope_max_seq_len", "text_dim")
+    return dict(
+        {k: cfg[k] for k in copied},
+        _class_name="FAR_Wan_Transformer3DModel",
+        _diffusers_version="0.35.1",
+        added_kv_proj_dim=None,
+        chunk_partition=list(cfg["chunk_partition"]) if kind == "far" else None,
+        compressed_patch_size=list(cfg.get("compressed_patch_size", (1, 4, 4))),
+        full_chunk_limit=cfg.get("full_chunk_limit", 3),
+        image_dim=None,
+        init_far_model=kind == "far",
+        init_flowmap_model=True,
+        patch_size=list(cfg["patch_size"]),
+        pos_embed_seq_len=None,
+        qk_norm="rms_norm_across_heads",
+    )
 
 
 def save_tiny_checkpoint(path, kind: str = "far", seed: int = 0, layout: str = "upstream", dtype=torch.float32):
