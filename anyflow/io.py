@@ -30,6 +30,15 @@ def _check_size(height: int, width: int) -> None:
         raise ValueError(f"height and width must be positive, got height={height}, width={width}")
 
 
+def _output_path(path, suffixes: tuple) -> Path:
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{path}: output suffix must be one of {', '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: output directory {path.parent} does not exist")
+    return path
+
+
 def _existing_file(path) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -176,11 +185,7 @@ def write_video_atomic(frames, path, fps: float = 16) -> Path:
     """
     import imageio.v2 as imageio
 
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"{path}: output suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: output directory {path.parent} does not exist")
+    path = _output_path(path, VIDEO_SUFFIXES)
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     data = _as_uint8(frames)
@@ -202,11 +207,7 @@ def write_image_atomic(image, path) -> Path:
     """
     from PIL import Image
 
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: output suffix must be one of {', '.join(IMAGE_SUFFIXES)}")
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: output directory {path.parent} does not exist")
+    path = _output_path(path, IMAGE_SUFFIXES)
     data = _as_uint8(image[None] if getattr(image, "ndim", 0) == 3 else image)[0]
     with atomic_output(path) as tmp:
         Image.fromarray(data).save(tmp)
@@ -226,12 +227,14 @@ def _label(tile, text: str):
     return np.asarray(img)
 
 
-def _videos_uint8(videos) -> list:
+def _videos_uint8(videos, labels) -> list:
     arrays = [_as_uint8(v) for v in videos]
     if not arrays:
         raise ValueError("videos must hold at least one (T, H, W, 3) clip")
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"videos must share one shape, got {sorted({a.shape for a in arrays})}")
+    if len(labels) != len(arrays):
+        raise ValueError(f"labels must have one entry per video ({len(arrays)}), got {len(labels)}")
     return arrays
 
 
@@ -253,9 +256,7 @@ def side_by_side(videos, labels, gap: int = 2, multiple: int = 16):
     """
     import numpy as np
 
-    arrays = _videos_uint8(videos)
-    if len(labels) != len(arrays):
-        raise ValueError(f"labels must have one entry per video ({len(arrays)}), got {len(labels)}")
+    arrays = _videos_uint8(videos, labels)
     t, h, w, _ = arrays[0].shape
     width = len(arrays) * w + (len(arrays) - 1) * gap
     out = np.full((t, h, -(-width // multiple) * multiple, 3), 255, np.uint8)
@@ -276,9 +277,7 @@ def frame_strip(videos, labels, columns: int = 6, gap: int = 2):
     """
     import numpy as np
 
-    arrays = _videos_uint8(videos)
-    if len(labels) != len(arrays):
-        raise ValueError(f"labels must have one entry per video ({len(arrays)}), got {len(labels)}")
+    arrays = _videos_uint8(videos, labels)
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
     t, h, w, _ = arrays[0].shape
