@@ -22,6 +22,7 @@ each one is skipped when its output exists, so an interrupted build resumes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import shutil
@@ -88,8 +89,6 @@ def _decoder_dir(work: Path) -> Path:
 
 
 def stage_vae(work: Path, log=print, smoke=False) -> None:
-    import dataclasses
-
     from .autoencoder import train_vae
 
     frames, _ = _frames(smoke)
@@ -99,8 +98,6 @@ def stage_vae(work: Path, log=print, smoke=False) -> None:
 
 
 def stage_decoder(work: Path, log=print, smoke=False) -> None:
-    import dataclasses
-
     from diffusers import AutoencoderKLWan
 
     from .autoencoder import train_vae
@@ -199,21 +196,19 @@ def build(work, dest, stages=STAGES, log=print, smoke: bool = False) -> None:
     check of the recipe, see :data:`SMOKE_VIDEOS`)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt", "decoder": _decoder_dir(work) / "config.json",
+    done = {"vae": work / "vae" / "config.json", "data": work / "dataset.pt",
+            "decoder": _decoder_dir(work) / "config.json",
             **{s: work / s / "transformer" / "config.json" for s in ("teacher", "pretrain", "onpolicy")}}
+    data_stages = {"vae": stage_vae, "data": stage_data, "decoder": stage_decoder}
     for stage in stages:
         t0 = time.time()
         if stage in done and done[stage].exists():
             log(f"[{stage}] exists, skipped")
             continue
-        if stage == "vae":
-            stage_vae(work, log, smoke)
-        elif stage == "data":
-            stage_data(work, log, smoke)
-        elif stage == "decoder":
-            stage_decoder(work, log, smoke)
-        elif stage == "assemble":
+        if stage == "assemble":
             assemble(work, dest, log)
+        elif stage in data_stages:
+            data_stages[stage](work, log, smoke)
         else:
             stage_train(work, stage, log, smoke)
         log(f"[{stage}] {time.time() - t0:.0f} s")

@@ -63,17 +63,8 @@ def teacher_velocity(model) -> Callable:
     return v
 
 
-def consistency_loss(
-    forward,
-    x: torch.Tensor,
-    noise: torch.Tensor,
-    text,
-    cfg: ConsistencyConfig,
-    shift: float,
-    generator: torch.Generator,
-    teacher: Optional[Callable] = None,
-    negative=None,
-) -> LossOutput:
+def consistency_loss(forward, x: torch.Tensor, noise: torch.Tensor, text, cfg: ConsistencyConfig, shift: float,
+                     generator: torch.Generator, teacher: Optional[Callable] = None, negative=None) -> LossOutput:
     """Discrete consistency loss of one batch (module docstring).
 
     Args:
@@ -118,15 +109,9 @@ def consistency_loss(
 
 
 @torch.no_grad()
-def consistency_sample(
-    forward,
-    noise: torch.Tensor,
-    text,
-    num_steps: int,
-    shift: float = 5.0,
-    generator: Optional[torch.Generator] = None,
-    timesteps: Optional[Sequence[float]] = None,
-) -> torch.Tensor:
+def consistency_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: float = 5.0,
+                       generator: Optional[torch.Generator] = None,
+                       timesteps: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on the flow-map sampler's grid.
 
     Step i is the flow-map jump ``t_i -> 0`` (``x0 = z - t_i / 1000 u(z, t_i, 0)``, the endpoint map) of

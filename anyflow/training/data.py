@@ -30,7 +30,22 @@ __all__ = [
 ]
 
 
-class SyntheticClips:
+class _IndexedBatches:
+    """An endless iterator whose state is the index of its next batch (``state_dict`` / ``load_state_dict``)."""
+
+    index = 0
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class SyntheticClips(_IndexedBatches):
     """Endless deterministic ``(latents [B, F, C, H, W], text [B, L, D])`` batches for tests and smoke runs.
 
     Batch k depends only on ``(seed, k)``; latents are smooth in time (a random start plus a slow random
@@ -42,10 +57,6 @@ class SyntheticClips:
         self.shape = (batch_size, frames, channels, height, width)
         self.text_shape = (batch_size, text_len, text_dim)
         self.seed = seed
-        self.index = 0
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)
@@ -56,14 +67,8 @@ class SyntheticClips:
         self.index += 1
         return start + drift, text
 
-    def state_dict(self) -> dict:
-        return {"index": self.index}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
-
-
-class TensorClips:
+class TensorClips(_IndexedBatches):
     """Endless batches ``(latents, text)`` from in-memory tensors, reshuffled every epoch.
 
     Args:
@@ -99,14 +104,11 @@ class TensorClips:
                 raise ValueError(f"text_index must lie in [0, {text.shape[0]}), got [{int(text_index.min())}, "
                                  f"{int(text_index.max())}]")
         self.latents, self.text, self.text_index = latents, text, text_index
-        self.batch_size, self.seed, self.index = int(batch_size), int(seed), 0
+        self.batch_size, self.seed = int(batch_size), int(seed)
 
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.latents.shape[0], generator=g)
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         n, b = self.latents.shape[0], self.batch_size
@@ -115,18 +117,10 @@ class TensorClips:
         self.index += 1
         return self.latents[idx], self.text[self.text_index[idx]]
 
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
-
 
 # --------------------------------------------------------------------------------------------------
 # real footage: the anyflow_eval videos and captions
 # --------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class EvalVideo:
     """One evaluation video: ``frames`` ``[T, 3, H, W]`` float32 in ``[0, 1]`` (16 fps), its caption and name."""
@@ -164,8 +158,8 @@ def eval_data_root(root=None) -> Path:
     for c in candidates:
         if (c / "eval_caption_v2v.json").is_file():
             return c
-    raise FileNotFoundError(f"no anyflow_eval folder (with eval_caption_v2v.json) at {', '.join(map(str, candidates))}; "
-                            f"pass root= or set {EVAL_DATA_ENV} to the folder")
+    raise FileNotFoundError(f"no anyflow_eval folder (with eval_caption_v2v.json) at "
+                            f"{', '.join(map(str, candidates))}; pass root= or set {EVAL_DATA_ENV} to the folder")
 
 
 def load_eval_videos(height: int, width: int, root=None, names: Optional[Sequence[str]] = None) -> list[EvalVideo]:
@@ -196,7 +190,8 @@ def load_eval_videos(height: int, width: int, root=None, names: Optional[Sequenc
     return out
 
 
-def cut_clips(frames: torch.Tensor, num_frames: int, stride: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+def cut_clips(frames: torch.Tensor, num_frames: int, stride: int, start: int = 0,
+              stop: Optional[int] = None) -> torch.Tensor:
     """All windows ``frames[s : s + num_frames]`` with ``s = start, start + stride, ...`` ending by ``stop``.
 
     Args:

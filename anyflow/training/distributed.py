@@ -52,8 +52,9 @@ from .flowmap import BidirectionalForward, FARWindowForward
 
 try:
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # torch built without distributed
-    FSDPModule = None
+    FSDPModule = DTensor = distribute_tensor = None
 
 #: Attribute of a sharded transformer holding its FSDP root (set by :func:`shard_model`).
 _ROOT_ATTR = "_anyflow_fsdp_root"
@@ -214,17 +215,19 @@ def shard_model(model: torch.nn.Module, mp_policy=None, mesh: Optional["TrainMes
     return model
 
 
+def _root(model) -> Optional[_Root]:
+    return model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
+
+
 def is_sharded(model) -> bool:
     """Whether ``model`` was sharded by :func:`shard_model`."""
-    return isinstance(model, torch.nn.Module) and model.__dict__.get(_ROOT_ATTR) is not None
+    return _root(model) is not None
 
 
 def compute_dtype(model) -> torch.dtype:
     """dtype the model computes in: the FSDP ``param_dtype`` of a sharded model, else its parameters' dtype."""
-    root = model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
-    if root is not None:
-        return root.compute_dtype
-    return next(model.parameters()).dtype
+    root = _root(model)
+    return next(model.parameters()).dtype if root is None else root.compute_dtype
 
 
 def run_sharded(model, fn: Callable, *args, **kwargs):
@@ -233,7 +236,7 @@ def run_sharded(model, fn: Callable, *args, **kwargs):
     Nested calls run directly (the root is already gathered). ``fn`` must reach the blocks through
     :func:`anyflow.models.blocks.run_blocks` (or call them as modules).
     """
-    root = model.__dict__.get(_ROOT_ATTR) if isinstance(model, torch.nn.Module) else None
+    root = _root(model)
     if root is None or root.active:
         return fn(model, *args, **kwargs)
     root.active = True
@@ -323,11 +326,7 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -346,8 +345,6 @@ def gather_shard(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``DTensor``; collective); returns ``local`` when ``like`` is a plain tensor."""
     if not _is_dtensor(like):
         return local
-    from torch.distributed.tensor import DTensor
-
     dt = DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
                             stride=like.stride())
     return dt.full_tensor().to(local.device)
@@ -359,8 +356,6 @@ def shard_of(full: torch.Tensor, like: torch.Tensor):
     full = full.to(like.device, like.dtype)
     if not _is_dtensor(like):
         return full
-    from torch.distributed.tensor import distribute_tensor
-
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
@@ -524,12 +519,11 @@ def world_size_from_env(env=None) -> int:
     Raises:
         ValueError: ``WORLD_SIZE`` is not a positive integer.
     """
-    env = os.environ if env is None else env
-    raw = env.get("WORLD_SIZE", "1")
+    raw = (os.environ if env is None else env).get("WORLD_SIZE", "1")
     try:
         n = int(raw)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE must be a positive integer, got {raw!r}") from None
+        n = 0
     if n < 1:
         raise ValueError(f"WORLD_SIZE must be a positive integer, got {raw!r}")
     return n

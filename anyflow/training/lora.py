@@ -45,7 +45,8 @@ def _effective_class(cls):
         def bias(self):
             return self.get_base_layer().bias
 
-        _SUBCLASSES[cls] = type(f"Effective{cls.__name__}", (cls,), {"weight": property(weight), "bias": property(bias)})
+        props = {"weight": property(weight), "bias": property(bias)}
+        _SUBCLASSES[cls] = type(f"Effective{cls.__name__}", (cls,), props)
     return _SUBCLASSES[cls]
 
 
@@ -74,7 +75,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter: str = ADAPTER) 
 
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _matches(n, cfg.target_modules)]
     if not names:
-        raise ValueError(f"no Linear module of {type(model).__name__} matches the LoRA targets {list(cfg.target_modules)}")
+        raise ValueError(f"no Linear module of {type(model).__name__} matches the LoRA targets "
+                         f"{list(cfg.target_modules)}")
     lcfg = LoraConfig(r=int(cfg.rank), lora_alpha=int(cfg.alpha), target_modules=names, lora_dropout=0.0, bias="none")
     inject_adapter_in_model(lcfg, model, adapter_name=adapter)
     for _, m in model.named_modules():
@@ -103,14 +105,13 @@ def merged_state_dict(model: torch.nn.Module, dtype=None) -> dict:
     state = {}
     wrapped = dict(lora_modules(model)) if any(".lora_A." in n for n, _ in model.named_parameters()) else {}
     for n, v in model.state_dict().items():
-        if ".lora_A." in n or ".lora_B." in n or ".lora_" in n:
+        if ".lora_" in n:  # lora_A, lora_B and the other adapter entries
             continue
-        key = n.replace(".base_layer.", ".")
-        mod = n.rsplit(".base_layer.", 1)[0] if ".base_layer." in n else None
-        if mod is not None and n.endswith(".base_layer.weight") and mod in wrapped:
+        mod = n.removesuffix(".base_layer.weight")
+        if mod != n and mod in wrapped:
             v = wrapped[mod].weight  # effective weight: base + delta of the active adapters
         v = v.detach().clone()
-        state[key] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        state[n.replace(".base_layer.", ".")] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     return state
 
 
