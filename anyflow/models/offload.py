@@ -26,10 +26,6 @@ _DIFFUSERS_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetc
 _STATE = "_anyflow_onloaded"  # set on the transformer while its scope is open
 
 
-def _is_model_cpu_offload(hook) -> bool:
-    return type(hook).__name__ in ("CpuOffload", "UserCpuOffloadHook")
-
-
 def module_hooks(module) -> list:
     """The offload hooks of ``module`` itself (not of its children), outermost first.
 
@@ -41,7 +37,7 @@ def module_hooks(module) -> list:
     if registry is not None:
         hooks += [registry.hooks[n] for n in reversed(registry._hook_order) if n in _DIFFUSERS_HOOKS]
     hf = module.__dict__.get("_hf_hook")
-    if hf is not None and not _is_model_cpu_offload(hf):
+    if hf is not None and type(hf).__name__ not in ("CpuOffload", "UserCpuOffloadHook"):  # not model CPU offload
         hooks.append(hf)
     return hooks
 
