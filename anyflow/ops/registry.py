@@ -339,10 +339,6 @@ class backend:
             _selected = self._previous
 
 
-def _env_backend() -> str:
-    return os.environ.get("ANYFLOW_BACKEND", "auto") or "auto"
-
-
 def prefer(backend: str) -> tuple:
     """An ordered preference: ``backend`` where it can run a call, else the PyTorch path.
 
@@ -365,7 +361,7 @@ def requested_backend(backend=None) -> Backend:
         backend = _selected if _selected is not None else "auto"
     backend = _check_backend(backend)
     if backend == "auto":
-        backend = _check_backend(_env_backend())
+        backend = _check_backend(os.environ.get("ANYFLOW_BACKEND", "auto") or "auto")
     return backend
 
 
