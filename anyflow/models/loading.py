@@ -347,12 +347,6 @@ def load_transformer(folder, dtype=None):
         return _from_pretrained(cls, folder, "transformer", view, torch_dtype=torch_dtype, low_cpu_mem_usage=True)
 
 
-def _text_encoder_weights(folder: Path) -> list[Path]:
-    """The text encoder's safetensors files (with their index when sharded); ``.bin`` files are not checked."""
-    index = [folder / _TEXT_WEIGHTS_INDEX] if (folder / _TEXT_WEIGHTS_INDEX).is_file() else []
-    return index + sorted(folder.glob("*.safetensors"))
-
-
 def _load_text_encoder(folder: Path, entry, dtype):
     import transformers
 
@@ -441,7 +435,9 @@ def load_pipeline(path, dtype=None, device=None, transformer_only: bool = False)
     names = ("transformer", "scheduler", "text_encoder", "tokenizer", "vae")
     dirs = {name: _component_dir(root, name) for name in names}
     _check_weight_files(_weight_files(dirs["transformer"], "transformer"), "transformer")
-    _check_weight_files(_text_encoder_weights(dirs["text_encoder"]), "text_encoder")
+    text_index = dirs["text_encoder"] / _TEXT_WEIGHTS_INDEX  # its safetensors files; .bin files are not checked
+    text_weights = sorted(dirs["text_encoder"].glob("*.safetensors"))
+    _check_weight_files(([text_index] if text_index.is_file() else []) + text_weights, "text_encoder")
     _check_weight_files(_weight_files(dirs["vae"], "vae"), "vae")
     scheduler = _load_scheduler(dirs["scheduler"])
     transformer = load_transformer(dirs["transformer"], dtype=dtype)
