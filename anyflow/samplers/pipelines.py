@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -44,10 +45,6 @@ def _validate_tensor_arg(name, x, device, ndim=None):
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
     if x.device.type != torch.device(device).type:
         raise ValueError(f"{name} is on {x.device} but the pipeline runs on {device}")
-
-
-class _Prepared:
-    pass
 
 
 def _onload(model) -> None:
@@ -107,7 +104,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _prepare(pipe, kw: dict) -> _Prepared:
+def _prepare(pipe, kw: dict) -> SimpleNamespace:
     """Everything before the denoising loop, through the pipeline's own helpers."""
     if pipe.transformer is None:
         raise ValueError("the pipeline's transformer is None: it can encode prompts (pipe.encode_prompt) but not "
@@ -128,7 +125,7 @@ def _prepare(pipe, kw: dict) -> _Prepared:
     if isinstance(kw["video"], torch.Tensor):
         _validate_tensor_arg("video", kw["video"], kw["video"].device, ndim=5)
 
-    p = _Prepared()
+    p = SimpleNamespace()
     p.pairs = time_pairs(pipe.scheduler, kw["num_inference_steps"], kw["sigmas"], kw["timesteps"])
     num_frames = kw["num_frames"]
     vt = pipe.vae_scale_factor_temporal
@@ -179,7 +176,7 @@ def _prepare(pipe, kw: dict) -> _Prepared:
     return p
 
 
-def _callback(pipe, kw, p: _Prepared, i, t, z):
+def _callback(pipe, kw, p: SimpleNamespace, i, t, z):
     cb = kw["callback_on_step_end"]
     if cb is None:
         return None
