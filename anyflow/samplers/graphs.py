@@ -79,18 +79,15 @@ class StepGraph:
             self.static_in = tuple(x.clone() for x in inputs)
             self.graph, self.static_out = _capture(self.fn, self.static_in, self.pool)
         else:
-            self._check(inputs)
+            got = [(tuple(x.shape), x.dtype, x.device) for x in inputs]
+            want = [(tuple(x.shape), x.dtype, x.device) for x in self.static_in]
+            if got != want:
+                raise ValueError(f"StepGraph inputs changed after capture: captured {want}, got {got}")
             for buf, x in zip(self.static_in, inputs):
                 buf.copy_(x)
         self.graph.replay()
         self.replays += 1
         return self.static_out
-
-    def _check(self, inputs):
-        got = [(tuple(x.shape), x.dtype, x.device) for x in inputs]
-        want = [(tuple(x.shape), x.dtype, x.device) for x in self.static_in]
-        if got != want:
-            raise ValueError(f"StepGraph inputs changed after capture: captured {want}, got {got}")
 
 
 def _run_on_side_stream(fn, inputs):
@@ -115,6 +112,4 @@ def _capture(fn, static_in, pool):
 
 def new_pool(device, enabled: bool):
     """A shared graph memory pool for one generation, or ``None`` when graphs will not be captured."""
-    if graphs_reason(device, enabled) is None:
-        return torch.cuda.graph_pool_handle()
-    return None
+    return torch.cuda.graph_pool_handle() if graphs_reason(device, enabled) is None else None
