@@ -56,7 +56,7 @@ def _chunk_partition(text: str) -> list[int]:
     try:
         parts = [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,3, got {text!r}")
+        parts = []
     if not parts or any(p < 1 for p in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,3, got {text!r}")
     return parts
