@@ -290,9 +290,7 @@ def _far_setup(pipe, args, kwargs):
 def _far_chunks(pipe, kw, p, session):
     """Generator over finished chunks: ``(chunk_index, frame range, latents [B, F, C, h, w] fp32)``."""
     cp = session.cp
-    n_ctx = 0
-    if p.context is not None:
-        n_ctx = next(i + 1 for i in range(len(cp)) if sum(cp[: i + 1]) >= p.context.shape[1])
+    n_ctx = 0 if p.context is None else next(i + 1 for i in range(len(cp)) if sum(cp[: i + 1]) >= p.context.shape[1])
     pipe._num_timesteps = (len(cp) - n_ctx) * len(p.pairs)
 
     def on_step(k, i, t, z):
