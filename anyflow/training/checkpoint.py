@@ -13,6 +13,7 @@ archive (copied in part, or written by another tool), so a run never resumes fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -129,16 +130,12 @@ def set_rng_state(state: dict, generators: Optional[dict] = None) -> None:
 # atomic save / load
 # ----------------------------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # best effort: not every platform can open or sync a folder
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_save(obj, path: PathLike) -> Path:
@@ -199,9 +196,7 @@ def remove_partial_checkpoints(output_dir: PathLike) -> list[Path]:
     d = Path(output_dir)
     removed = []
     for tmp in d.glob(".checkpoint-*.tmp") if d.is_dir() else ():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # removed by someone else meanwhile
             tmp.unlink()
             removed.append(tmp)
-        except FileNotFoundError:
-            pass
     return removed

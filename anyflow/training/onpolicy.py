@@ -241,8 +241,7 @@ class FARRollout:
                 self.cache_text = run_sharded(model, prepare_text, raw)
         else:
             self.text = _as_context(BidirectionalForward(model), text)
-            with torch.no_grad():
-                self.cache_text = TextContext(self.text.tokens.detach(), self.text.raw_dtype)
+            self.cache_text = TextContext(self.text.tokens.detach(), self.text.raw_dtype)
         self.runner = FARRunner(model, chunk_partition, latent_hw)
         self.cache = self.runner.new_cache(self.cache_text.tokens.shape[0], self.dtype, self.cache_text.tokens.device)
         self.nfe = 0

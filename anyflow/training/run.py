@@ -54,7 +54,8 @@ def build_transformer(m: ModelConfig, far=None):
             own = model.state_dict()
             take = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
             if not take:
-                raise ValueError(f"model.init_from={m.init_from}: no parameter matches the arch model by name and shape")
+                raise ValueError(f"model.init_from={m.init_from}: no parameter matches the arch model by name and "
+                                 "shape")
             model.load_state_dict(take, strict=False)
         return model.float()
     if not m.pretrained:
@@ -143,17 +144,8 @@ def build_data(cfg: TrainConfig, model, data: str, frames: Optional[int] = None,
     return it, blob["negative"].float()
 
 
-def train_from_config(
-    config,
-    *,
-    output_dir=None,
-    data: str = "synthetic",
-    steps: Optional[int] = None,
-    resume: bool = True,
-    frames: Optional[int] = None,
-    latent_hw=(8, 8),
-    log_stream="stdout",
-):
+def train_from_config(config, *, output_dir=None, data: str = "synthetic", steps: Optional[int] = None,
+                      resume: bool = True, frames: Optional[int] = None, latent_hw=(8, 8), log_stream="stdout"):
     """Build everything from ``config`` (path, preset, mapping or :class:`TrainConfig`), resume from the
     newest checkpoint in the output folder (unless ``resume`` is false), run ``steps`` steps (default: up
     to ``total_iter``) and write a final checkpoint; once ``total_iter`` is reached, also the EMA

@@ -109,24 +109,10 @@ class Trainer:
         RuntimeError: ``fsdp`` without an initialised process group.
     """
 
-    def __init__(
-        self,
-        model,
-        config,
-        data: Iterator,
-        negative_embedding: torch.Tensor,
-        *,
-        teacher: Optional[Callable] = None,
-        real_score=None,
-        critic=None,
-        output_dir=None,
-        log_stream=sys.stdout,
-        rank: int = 0,
-        world_size: int = 1,
-        all_reduce: Optional[Callable] = None,
-        fsdp: bool = False,
-        context_parallel: Optional[int] = None,
-    ):
+    def __init__(self, model, config, data: Iterator, negative_embedding: torch.Tensor, *,
+                 teacher: Optional[Callable] = None, real_score=None, critic=None, output_dir=None,
+                 log_stream=sys.stdout, rank: int = 0, world_size: int = 1, all_reduce: Optional[Callable] = None,
+                 fsdp: bool = False, context_parallel: Optional[int] = None):
         cfg = resolve(config)
         if context_parallel is not None and context_parallel != cfg.context_parallel:
             cfg = dataclasses.replace(cfg, context_parallel=context_parallel)  # validated (phase, derivative)
@@ -168,11 +154,12 @@ class Trainer:
             model.disable_gradient_checkpointing()
         patterns = tuple(cfg.trainable)
         lora = None if cfg.lora is None else dataclasses.replace(
-            cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns
-        )
-        self._optimizers = {}  # name -> (named params, AdamW, LR schedule) of trained models besides the student
+            cfg.lora, extra_trainable=tuple(cfg.lora.extra_trainable) + patterns)
         self.named_params = self.trainable(model, lora, patterns, "trainable", "the model")
         self.optimizer, self.lr_scheduler = _adamw(self.named_params, cfg.optimizer)
+        # checkpoint keys (params, AdamW, LR schedule), named params, AdamW and LR schedule of each trained model
+        self._trained = [(("model", "optimizer", "lr_scheduler"), self.named_params, self.optimizer,
+                          self.lr_scheduler)]
         # sharded: the EMA keeps this process's shards (views that follow the optimiser's in-place updates)
         self.ema = ckpt.EMA([(n, D.local_view(p)) for n, p in self.named_params], cfg.ema.decay, cfg.ema.warmup_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -212,7 +199,7 @@ class Trainer:
         another trained model's ``named`` parameters; checkpointed as ``name``, ``name_optimizer`` and
         ``name_lr_scheduler``. Returns ``(optimizer, lr_scheduler)``; the phase steps them."""
         optimizer, scheduler = _adamw(named, opt_cfg)
-        self._optimizers[name] = (named, optimizer, scheduler)
+        self._trained.append(((name, f"{name}_optimizer", f"{name}_lr_scheduler"), named, optimizer, scheduler))
         return optimizer, scheduler
 
     def sharded(self, forward):
@@ -258,14 +245,11 @@ class Trainer:
         pieces by the per-kind means over the global batch; other statistics stay this process's."""
         distributed = self.dp_size > 1 and self.all_reduce is not None
         kind_losses(record, self._all_reduce_on_device if distributed else None)
-        if not distributed:
-            return
         keys = [k for k in GLOBAL_LOSSES if k in record]  # the same keys on every process (global coins)
-        if not keys:
+        if not distributed or not keys:
             return
         values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-        for k, v in zip(keys, (self._all_reduce_on_device(values) / self.dp_size).tolist()):
-            record[k] = v
+        record.update(zip(keys, (self._all_reduce_on_device(values) / self.dp_size).tolist()))
 
     def _all_reduce_on_device(self, values: torch.Tensor) -> torch.Tensor:
         """Sum ``values`` over processes on the model's device (NCCL needs CUDA tensors); back on the CPU."""
@@ -334,21 +318,13 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint: whole tensors whatever the sharding (gathering them is a collective: with
         ``fsdp`` every process must call this)."""
-        state = {
-            "step": self.step,
-            "model": _full_params(self.named_params),
-            "optimizer": D.gather_optimizer_state(self.optimizer.state_dict()),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "ema": self._ema_state(),
-            "rng": ckpt.rng_state({"train": self.generator}),
-            "config": to_dict(self.cfg),
-        }
+        state = {"step": self.step}
+        for (p_key, o_key, s_key), named, optimizer, scheduler in self._trained:
+            state.update({p_key: _full_params(named), o_key: D.gather_optimizer_state(optimizer.state_dict()),
+                          s_key: scheduler.state_dict()})
+        state.update(ema=self._ema_state(), rng=ckpt.rng_state({"train": self.generator}), config=to_dict(self.cfg))
         if hasattr(self.data, "state_dict"):
             state["data"] = self.data.state_dict()
-        for name, (named, optimizer, scheduler) in self._optimizers.items():
-            state[name] = _full_params(named)
-            state[f"{name}_optimizer"] = D.gather_optimizer_state(optimizer.state_dict())
-            state[f"{name}_lr_scheduler"] = scheduler.state_dict()
         return state
 
     def _ema_state(self) -> dict:
@@ -360,15 +336,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint of :meth:`state_dict` (written by any number of processes)."""
-        _restore_params(self.named_params, state["model"], "trainable parameters")
-        self.optimizer.load_state_dict(D.shard_optimizer_state(state["optimizer"], [p for _, p in self.named_params]))
-        for name, (named, optimizer, scheduler) in self._optimizers.items():
-            if name not in state:
-                raise KeyError(f"checkpoint has no {name} state (written by another phase)")
-            _restore_params(named, state[name], f"{name} parameters")
-            optimizer.load_state_dict(D.shard_optimizer_state(state[f"{name}_optimizer"], [p for _, p in named]))
-            scheduler.load_state_dict(state[f"{name}_lr_scheduler"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for (p_key, o_key, s_key), named, optimizer, scheduler in self._trained:
+            if p_key not in state:
+                raise KeyError(f"checkpoint has no {p_key} state (written by another phase)")
+            _restore_params(named, state[p_key], "trainable parameters" if p_key == "model" else f"{p_key} parameters")
+            optimizer.load_state_dict(D.shard_optimizer_state(state[o_key], [p for _, p in named]))
+            scheduler.load_state_dict(state[s_key])
         ema = state["ema"]
         if self.fsdp:
             own = dict(self.named_params)
