@@ -585,17 +585,8 @@ def prepare_bidirectional(
 ) -> StepInputs:
     """Text dropout, (t, r) pairs, the I2V coin (``t[:, 0] = 0``, r kept, as the official trainer does) and noise
     for a bidirectional step. Draw order: text coins, pairs, I2V coin, noise."""
-    b, f = latents.shape[:2]
-    text, dropped = drop_text(text, negative, drop_text_ratio, generator)
-    pairs = sample_time_pairs(b, cfg, shift, generator, rank, world_size)
-    i2v = torch.rand((), generator=generator).item() < cfg.i2v_prob
-    t, r = pairs.per_frame(f)
-    if i2v:
-        t[:, 0] = 0
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    dev = latents.device
-    return StepInputs(BidirectionalForward(model), latents, noise, t.to(dev), r.to(dev), pairs.kind,
-                      text, dropped)
+    return _step_inputs(BidirectionalForward(model), latents, text, negative, cfg, shift, drop_text_ratio, generator,
+                        rank, world_size)
 
 
 def prepare_far(
@@ -607,14 +598,21 @@ def prepare_far(
     copy of the window. Draw order: chunk count, text coins, pairs, noise (of the window)."""
     n = sample_num_chunks(far, generator)
     cp, context, window = far_window(latents, far.chunk_partition, n, far.full_chunk_limit)
-    b, f = window.shape[:2]
+    return _step_inputs(FARWindowForward(model, cp, context, window, far.full_chunk_limit), window, text, negative,
+                        cfg, shift, drop_text_ratio, generator, rank, world_size, n)
+
+
+def _step_inputs(forward, x, text, negative, cfg: FlowMapConfig, shift, drop_text_ratio, generator, rank, world_size,
+                 num_chunks=None) -> StepInputs:
+    """Text coins, pairs, the I2V coin (bidirectional steps only: no ``num_chunks``) and noise of a step that
+    denoises ``x``, drawn in this order."""
     text, dropped = drop_text(text, negative, drop_text_ratio, generator)
-    pairs = sample_time_pairs(b, cfg, shift, generator, rank, world_size)
-    t, r = pairs.per_frame(f)
-    noise = torch.randn(window.shape, generator=generator).to(window.device, window.dtype)
-    fwd = FARWindowForward(model, cp, context, window, far.full_chunk_limit)
-    dev = latents.device
-    return StepInputs(fwd, window, noise, t.to(dev), r.to(dev), pairs.kind, text, dropped, n)
+    pairs = sample_time_pairs(x.shape[0], cfg, shift, generator, rank, world_size)
+    t, r = pairs.per_frame(x.shape[1])
+    if num_chunks is None and torch.rand((), generator=generator).item() < cfg.i2v_prob:
+        t[:, 0] = 0
+    noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    return StepInputs(forward, x, noise, t.to(x.device), r.to(x.device), pairs.kind, text, dropped, num_chunks)
 
 
 def bidirectional_modeling_loss(

@@ -123,8 +123,6 @@ class Trainer:
         if far != (cfg.model.kind == "far"):
             raise ValueError(f"config.model.kind is {cfg.model.kind!r} but the model is "
                              f"{type(model).__name__} ({'far' if far else 'bidirectional'})")
-        if far and cfg.far is None:
-            raise ValueError("a FAR model needs config.far")
         self.cfg = cfg
         self.model = model
         self.far = far
