@@ -82,13 +82,15 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter: str = ADAPTER) 
     for _, m in model.named_modules():
         if isinstance(m, LoraLayer) and not type(m).__name__.startswith("Effective"):
             m.__class__ = _effective_class(type(m))
-    trainable = []
-    for n, p in model.named_parameters():
-        train = ".lora_A." in n or ".lora_B." in n or any(s in n for s in cfg.extra_trainable)
-        p.requires_grad_(train)
-        if train:
-            trainable.append((n, p))
-    return trainable
+    return _train_only(model, lambda n: ".lora_A." in n or ".lora_B." in n or any(s in n for s in cfg.extra_trainable))
+
+
+def _train_only(model: torch.nn.Module, train) -> list:
+    """Set ``requires_grad`` of every parameter to ``train(name)``; returns the trained ``(name, param)`` pairs."""
+    named = list(model.named_parameters())
+    for n, p in named:
+        p.requires_grad_(bool(train(n)))
+    return [(n, p) for n, p in named if p.requires_grad]
 
 
 def lora_modules(model: torch.nn.Module) -> Iterable:
@@ -129,12 +131,7 @@ def select_trainable(model, lora_cfg, patterns: Sequence[str], arg: str, what: s
     if lora_cfg is not None:
         named = apply_lora(model, lora_cfg)
     else:
-        named = []
-        for name, p in model.named_parameters():
-            train = not patterns or any(s in name for s in patterns)
-            p.requires_grad_(train)
-            if train:
-                named.append((name, p))
+        named = _train_only(model, lambda n: not patterns or any(s in n for s in patterns))
     if not named:
         raise ValueError(f"{arg}={list(patterns)} matches no parameter of {what}")
     return named

@@ -304,12 +304,11 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
         every = self.cfg.log_every
         if self.log_stream is not None and self.rank == 0 and every and (self.step % every == 0 or self.step == 1):
-            if "grad_norm" not in record:  # on-policy iteration without a generator step
-                record = {**record, "grad_norm": float("nan")}
             extras = " ".join(f"{k} {v:.4g}" for k, v in record.items()
                               if k.startswith("loss_") and isinstance(v, float))
-            print(f"step {self.step}/{self.cfg.total_iter} loss {record.get('loss', float('nan')):.4g} {extras} "
-                  f"grad_norm {record['grad_norm']:.3g} lr {record['lr']:.3g} ({record['time_s']:.2f} s)",
+            nan = float("nan")  # no loss / grad_norm: an on-policy iteration without a generator step
+            print(f"step {self.step}/{self.cfg.total_iter} loss {record.get('loss', nan):.4g} {extras} grad_norm "
+                  f"{record.get('grad_norm', nan):.3g} lr {record['lr']:.3g} ({record['time_s']:.2f} s)",
                   file=self.log_stream, flush=True)
 
     # -- checkpoints ------------------------------------------------------------------------------
