@@ -28,9 +28,7 @@ from ..io import atomic_output
 PathLike = Union[str, os.PathLike]
 
 
-# ----------------------------------------------------------------------------------------------
-# EMA (NVlabs/AnyFlow far/utils/ema_util.py)
-# ----------------------------------------------------------------------------------------------
+# -- EMA (NVlabs/AnyFlow far/utils/ema_util.py) ----------------------------------------------------
 class EMA:
     """Exponential moving average of named parameters, kept as fp32 copies (on CPU by default).
 
@@ -86,9 +84,7 @@ class EMA:
             own[name].copy_(s.to(own[name].device, own[name].dtype))
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG state
-# ----------------------------------------------------------------------------------------------
+# -- RNG state -------------------------------------------------------------------------------------
 def rng_state(generators: Optional[dict] = None) -> dict:
     """Global RNG states (torch CPU / CUDA, Python, NumPy) and those of named ``torch.Generator``s,
     as tensors and plain Python values."""
@@ -126,9 +122,7 @@ def set_rng_state(state: dict, generators: Optional[dict] = None) -> None:
         g.set_state(state["generators"][name])
 
 
-# ----------------------------------------------------------------------------------------------
-# atomic save / load
-# ----------------------------------------------------------------------------------------------
+# -- atomic save / load ----------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # best effort: not every platform can open or sync a folder
         fd = os.open(path, os.O_RDONLY)

@@ -281,9 +281,7 @@ class TrainConfig:
         validate(self)
 
 
-# ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
+# -- validation ------------------------------------------------------------------------------------
 def _check(cond: bool, name: str, expected: str, got) -> None:
     if not cond:
         raise ValueError(f"{name} must be {expected}, got {got!r}")
@@ -344,9 +342,7 @@ def validate(cfg: TrainConfig) -> None:
                "'uniform' or 'inverse_delta'", cfg.consistency.weighting)
 
 
-# ----------------------------------------------------------------------------------------------
-# official presets (NVlabs/AnyFlow options/train/anyflow YAMLs)
-# ----------------------------------------------------------------------------------------------
+# -- official presets (NVlabs/AnyFlow options/train/anyflow YAMLs) ---------------------------------
 _SIZES = {"1.3b": dict(batch_size=2, total_iter=6000, dmd_batch_size=2),
           "14b": dict(batch_size=1, total_iter=4000, dmd_batch_size=1)}
 
@@ -421,9 +417,7 @@ def preset(name: str) -> TrainConfig:
     raise ValueError(f"preset name must be one of {preset_names()}, got {name!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# dict / YAML round trip
-# ----------------------------------------------------------------------------------------------
+# -- dict / YAML round trip ------------------------------------------------------------------------
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples as lists) suitable for YAML / JSON."""
 

@@ -118,9 +118,7 @@ class TensorClips(_IndexedBatches):
         return self.latents[idx], self.text[self.text_index[idx]]
 
 
-# --------------------------------------------------------------------------------------------------
-# real footage: the anyflow_eval videos and captions
-# --------------------------------------------------------------------------------------------------
+# -- real footage: the anyflow_eval videos and captions --------------------------------------------
 @dataclass
 class EvalVideo:
     """One evaluation video: ``frames`` ``[T, 3, H, W]`` float32 in ``[0, 1]`` (16 fps), its caption and name."""

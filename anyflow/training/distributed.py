@@ -246,9 +246,7 @@ def run_sharded(model, fn: Callable, *args, **kwargs):
         root.active = False
 
 
-# ----------------------------------------------------------------------------------------------
-# training forwards of a sharded model
-# ----------------------------------------------------------------------------------------------
+# -- training forwards of a sharded model ----------------------------------------------------------
 def _raw_text(text) -> torch.Tensor:
     return text.tokens if isinstance(text, TextContext) else text
 
@@ -315,9 +313,7 @@ def sharded_forward(forward):
     return forward
 
 
-# ----------------------------------------------------------------------------------------------
-# collectives and sharded <-> full state
-# ----------------------------------------------------------------------------------------------
+# -- collectives and sharded <-> full state --------------------------------------------------------
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``t`` over the processes of ``group`` (a copy; ``t`` is unchanged)."""
     out = t.clone()
@@ -401,9 +397,7 @@ def shard_optimizer_state(state: dict, params) -> dict:
     return {**state, "state": out}
 
 
-# ----------------------------------------------------------------------------------------------
-# FSDP2 x context parallelism: one (dp_shard, cp) DeviceMesh
-# ----------------------------------------------------------------------------------------------
+# -- FSDP2 x context parallelism: one (dp_shard, cp) DeviceMesh ------------------------------------
 #: dimension names of the training mesh: data-parallel sharding (batch rows), context parallelism (tokens)
 MESH_DIMS = ("dp_shard", "cp")
 
@@ -490,9 +484,7 @@ def train_mesh(context_parallel: int, device) -> TrainMesh:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# process group set-up (torchrun)
-# ----------------------------------------------------------------------------------------------
+# -- process group set-up (torchrun) ---------------------------------------------------------------
 @dataclass(frozen=True)
 class DistContext:
     """This process's place in the data-parallel group.

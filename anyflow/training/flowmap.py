@@ -39,9 +39,7 @@ KIND_NAMES = ("diffusion", "consistency", "free")
 RESCALE_EPS = 1e-5
 
 
-# ----------------------------------------------------------------------------------------------
-# weighting (NVlabs/AnyFlow scheduling_flowmap_euler_discrete.py)
-# ----------------------------------------------------------------------------------------------
+# -- weighting (NVlabs/AnyFlow scheduling_flowmap_euler_discrete.py) -------------------------------
 def weight_table(weight_type: str, shift: float = 5.0, num_train_timesteps: int = 1000):
     """The training-weight table over the 1001-point shifted grid (NVlabs/AnyFlow scheduling_flowmap_euler_discrete.py).
 
@@ -93,9 +91,7 @@ class TrainWeighting:
         return weights[idx].reshape(t.shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# sampling of pairs, noise, text dropout (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py)
-# ----------------------------------------------------------------------------------------------
+# -- sampling of pairs, noise, text dropout (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py) -------
 @dataclass
 class TimePairs:
     """One (t, r) pair per sample.
@@ -207,9 +203,7 @@ def noise_latents(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
     return (sigma * noise.float() + (1 - sigma) * x.float()).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# model wrappers: one call signature for the bidirectional and the FAR training forward
-# ----------------------------------------------------------------------------------------------
+# -- model wrappers: one call signature for the bidirectional and the FAR training forward ---------
 def _take_text(text: TextContext, index: torch.Tensor) -> TextContext:
     return TextContext(text.tokens[index.to(text.tokens.device)], text.raw_dtype)
 
@@ -306,9 +300,7 @@ def far_window(latents: torch.Tensor, chunk_partition: Sequence[int], num_chunks
     return cp, latents[:, :fc], latents[:, fc : sum(cp)]
 
 
-# ----------------------------------------------------------------------------------------------
-# the mean-velocity target
-# ----------------------------------------------------------------------------------------------
+# -- the mean-velocity target ----------------------------------------------------------------------
 def _no_grad_passes(forward, z, v, t, r, text, negative, rows, cfg: FlowMapConfig):
     """The passes of one step that take no gradient, batched into one forward where possible.
 
@@ -418,9 +410,7 @@ def _target(v, t, r, rows, du) -> torch.Tensor:
     return target
 
 
-# ----------------------------------------------------------------------------------------------
-# losses
-# ----------------------------------------------------------------------------------------------
+# -- losses ----------------------------------------------------------------------------------------
 def rescale_losses(losses: torch.Tensor, is_diffusion: torch.Tensor,
                    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, eps: float = RESCALE_EPS):
     """Adaptive normalisation of the non-diffusion losses (NVlabs/AnyFlow trainer_wan_anyflow_pretrain.py, loss
@@ -561,9 +551,7 @@ def flow_matching_loss(forward, x, noise, t, text, negative=None, guidance_scale
     return LossOutput(loss, per_sample.detach(), {"loss": float(loss.detach())})
 
 
-# ----------------------------------------------------------------------------------------------
-# one step's batch preparation (bidirectional / FAR)
-# ----------------------------------------------------------------------------------------------
+# -- one step's batch preparation (bidirectional / FAR) --------------------------------------------
 @dataclass
 class StepInputs:
     """Everything random about one forward-objective step, drawn from the training generator."""
@@ -637,9 +625,7 @@ def bidirectional_modeling_loss(
     return flow_matching_loss(forward, latents, noise, t, text, neg, guidance_scale)
 
 
-# ----------------------------------------------------------------------------------------------
-# sampling with a flow map (for evaluation)
-# ----------------------------------------------------------------------------------------------
+# -- sampling with a flow map (for evaluation) -----------------------------------------------------
 @torch.no_grad()
 def flow_map_sample(forward, noise: torch.Tensor, text, num_steps: int, shift: float = 5.0,
                     timesteps: Optional[Sequence[float]] = None) -> torch.Tensor:
@@ -687,9 +673,7 @@ def model_velocity(forward, text):
     return velocity
 
 
-# ----------------------------------------------------------------------------------------------
-# the training phases of the forward objective (run by anyflow.training.trainer.Trainer)
-# ----------------------------------------------------------------------------------------------
+# -- the training phases of the forward objective (run by anyflow.training.trainer.Trainer) --------
 def is_far(model) -> bool:
     """Whether ``model`` is an ``AnyFlowFARTransformer3DModel`` (it has FAR's compressed patch embedding)."""
     return hasattr(model, "far_patch_embedding")

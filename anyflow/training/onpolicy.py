@@ -59,9 +59,7 @@ from .flowmap import (
 SEGMENT_NAMES = ("S1", "S2", "S3")
 
 
-# ----------------------------------------------------------------------------------------------
-# rollout schedule
-# ----------------------------------------------------------------------------------------------
+# -- rollout schedule ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RolloutPlan:
     """One rollout's jumps.
@@ -293,9 +291,7 @@ def _cache_step(model, runner, k, prefix, text, cache):
     runner.cache_step(k, prefix, text, cache)
 
 
-# ----------------------------------------------------------------------------------------------
-# losses
-# ----------------------------------------------------------------------------------------------
+# -- losses ----------------------------------------------------------------------------------------
 def x0_from_velocity(z: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x0 = z - (t / 1000) u`` per frame (``t`` ``[B, F]``), fp32: the flow-map jump t -> 0
     (:func:`anyflow.ops.euler_shortcut`, torch backend)."""
@@ -364,9 +360,7 @@ def sample_critic_timesteps(batch: int, shift: float, generator: torch.Generator
     return sample_logit_normal(batch, shift, generator).clamp(lo, hi)
 
 
-# ----------------------------------------------------------------------------------------------
-# the on-policy phase (run by anyflow.training.trainer.Trainer)
-# ----------------------------------------------------------------------------------------------
+# -- the on-policy phase (run by anyflow.training.trainer.Trainer) ---------------------------------
 class OnPolicyPhase(Phase):
     """Phase ``onpolicy`` (the loop of NVlabs/AnyFlow ``far/main.py`` with
     ``trainer_wan_anyflow_onpolicy.py`` / ``trainer_far_wan_anyflow_onpolicy.py``): per iteration, when
