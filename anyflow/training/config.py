@@ -198,9 +198,8 @@ class DMDConfig:
     student: str = "flowmap"
     min_timestep: float = 0.0
     max_timestep: float = 1000.0
-    critic_optimizer: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0)
-    )
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6, betas=(0.0, 0.999),
+                                                                                      warmup_steps=0))
     critic_trainable: tuple = ()
     critic_lora_targets: tuple = TEACHER_LORA_TARGETS
     teacher: Optional[ModelConfig] = None
@@ -455,27 +454,23 @@ def _coerce(tp, value, where: str):
     return value
 
 
-def _from_dict(cls, data: dict, where: str, base=None):
+def _from_dict(cls, data: dict, where: str, base):
+    """``base`` (a ``cls``) with the fields of ``data`` replaced, mappings merged into nested sections."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         keys = [f"{where}.{k}" if where else k for k in unknown]
         raise ValueError(f"unknown config key(s) {keys}; {where or 'the top level'} takes {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        cur = getattr(base, f.name) if base is not None else None
-        if f.name not in data:
-            if base is not None:
-                kwargs[f.name] = cur
-            continue
-        value, tp, key = data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+    for name in (f.name for f in dataclasses.fields(cls) if f.name in data):
+        value, tp, key = data[name], hints[name], f"{where}.{name}" if where else name
         inner = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) is Union else [tp]
         if isinstance(value, dict) and dataclasses.is_dataclass(inner[0]):
-            sub_base = cur if cur is not None else inner[0]()
-            kwargs[f.name] = _from_dict(inner[0], value, key, base=sub_base)
+            cur = kwargs[name]
+            kwargs[name] = _from_dict(inner[0], value, key, cur if cur is not None else inner[0]())
         else:
-            kwargs[f.name] = _coerce(tp, value, key)
+            kwargs[name] = _coerce(tp, value, key)
     return cls(**kwargs)
 
 

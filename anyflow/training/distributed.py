@@ -280,11 +280,6 @@ class ShardedForward(_RawTextInside, BidirectionalForward):
         return run_sharded(self.model, bidirectional_forward, z.to(dtype), t, r, _raw_text(text).to(dtype))
 
 
-def _far_window(model, hidden, cp, t, r, raw, clean, clean_t, full_limit):
-    return far_sequence_forward(model, hidden, cp, t, r, raw, full_limit=full_limit, clean_hidden_states=clean,
-                                clean_timestep=clean_t)
-
-
 @dataclass
 class ShardedFARWindowForward(_RawTextInside, FARWindowForward):
     """:class:`~anyflow.training.flowmap.FARWindowForward` of a :func:`shard_model`-ed FAR model.
@@ -297,8 +292,9 @@ class ShardedFARWindowForward(_RawTextInside, FARWindowForward):
     def __call__(self, z, t, r, text):
         dtype = compute_dtype(self.model)
         hidden, tt, rr, clean, clean_t = self.sequence(z.to(dtype), t, r)
-        return run_sharded(self.model, _far_window, hidden, self.chunk_partition, tt, rr, _raw_text(text).to(dtype),
-                           clean, clean_t, self.full_limit)
+        return run_sharded(self.model, far_sequence_forward, hidden, self.chunk_partition, tt, rr,
+                           _raw_text(text).to(dtype), full_limit=self.full_limit, clean_hidden_states=clean,
+                           clean_timestep=clean_t)
 
 
 def sharded_forward(forward):

@@ -261,7 +261,7 @@ class FARRollout:
         """Make chunks ``0..k`` context from ``prefix`` ``[B, >= F, C, H, W]`` (no gradient)."""
         self.cache_steps += 1
         with torch.no_grad():
-            run_sharded(self.model, _cache_step, self.runner, k, prefix, self.cache_text, self.cache)
+            run_sharded(self.model, lambda _model: self.runner.cache_step(k, prefix, self.cache_text, self.cache))
 
     def run(self, noise: torch.Tensor, plan: RolloutPlan, *, grad: bool = True, grad_segments: str = "all", params=()):
         """Roll out all chunks from ``noise`` ``[B, F_total, C, H, W]``; returns ``(x_hat fp32, nfe)``.
@@ -285,10 +285,6 @@ class FARRollout:
 
 def _sharded_step(model, runner, k, z, t, r, raw_text, state):
     return runner.step(k, z, t, r, prepare_text(model, raw_text), state)
-
-
-def _cache_step(model, runner, k, prefix, text, cache):
-    runner.cache_step(k, prefix, text, cache)
 
 
 # -- losses ----------------------------------------------------------------------------------------

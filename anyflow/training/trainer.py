@@ -267,8 +267,7 @@ class Trainer:
             out.loss.backward()
             total += float(out.loss.detach())
             record.update(out.stats)
-        params = [p for _, p in self.named_params]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named_params], self.cfg.optimizer.max_grad_norm)
         record["grad_norm"] = float(D.full_tensor(norm))
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -423,10 +422,8 @@ class Trainer:
     def _truncate_log(self) -> None:
         """Drop ``log.jsonl`` records of steps after the resumed one (an interrupted run logged them
         past its last checkpoint; the resumed run logs them again) and a line a kill cut short."""
-        if self.output_dir is None or self.rank != 0:
-            return
-        log = Path(self.output_dir) / "log.jsonl"
-        if not log.is_file():
+        log = None if self.output_dir is None else self.output_dir / "log.jsonl"
+        if self.rank != 0 or log is None or not log.is_file():
             return
         lines = log.read_text().splitlines()
 
