@@ -172,10 +172,7 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
     A ``checkpoint-*.pt`` that is not a complete archive (:func:`is_complete`) is passed over with a
     warning naming it; the newest complete one before it is returned.
     """
-    d = Path(output_dir)
-    if not d.is_dir():
-        return None
-    for path in sorted(d.glob("checkpoint-*.pt"), reverse=True):
+    for path in sorted(Path(output_dir).glob("checkpoint-*.pt"), reverse=True):  # none in a missing folder
         if is_complete(path):
             return path
         warnings.warn(f"{path}: incomplete checkpoint (not a whole torch.save archive), skipped; resuming from an "

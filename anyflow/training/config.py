@@ -324,8 +324,7 @@ def validate(cfg: TrainConfig) -> None:
                f"context_parallel={cp}", cfg.phase)
         _check(fm.derivative == "fd", "flowmap.derivative", f"'fd' with context_parallel={cp} (forward-mode AD "
                "has no rule for the Ulysses collectives)", fm.derivative)
-    if cfg.model.kind == "far":
-        _check(cfg.far is not None, "far", "a FARConfig for model.kind 'far'", cfg.far)
+    _check(cfg.model.kind != "far" or cfg.far is not None, "far", "a FARConfig for model.kind 'far'", cfg.far)
     if cfg.far is not None:
         cp = cfg.far.chunk_partition
         _check(len(cp) > 0 and all(int(c) > 0 for c in cp), "far.chunk_partition", "positive ints", cp)

@@ -733,13 +733,11 @@ class TeacherPhase(Phase):
 
     def losses(self, latents, text):
         tr = self.trainer
-        cfg = tr.cfg
         fwd, x, text = window_forward(tr, latents, text)
         b, f = x.shape[:2]
-        t = sample_teacher_timesteps(b, cfg.shift, tr.generator, cfg.teacher_timesteps)[:, None].expand(b, f)
-        t = t.to(x.device)
+        t = sample_teacher_timesteps(b, tr.cfg.shift, tr.generator, tr.cfg.teacher_timesteps)[:, None].expand(b, f)
         noise = torch.randn(x.shape, generator=tr.generator).to(x.device, x.dtype)
-        yield flow_matching_loss(*self.local(fwd, x, noise, t, text))
+        yield flow_matching_loss(*self.local(fwd, x, noise, t.to(x.device), text))
 
 
 class PretrainPhase(Phase):
@@ -755,8 +753,7 @@ class PretrainPhase(Phase):
 
     def losses(self, latents, text):
         tr = self.trainer
-        cfg, g = tr.cfg, tr.generator
-        fmc = cfg.flowmap
+        cfg, g, fmc = tr.cfg, tr.generator, tr.cfg.flowmap
         # drawn for the global batch (pair kinds by global index), then this process's rows
         kw = dict(shift=cfg.shift, drop_text_ratio=cfg.drop_text_ratio, generator=g)
         if tr.far:

@@ -99,14 +99,10 @@ def _segment_context(name: str, grad: bool, grad_segments: str, params):
     """Grad mode of one jump: see the module docstring."""
     if not grad:
         return torch.no_grad()
-    if grad_segments == "all":
-        return contextlib.nullcontext()
-    if grad_segments != "mid":
+    if grad_segments not in ("all", "mid"):
         raise ValueError(f"grad_segments must be 'all' or 'mid', got {grad_segments!r}")
-    if name == "S1":
-        return torch.no_grad()
-    if name == "S3":
-        return frozen_parameters(params)
+    if grad_segments == "mid" and name != "S2":
+        return torch.no_grad() if name == "S1" else frozen_parameters(params)
     return contextlib.nullcontext()
 
 

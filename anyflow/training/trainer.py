@@ -24,15 +24,11 @@ across processes, and a run on P processes takes the steps of one process on the
 whole tensors (gathered; written by rank 0), the same format as a one-process run, and load into any
 number of processes. The consistency phase is single-process only.
 
-FSDP2 x context parallelism (``context_parallel=N`` or the config key ``context_parallel``, with
-``fsdp``): the ``P`` processes form the ``(dp_shard, cp)`` mesh ``(P / N, N)``
-(:func:`.distributed.train_mesh`). The global batch is split over ``dp_shard`` only: the ``N``
-processes of a ``cp`` group train on the same rows ``[d * B, (d + 1) * B)`` (d the ``dp_shard`` index,
-B = global / (P / N)) with the same draws, and the student's tokens are split over them by Ulysses.
-FSDP2 shards over all ``P`` processes and divides the summed gradients by ``P / N``
-(:func:`.distributed.shard_model` works out why this is the gradient of the global-batch mean, uneven
-token splits included); logged losses are averaged over ``dp_shard``. Phases ``teacher`` and
-``pretrain`` (bidirectional and FAR), finite-difference derivative only.
+FSDP2 x context parallelism (``context_parallel=N`` or the config key, with ``fsdp``; phases ``teacher`` and
+``pretrain``, bidirectional and FAR, finite-difference derivative only) runs on the ``(dp_shard, cp)`` mesh
+``(P / N, N)`` of :mod:`.distributed`: the ``N`` processes of a ``cp`` group train on the same rows ``[d * B,
+(d + 1) * B)`` (d the ``dp_shard`` index, B = global / (P / N)) with the same draws and split the student's tokens
+by Ulysses (gradient scaling: :func:`.distributed.shard_model`); logged losses are averaged over ``dp_shard``.
 """
 
 from __future__ import annotations
