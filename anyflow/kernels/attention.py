@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .conditioning import INTERPRET, launcher
-from .limits import MAX_HEAD_DIM, MAX_SEGMENTS
+from .limits import MAX_SEGMENTS
+
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
