@@ -26,7 +26,10 @@ def _per_frame_time(x: TimeArg, b: int, f: int, device, name: str) -> torch.Tens
         if x.shape != (b, f):
             raise ValueError(f"{name} must be a number or a [B, F] = [{b}, {f}] tensor, got shape {tuple(x.shape)}")
         return x.to(device=device, dtype=torch.float64)
-    return torch.full((b, f), check_number(name, x), dtype=torch.float64, device=device)
+    value = check_number(name, x)
+    if not 0.0 <= value <= 1000.0:
+        raise ValueError(f"{name} must be a timestep in [0, 1000], got {value!r}")
+    return torch.full((b, f), value, dtype=torch.float64, device=device)
 
 
 registry.describe("euler_shortcut", lambda latents, velocity, dt, *args: registry.call_of(
@@ -66,7 +69,8 @@ def euler_shortcut(
         latents: ``[B, F, C, H, W]`` current latent z_t (fp32 master copy recommended).
         velocity: ``[B, F, C, H, W]`` mean velocity u from the model, or ``[2B, F, C, H, W]`` stacked
             ``[uncond; cond]`` for classifier-free guidance (any float dtype, e.g. bf16).
-        t, r: timesteps in [0, 1000]: numbers or per-frame ``[B, F]`` tensors.
+        t, r: timesteps in [0, 1000]: numbers (checked) or per-frame ``[B, F]`` tensors (not range-checked: that
+            would synchronise with the device). ``r > t`` is allowed (a backward jump).
         guidance_scale: CFG scale g; used when ``velocity`` has batch 2B:
             ``u = u_uncond + g * (u_cond - u_uncond)`` in fp32.
         num_context_frames: leading frames (I2V / V2V context) copied through unchanged.
@@ -78,7 +82,7 @@ def euler_shortcut(
 
     Raises:
         ValueError / TypeError: shapes, dtypes or devices that do not fit; ``num_context_frames``
-            outside ``[0, F]``.
+            outside ``[0, F]``; a number ``t`` or ``r`` outside ``[0, 1000]``.
     """
     check_tensor("latents", latents, ndim=5)
     check_tensor("velocity", velocity, ndim=5)
