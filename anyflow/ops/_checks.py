@@ -20,15 +20,20 @@ def check_tensor(name: str, x, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> 
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
-def check_number(name: str, value, minimum: Optional[float] = None) -> float:
-    """``value`` as a finite float (a Python or NumPy real, or a one-element tensor), at least ``minimum``."""
+def check_number(name: str, value, minimum: Optional[float] = None, maximum: Optional[float] = None) -> float:
+    """``value`` as a finite float (a Python or NumPy real, or a one-element tensor) in ``[minimum, maximum]``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum:g}"
+    too_low = minimum is not None and value < minimum
+    too_high = maximum is not None and value > maximum
+    if not math.isfinite(value) or too_low or too_high:
+        if maximum is None:
+            bound = "" if minimum is None else f" >= {minimum:g}"
+        else:
+            bound = f" <= {maximum:g}" if minimum is None else f" in [{minimum:g}, {maximum:g}]"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return value
 

@@ -26,10 +26,7 @@ def _per_frame_time(x: TimeArg, b: int, f: int, device, name: str) -> torch.Tens
         if x.shape != (b, f):
             raise ValueError(f"{name} must be a number or a [B, F] = [{b}, {f}] tensor, got shape {tuple(x.shape)}")
         return x.to(device=device, dtype=torch.float64)
-    value = check_number(name, x)
-    if not 0.0 <= value <= 1000.0:
-        raise ValueError(f"{name} must be a timestep in [0, 1000], got {value!r}")
-    return torch.full((b, f), value, dtype=torch.float64, device=device)
+    return torch.full((b, f), check_number(name, x, 0.0, 1000.0), dtype=torch.float64, device=device)
 
 
 registry.describe("euler_shortcut", lambda latents, velocity, dt, *args: registry.call_of(
